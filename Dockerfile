@@ -1,0 +1,58 @@
+# Lumen inference server image.
+#
+#   docker build -t lumen .                  # CPU torch
+#   docker build -t lumen:cuda \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ .
+#     (cuXYZ: a CUDA index that ships torch TORCH_VERSION for your driver)
+#   docker run -p 50051:50051 -v "$PWD/models:/models" lumen --model /models/x.gguf
+#
+# Telemetry is configured with the standard OTEL_* variables at `docker run`
+# time (e.g. -e OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4317).
+FROM python:3.11-slim
+
+# The index decides the torch build: the CPU wheel by default, a CUDA one when
+# pointed at a CUDA index. Installed before anything else so that no later
+# dependency resolution pulls a different (multi-GB CUDA) torch from PyPI.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+WORKDIR /app
+
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+# Stubs are generated in the image, not copied: lumen/ is in .dockerignore.
+RUN pip install "grpcio-tools>=1.66"
+COPY proto/ proto/
+RUN mkdir -p lumen/v1 \
+ && python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+        proto/lumen/v1/inference.proto \
+ && touch lumen/__init__.py lumen/v1/__init__.py
+
+# Copied after the slow layers above so a source edit rebuilds only this part.
+COPY pyproject.toml ./
+COPY engine/ engine/
+COPY service/ service/
+COPY telemetry/ telemetry/
+# torch is already satisfied, so this installs Lumen's other dependencies only.
+# The check runs isolated (-I: no /app on sys.path) to prove the installed
+# package, stubs included, imports, and that the entry point script exists.
+RUN pip install . \
+ && python -I -c "import lumen.v1.inference_pb2_grpc" \
+ && command -v lumen
+
+RUN useradd --system --create-home --uid 10001 --shell /usr/sbin/nologin lumen \
+ && mkdir -p /var/cache/lumen \
+ && chown lumen:lumen /var/cache/lumen
+ENV LUMEN_CACHE_DIR=/var/cache/lumen
+USER lumen
+WORKDIR /home/lumen
+
+EXPOSE 50051
+# Arguments given to `docker run` (e.g. --model /models/x.gguf) are appended.
+ENTRYPOINT ["lumen", "serve", "--host", "0.0.0.0", "--port", "50051"]

@@ -1,0 +1,52 @@
+# Two entry points for a new user: `make serve` and `make test`.
+# Both create .venv (torch==2.13.0 first, so nothing pulls a CUDA build),
+# generate the gRPC stubs and install the project with its `lumen` script.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+PROTO  := proto/lumen/v1/inference.proto
+HOST   ?= 127.0.0.1
+PORT   ?= 50051
+MODEL_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test setup setup-test proto bench clean
+
+serve: setup
+	$(BIN)/lumen serve --host $(HOST) --port $(PORT) $(MODEL_ARGS)
+
+test: setup-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+setup: $(VENV)/.runtime
+setup-test: $(VENV)/.test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+
+lumen/v1/inference_pb2.py: $(PROTO) $(BIN)/python
+	$(BIN)/python -m pip install --quiet "grpcio-tools>=1.66"
+	mkdir -p lumen/v1
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+	touch lumen/__init__.py lumen/v1/__init__.py
+
+proto: lumen/v1/inference_pb2.py
+
+$(VENV)/.runtime: pyproject.toml lumen/v1/inference_pb2.py
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+bench: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+		$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/baseline.py
+
+clean:
+	rm -rf $(VENV) lumen build *.egg-info

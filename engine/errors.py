@@ -1,0 +1,28 @@
+"""Typed errors the engine raises; the service maps each one to a gRPC status.
+
+Every message says what was wrong and what to do about it.
+"""
+
+
+class LumenError(Exception):
+    """Base class of the errors Lumen raises on purpose."""
+
+
+class InvalidRequestError(LumenError):
+    """A request field is out of range or inconsistent (gRPC INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ModelNotFoundError(LumenError):
+    """The request names a model the server does not serve (gRPC NOT_FOUND)."""
+
+
+class ModelLoadError(LumenError, ValueError):
+    """A model file cannot be loaded; the message names the file and the problem."""
+
+
+class EngineStoppedError(LumenError):
+    """The engine is shutting down and accepts no new work (gRPC UNAVAILABLE)."""

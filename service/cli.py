@@ -1,0 +1,158 @@
+"""`lumen`: serve models, or talk to a running server (generate, tokenize, models)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _model_spec(text: str) -> tuple[str | None, Path]:
+    name, sep, path = text.partition("=")
+    return (name, Path(path)) if sep and name and "/" not in name else (None, Path(text))
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve GGUF models over gRPC")
+    p.add_argument("--model", action="append", type=_model_spec, metavar="[NAME=]PATH",
+                   help="a GGUF file to serve (repeatable; the first is the default). "
+                        "Without it, the embedded demo model is written to the cache and served.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of weights and activations")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--max-running", type=int, default=8, help="requests run together in one engine step")
+    p.add_argument("--default-max-tokens", type=int, default=256,
+                   help="max_new_tokens of requests that do not set it (clipped to the context)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _client_parsers(sub) -> None:
+    g = sub.add_parser("generate", help="stream a completion from a running server")
+    g.add_argument("prompt")
+    g.add_argument("--server", default=DEFAULT_TARGET)
+    g.add_argument("--model", default="")
+    g.add_argument("--max-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[])
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--no-special-tokens", action="store_true", help="do not add BOS")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    t = sub.add_parser("tokenize", help="tokenize text with a served model's tokenizer")
+    t.add_argument("text")
+    t.add_argument("--server", default=DEFAULT_TARGET)
+    t.add_argument("--model", default="")
+    m = sub.add_parser("models", help="list the served models")
+    m.add_argument("--server", default=DEFAULT_TARGET)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lumen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _client_parsers(sub)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.engine import EngineConfig
+    from service.loading import load_models
+    from service.server import ServerConfig, run_server
+    from telemetry import setup_telemetry
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ServerConfig(
+        models=args.model or [], host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
+        engine=EngineConfig(max_running=args.max_running, default_max_new_tokens=args.default_max_tokens))
+    loaded = load_models(config.models, config.dtype)
+    asyncio.run(run_server(config, setup_telemetry(), loaded))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lumen.v1 import inference_pb2 as pb
+    from service.client import connect, stream_generate
+
+    req = pb.GenerateRequest(model=args.model, prompt=args.prompt)
+    if args.no_special_tokens:
+        req.add_special_tokens = False
+    if args.max_tokens is not None:
+        req.stopping.max_new_tokens = args.max_tokens
+    req.stopping.stop.extend(args.stop)
+    req.stopping.ignore_eos = args.ignore_eos
+    s = req.sampling
+    for field, value in (("temperature", args.temperature), ("top_p", args.top_p),
+                         ("repetition_penalty", args.repetition_penalty), ("seed", args.seed)):
+        if value is not None:
+            setattr(s, field, value)
+    s.top_k, s.min_p = args.top_k, args.min_p
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    summary = stream_generate(connect(args.server), req, on_text=show, timeout=args.timeout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(f"[{summary.line()}]", file=sys.stderr)
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from lumen.v1 import inference_pb2 as pb
+    from service.client import connect
+
+    resp = connect(args.server).Tokenize(pb.TokenizeRequest(model=args.model, text=args.text))
+    for token_id, piece in zip(resp.token_ids, resp.pieces):
+        print(f"{token_id}\t{piece!r}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from lumen.v1 import inference_pb2 as pb
+    from service.client import connect
+
+    for m in connect(args.server).ListModels(pb.ListModelsRequest()).models:
+        mark = " (default)" if m.is_default else ""
+        print(f"{m.name}{mark}: {m.architecture} {m.file_type}, {m.parameter_count:,} parameters, "
+              f"context {m.context_length}, vocab {m.vocab_size}, {m.path}")
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "tokenize": cmd_tokenize, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except grpc.RpcError as err:
+        print(f"lumen: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear one-line error for the CLI user, never a traceback dump
+        from engine.errors import LumenError
+        if isinstance(exc, (LumenError, OSError)):
+            print(f"lumen: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

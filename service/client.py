@@ -1,0 +1,66 @@
+"""A small streaming client for the Inference service (used by `lumen generate`)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import grpc
+
+from lumen.v1 import inference_pb2 as pb
+from lumen.v1 import inference_pb2_grpc as pb_grpc
+
+
+@dataclass(slots=True)
+class GenerateSummary:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    trace_id: str = ""
+    time_to_first_token: float = 0.0
+    decode_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time after the first."""
+        if self.completion_tokens > 1 and self.decode_seconds > 0:
+            return (self.completion_tokens - 1) / self.decode_seconds
+        return self.completion_tokens / self.total_seconds if self.total_seconds else 0.0
+
+    def line(self) -> str:
+        return (f"prompt_tokens={self.prompt_tokens} completion_tokens={self.completion_tokens} "
+                f"ttft={self.time_to_first_token * 1000:.1f}ms tokens/s={self.tokens_per_second:.1f} "
+                f"finish={self.finish_reason} trace_id={self.trace_id}")
+
+
+def stream_generate(stub: pb_grpc.InferenceStub, request: pb.GenerateRequest,
+                    on_text: Callable[[str], None] = lambda _: None, timeout: float | None = None,
+                    metadata: Iterable[tuple[str, str]] = ()) -> GenerateSummary:
+    """Run one Generate, calling on_text with each new piece of text; return the summary."""
+    summary = GenerateSummary()
+    start = time.monotonic()
+    first = None
+    for msg in stub.Generate(request, timeout=timeout, metadata=tuple(metadata)):
+        if msg.token_ids and first is None:
+            first = time.monotonic()
+            summary.time_to_first_token = first - start
+        if msg.text:
+            on_text(msg.text)
+        summary.text += msg.text
+        summary.token_ids.extend(msg.token_ids)
+        if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            summary.finish_reason = pb.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_").lower()
+            summary.prompt_tokens = msg.usage.prompt_tokens
+            summary.completion_tokens = msg.usage.completion_tokens
+            summary.trace_id = msg.trace_id
+    end = time.monotonic()
+    summary.total_seconds = end - start
+    summary.decode_seconds = end - first if first is not None else 0.0
+    return summary
+
+
+def connect(target: str) -> pb_grpc.InferenceStub:
+    return pb_grpc.InferenceStub(grpc.insecure_channel(target))

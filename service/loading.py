@@ -1,0 +1,28 @@
+"""Resolve and load the models a server is asked to serve, with a progress bar."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.demo_model import ensure_demo_model
+from engine.loader import LoadedModel, load_gguf
+
+
+def load_models(specs: list[tuple[str | None, Path]], dtype: torch.dtype) -> list[LoadedModel]:
+    """Load each (name, path); with no spec, write (once) and load the embedded demo model."""
+    if not specs:
+        path = ensure_demo_model()
+        print(f"lumen: no --model given; serving the embedded demo model {path} "
+              "(random weights: its text is not meaningful)", file=sys.stderr)
+        specs = [("lumen-demo", path)]
+    loaded = []
+    for name, path in specs:
+        with tqdm(desc=f"loading {path.name}", unit="layer", file=sys.stderr, leave=False) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+            loaded.append(load_gguf(path, dtype=dtype, name=name, progress=progress))
+    return loaded

@@ -1,0 +1,87 @@
+"""Build and run the gRPC server: Inference, Health and reflection on one port."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.async_engine import AsyncEngine
+from engine.engine import EngineConfig, LLMEngine
+from engine.loader import LoadedModel, load_gguf
+from lumen.v1 import inference_pb2 as pb
+from lumen.v1 import inference_pb2_grpc as pb_grpc
+from service.registry import ModelRegistry, ModelRuntime
+from service.servicer import InferenceService
+from telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    models: list[tuple[str | None, Path]]  # (name or None for the file stem, path)
+    host: str = "127.0.0.1"
+    port: int = 50051
+    dtype: torch.dtype = torch.float32
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def start_runtime(model: LoadedModel, config: EngineConfig, telemetry: Telemetry) -> ModelRuntime:
+    engine = LLMEngine(model, config, tracer=telemetry.tracer)
+    return ModelRuntime(model.name, model, AsyncEngine(engine))
+
+
+class LumenServer:
+    """A started server; `port` is the bound port (useful with port 0 in tests)."""
+
+    def __init__(self, registry: ModelRegistry, telemetry: Telemetry, engine_config: EngineConfig) -> None:
+        self.registry = registry
+        self.telemetry = telemetry
+        self.server = grpc.aio.server()
+        self.health = health.aio.HealthServicer()
+        pb_grpc.add_InferenceServicer_to_server(
+            InferenceService(registry, telemetry, engine_config.default_max_new_tokens), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port} (is the port in use?)")
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.registry.shutdown)
+        self.telemetry.shutdown()
+
+
+async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel]) -> None:
+    registry = ModelRegistry([start_runtime(m, config.engine, telemetry) for m in loaded])
+    server = LumenServer(registry, telemetry, config.engine)
+    port = await server.start(config.host, config.port)
+    names = ", ".join(rt.name for rt in registry)
+    log.info("serving %s on %s:%d", names, config.host, port)
+    print(f"lumen: serving {names} on {config.host}:{port} (Ctrl-C to stop)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("lumen: shutting down", flush=True)
+    await server.stop()

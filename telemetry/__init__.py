@@ -1,0 +1,25 @@
+"""Tracing and metrics for Lumen: the only place OpenTelemetry is configured.
+
+`service` and `engine` both import from here; this package must never import
+either of them.
+"""
+
+from telemetry.metrics import EngineMetrics
+from telemetry.tracing import (
+    Telemetry,
+    TelemetryConfigError,
+    extract_context,
+    format_trace_id,
+    inject_context,
+    setup_telemetry,
+)
+
+__all__ = [
+    "EngineMetrics",
+    "Telemetry",
+    "TelemetryConfigError",
+    "extract_context",
+    "format_trace_id",
+    "inject_context",
+    "setup_telemetry",
+]

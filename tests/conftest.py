@@ -1,0 +1,37 @@
+"""Fixtures shared by the whole suite: where the shared test data lives."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("LUMEN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of ../shared/data, or skip the test with the reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not found at {path} (set LUMEN_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    return shared_file("models", "stories260K.gguf")
+
+
+@pytest.fixture(scope="session")
+def stories_model(stories_path):
+    from engine.loader import load_gguf
+    return load_gguf(stories_path)
+
+
+@pytest.fixture(scope="session")
+def stories_greedy() -> tuple[list[int], str]:
+    """The oracle: 200 greedy ids after BOS, and their text."""
+    ids = [int(x) for x in shared_file("models", "stories260K.greedy200.ids").read_text().split()]
+    text = shared_file("models", "stories260K.greedy200.txt").read_bytes().decode("utf-8")
+    return ids[1:], text

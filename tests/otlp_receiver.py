@@ -1,0 +1,255 @@
+"""An in-process OTLP/gRPC receiver, so tests check what really goes over the wire.
+
+Built on opentelemetry-proto's generated servicers: it accepts trace and metric
+exports on 127.0.0.1 at an OS-chosen port, keeps everything it receives, and
+lets a test block until what it expects has arrived. It must never sleep or
+poll: waiting is a `threading.Condition` notified by each export.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.metrics.v1 import metrics_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    name: str
+    attributes: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRecord:
+    """One received span, flattened; ids are lowercase hex, "" for no parent."""
+
+    name: str
+    kind: str  # "SERVER", "CLIENT", "INTERNAL", ...: compare with SpanKind.X.name
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    attributes: dict[str, Any]
+    events: list[EventRecord]
+    resource: dict[str, Any]
+    scope: str
+    status_code: str  # "UNSET", "OK" or "ERROR"
+    start_ns: int
+    end_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class PointRecord:
+    """One data point: `value` for sums and gauges, the rest for histograms."""
+
+    attributes: dict[str, Any]
+    value: float | None = None
+    count: int | None = None
+    sum: float | None = None
+    explicit_bounds: tuple[float, ...] = ()
+    bucket_counts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRecord:
+    """One metric from one export; cumulative metrics recur in every export."""
+
+    name: str
+    unit: str
+    data_type: str  # "sum", "gauge", "histogram", ...: the proto's oneof name
+    points: list[PointRecord]
+    resource: dict[str, Any]
+    scope: str
+
+
+def _value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(item) for item in value.array_value.values]
+    if kind == "kvlist_value":
+        return _attributes(value.kvlist_value.values)
+    return None if kind is None else getattr(value, kind)
+
+
+def _attributes(pairs: Iterable[KeyValue]) -> dict[str, Any]:
+    return {pair.key: _value(pair.value) for pair in pairs}
+
+
+def _span_record(span: trace_pb2.Span, resource: dict[str, Any], scope: str) -> SpanRecord:
+    return SpanRecord(
+        name=span.name,
+        kind=trace_pb2.Span.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_"),
+        trace_id=span.trace_id.hex(),
+        span_id=span.span_id.hex(),
+        parent_span_id=span.parent_span_id.hex(),
+        attributes=_attributes(span.attributes),
+        events=[EventRecord(event.name, _attributes(event.attributes)) for event in span.events],
+        resource=resource,
+        scope=scope,
+        status_code=trace_pb2.Status.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_"),
+        start_ns=span.start_time_unix_nano,
+        end_ns=span.end_time_unix_nano,
+    )
+
+
+def _point_record(point: Any, data_type: str) -> PointRecord:
+    attributes = _attributes(point.attributes)
+    if data_type == "histogram":
+        return PointRecord(
+            attributes,
+            count=point.count,
+            sum=point.sum,
+            explicit_bounds=tuple(point.explicit_bounds),
+            bucket_counts=tuple(point.bucket_counts),
+        )
+    if data_type in ("sum", "gauge"):
+        return PointRecord(attributes, value=getattr(point, point.WhichOneof("value")))
+    return PointRecord(attributes)  # exponential histograms, summaries: not used by Lumen
+
+
+def _metric_record(metric: metrics_pb2.Metric, resource: dict[str, Any], scope: str) -> MetricRecord:
+    data_type = metric.WhichOneof("data") or ""
+    points = getattr(metric, data_type).data_points if data_type else []
+    return MetricRecord(
+        name=metric.name,
+        unit=metric.unit,
+        data_type=data_type,
+        points=[_point_record(point, data_type) for point in points],
+        resource=resource,
+        scope=scope,
+    )
+
+
+class _TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self._receiver = receiver
+
+    def Export(self, request, context):  # noqa: N802 - name fixed by the generated servicer
+        self._receiver._add_spans(request.resource_spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class _MetricsSink(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self._receiver = receiver
+
+    def Export(self, request, context):  # noqa: N802 - name fixed by the generated servicer
+        self._receiver._add_metrics(request.resource_metrics)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+class OtlpReceiver:
+    """Collects OTLP exports; use as a context manager or start()/stop()."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._host = host
+        self._port = 0
+        self._server: grpc.Server | None = None
+        self._changed = threading.Condition()
+        self._resource_spans: list[trace_pb2.ResourceSpans] = []
+        self._resource_metrics: list[metrics_pb2.ResourceMetrics] = []
+        self._spans: list[SpanRecord] = []
+        self._metrics: list[MetricRecord] = []
+
+    @property
+    def endpoint(self) -> str:
+        if self._server is None:
+            raise RuntimeError("OtlpReceiver is not started; call start() or use it in a with block")
+        return f"http://{self._host}:{self._port}"
+
+    def start(self) -> OtlpReceiver:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceSink(self), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsSink(self), server)
+        self._port = server.add_insecure_port(f"{self._host}:0")
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+            self._server = None
+
+    def __enter__(self) -> OtlpReceiver:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _add_spans(self, batch: Iterable[trace_pb2.ResourceSpans]) -> None:
+        with self._changed:
+            for resource_spans in batch:
+                self._resource_spans.append(resource_spans)
+                resource = _attributes(resource_spans.resource.attributes)
+                for scope_spans in resource_spans.scope_spans:
+                    scope = scope_spans.scope.name
+                    self._spans.extend(_span_record(span, resource, scope) for span in scope_spans.spans)
+            self._changed.notify_all()
+
+    def _add_metrics(self, batch: Iterable[metrics_pb2.ResourceMetrics]) -> None:
+        with self._changed:
+            for resource_metrics in batch:
+                self._resource_metrics.append(resource_metrics)
+                resource = _attributes(resource_metrics.resource.attributes)
+                for scope_metrics in resource_metrics.scope_metrics:
+                    scope = scope_metrics.scope.name
+                    self._metrics.extend(_metric_record(m, resource, scope) for m in scope_metrics.metrics)
+            self._changed.notify_all()
+
+    @property
+    def resource_spans(self) -> list[trace_pb2.ResourceSpans]:
+        with self._changed:
+            return list(self._resource_spans)
+
+    @property
+    def resource_metrics(self) -> list[metrics_pb2.ResourceMetrics]:
+        with self._changed:
+            return list(self._resource_metrics)
+
+    def spans(self) -> list[SpanRecord]:
+        with self._changed:
+            return list(self._spans)
+
+    def metrics(self) -> list[MetricRecord]:
+        with self._changed:
+            return list(self._metrics)
+
+    def metric_names(self) -> set[str]:
+        with self._changed:
+            return {metric.name for metric in self._metrics}
+
+    def latest_metric(self, name: str) -> MetricRecord:
+        """The most recently received export of metric `name`."""
+        with self._changed:
+            for metric in reversed(self._metrics):
+                if metric.name == name:
+                    return metric
+        raise KeyError(f"no metric {name!r} received; got {sorted(self.metric_names())}")
+
+    def wait_for_spans(
+        self, predicate: Callable[[list[SpanRecord]], bool], timeout: float = 10.0
+    ) -> list[SpanRecord]:
+        """Block until `predicate(all spans so far)` holds; return those spans."""
+        with self._changed:
+            if self._changed.wait_for(lambda: predicate(list(self._spans)), timeout):
+                return list(self._spans)
+            names = [span.name for span in self._spans]
+        raise TimeoutError(f"spans did not match within {timeout}s; received {names}")
+
+    def wait_for_metrics(
+        self, predicate: Callable[[list[MetricRecord]], bool], timeout: float = 10.0
+    ) -> list[MetricRecord]:
+        """Block until `predicate(all metrics so far)` holds; return those metrics."""
+        with self._changed:
+            if self._changed.wait_for(lambda: predicate(list(self._metrics)), timeout):
+                return list(self._metrics)
+            names = sorted({metric.name for metric in self._metrics})
+        raise TimeoutError(f"metrics did not match within {timeout}s; received {names}")

@@ -1,0 +1,65 @@
+"""A real Lumen server on a free loopback port, with an async client."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import grpc
+import pytest_asyncio
+
+from engine.engine import EngineConfig, LLMEngine
+from lumen.v1 import inference_pb2_grpc as pb_grpc
+from service.registry import ModelRegistry, ModelRuntime
+from service.server import LumenServer, start_runtime
+from telemetry import Telemetry, setup_telemetry
+
+
+@dataclass
+class Harness:
+    server: LumenServer
+    runtime: ModelRuntime
+    stub: pb_grpc.InferenceStub
+    channel: grpc.aio.Channel
+    target: str
+
+    @property
+    def llm(self) -> LLMEngine:
+        return self.runtime.engine.engine
+
+
+class StepGate:
+    """Lets a test hold the engine thread before a given step (synchronization, not timing)."""
+
+    def __init__(self, llm: LLMEngine, free_steps: int) -> None:
+        self.release = threading.Event()
+        self.blocked = threading.Event()
+        self.steps = 0
+        self._orig = llm.step
+        self.free_steps = free_steps
+        llm.step = self._step
+
+    def _step(self):
+        self.steps += 1
+        if self.steps > self.free_steps and not self.release.is_set():
+            self.blocked.set()
+            self.release.wait(timeout=60)
+        return self._orig()
+
+
+async def start_harness(model, telemetry: Telemetry | None = None, config: EngineConfig | None = None) -> Harness:
+    telemetry = telemetry or setup_telemetry()
+    config = config or EngineConfig()
+    runtime = start_runtime(model, config, telemetry)
+    server = LumenServer(ModelRegistry([runtime]), telemetry, config)
+    port = await server.start("127.0.0.1", 0)
+    target = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(target)
+    return Harness(server, runtime, pb_grpc.InferenceStub(channel), channel, target)
+
+
+@pytest_asyncio.fixture
+async def stories(stories_model):
+    harness = await start_harness(stories_model)
+    yield harness
+    await harness.channel.close()
+    await harness.server.stop(0)

@@ -1,0 +1,90 @@
+"""Bad input gets the right status and a message naming the field; the server keeps serving."""
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+
+from lumen.v1 import inference_pb2 as pb
+
+
+def req(**kw) -> pb.GenerateRequest:
+    r = pb.GenerateRequest(prompt="Once upon a time")
+    for path, value in kw.items():
+        target = r
+        *parents, leaf = path.split("__")
+        for p in parents:
+            target = getattr(target, p)
+        if isinstance(value, list):
+            getattr(target, leaf).extend(value)
+        else:
+            setattr(target, leaf, value)
+    return r
+
+
+INVALID = [
+    ("negative temperature", req(sampling__temperature=-0.5), "sampling.temperature"),
+    ("NaN temperature", req(sampling__temperature=math.nan), "sampling.temperature"),
+    ("top_p zero", req(sampling__top_p=0.0), "sampling.top_p"),
+    ("top_p above one", req(sampling__top_p=1.5), "sampling.top_p"),
+    ("negative top_k", req(sampling__top_k=-1), "sampling.top_k"),
+    ("min_p above one", req(sampling__min_p=1.5), "sampling.min_p"),
+    ("negative min_p", req(sampling__min_p=-0.1), "sampling.min_p"),
+    ("max_new_tokens beyond context", req(stopping__max_new_tokens=5000), "stopping.max_new_tokens"),
+    ("max_new_tokens zero", req(stopping__max_new_tokens=0), "stopping.max_new_tokens"),
+    ("prompt fills the context", req(prompt="", prompt_token_ids=[1] * 2048), "prompt"),
+    ("top_logprobs over 20", req(top_logprobs=21), "top_logprobs"),
+    ("token id outside vocab", req(prompt="", prompt_token_ids=[1, 512]), "prompt_token_ids"),
+    ("prompt and token ids", req(prompt_token_ids=[1, 2]), "prompt"),
+    ("empty prompt without BOS", req(prompt="", add_special_tokens=False), "prompt"),
+    ("empty stop string", req(stopping__stop=[""]), "stopping.stop"),
+    ("non-positive repetition penalty", req(sampling__repetition_penalty=0.0), "sampling.repetition_penalty"),
+]
+
+
+@pytest.mark.parametrize("name,request_msg,field", INVALID, ids=[c[0] for c in INVALID])
+async def test_invalid_argument(stories, name, request_msg, field):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stories.stub.Generate(request_msg):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+    await assert_still_serving(stories)
+
+
+async def test_unknown_model_is_not_found(stories):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stories.stub.Generate(pb.GenerateRequest(model="no-such-model", prompt="hi")):
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-model" in err.value.details() and "stories260K" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stories.stub.Tokenize(pb.TokenizeRequest(model="no-such-model", text="hi"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    await assert_still_serving(stories)
+
+
+async def test_duplicate_running_request_id_is_rejected(stories):
+    from tests.service.conftest import StepGate
+    gate = StepGate(stories.llm, free_steps=1)
+    try:
+        first = stories.stub.Generate(req(request_id="same", stopping__max_new_tokens=20))
+        await first.read()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stories.stub.Generate(req(request_id="same")):
+                pass
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        gate.release.set()
+    assert [m async for m in first][-1].usage.completion_tokens == 20
+    await assert_still_serving(stories)
+
+
+async def assert_still_serving(harness) -> None:
+    r = pb.GenerateRequest(prompt="Once upon a time")
+    r.sampling.temperature = 0
+    r.stopping.max_new_tokens = 3
+    msgs = [m async for m in harness.stub.Generate(r)]
+    assert msgs[-1].usage.completion_tokens == 3
+    assert harness.runtime.engine.num_active == 0
