@@ -55,7 +55,7 @@ def read_metadata(reader: GGUFReader) -> dict:
 def _file_type_name(meta: dict, reader: GGUFReader) -> str:
     if "general.file_type" in meta:
         try:
-            return LlamaFileType(int(meta["general.file_type"])).name.removeprefix("MOSTLY_")
+            return LlamaFileType(int(meta["general.file_type"])).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             return f"UNKNOWN_{meta['general.file_type']}"
     types = [t.tensor_type.name for t in reader.tensors if len(t.shape) == 2]

@@ -47,7 +47,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         span = self.tracer.start_span("lumen.v1.Inference/Generate", context=parent, kind=trace.SpanKind.SERVER)
         span_ctx = trace.set_span_in_context(span)
         trace_id = format(span.get_span_context().trace_id, "032x")
-        request_id, finished, runtime = "", False, None
+        submitted, finished, runtime = None, False, None
         started = time.monotonic()
         try:
             convert.check_request_fields(request)
@@ -59,14 +59,16 @@ class InferenceService(pb_grpc.InferenceServicer):
             gen = convert.generation_request(request, prompt_ids, runtime.model.config.context_length,
                                              self.default_max_new_tokens)
             gen.trace_context = span_ctx
-            request_id = gen.request_id
-            span.set_attribute("lumen.request_id", request_id)
+            span.set_attribute("lumen.request_id", gen.request_id)
             span.set_attribute("lumen.model", runtime.name)
             stream = runtime.engine.submit(gen)
+            submitted = gen.request_id
             self.metrics.request_started()
             async for out in stream:
                 if out.time_to_first_token is not None:
                     self.metrics.record_first_token(out.time_to_first_token, runtime.name)
+                if out.finish_reason is FinishReason.ABORTED:
+                    await context.abort(grpc.StatusCode.CANCELLED, "the request was aborted by the server")
                 if out.finished:
                     finished = True
                     self._record_finish(span, runtime.name, out, time.monotonic() - started)
@@ -88,8 +90,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             span.set_status(trace.StatusCode.ERROR, str(exc))
             await context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {exc}")
         finally:
-            if runtime is not None and request_id and not finished:
-                runtime.engine.abort(request_id)
+            if submitted is not None and not finished:
+                runtime.engine.abort(submitted)
                 self.metrics.request_ended()
             span.end()
 

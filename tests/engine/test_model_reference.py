@@ -22,7 +22,8 @@ def engine_logits(loaded, ids: list[int]) -> torch.Tensor:
 def test_logits_match_transformers(stories_path, stories_model):
     transformers = pytest.importorskip("transformers")
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(stories_path.parent), gguf_file=stories_path.name, torch_dtype=torch.float32)
+        str(stories_path.parent), gguf_file=stories_path.name, dtype=torch.float32,
+        pad_token_id=None)  # the file says 0xFFFFFFFF ("none"), which transformers rejects
     with torch.no_grad():
         ref = ref_model(torch.tensor([PROMPT])).logits[0].float()
     ours = engine_logits(stories_model, PROMPT)

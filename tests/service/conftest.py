@@ -46,6 +46,14 @@ class StepGate:
         return self._orig()
 
 
+async def read_rest(call) -> list:
+    """The remaining messages of a call already read with `read()` (the two APIs cannot mix)."""
+    msgs = []
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        msgs.append(msg)
+    return msgs
+
+
 async def start_harness(model, telemetry: Telemetry | None = None, config: EngineConfig | None = None) -> Harness:
     telemetry = telemetry or setup_telemetry()
     config = config or EngineConfig()

@@ -66,7 +66,7 @@ async def test_unknown_model_is_not_found(stories):
 
 
 async def test_duplicate_running_request_id_is_rejected(stories):
-    from tests.service.conftest import StepGate
+    from tests.service.conftest import StepGate, read_rest
     gate = StepGate(stories.llm, free_steps=1)
     try:
         first = stories.stub.Generate(req(request_id="same", stopping__max_new_tokens=20))
@@ -77,7 +77,7 @@ async def test_duplicate_running_request_id_is_rejected(stories):
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     finally:
         gate.release.set()
-    assert [m async for m in first][-1].usage.completion_tokens == 20
+    assert (await read_rest(first))[-1].usage.completion_tokens == 20
     await assert_still_serving(stories)
 
 

@@ -5,7 +5,7 @@ import asyncio
 import re
 
 from lumen.v1 import inference_pb2 as pb
-from tests.service.conftest import StepGate
+from tests.service.conftest import StepGate, read_rest
 
 
 def greedy_request(max_new: int = 200, **kw) -> pb.GenerateRequest:
@@ -44,7 +44,7 @@ async def test_first_message_arrives_before_last_token_is_computed(stories):
         assert stories.llm.tokens_computed == 1
     finally:
         gate.release.set()
-    rest = await collect(call)
+    rest = await read_rest(call)
     assert len(rest) == 49 and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
