@@ -15,6 +15,7 @@ import logging
 import operator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 from tokenizers import Regex, models, pre_tokenizers
@@ -122,11 +123,13 @@ class GGUFVocab:
 
     @classmethod
     def from_reader(cls, reader: gguf.GGUFReader) -> GGUFVocab:
-        def get(key: str, default=None):
+        def get(key: str, default: Any = None) -> Any:
             field = reader.get_field(key)
             return default if field is None else field.contents()
 
         model = get(_K + "model")
+        if model is None:
+            raise ValueError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
         if model not in ("llama", "gpt2"):
             raise ValueError(f"unsupported tokenizer.ggml.model {model!r}; "
                              "Lumen supports 'llama' (SentencePiece) and 'gpt2' (byte-level BPE)")
@@ -202,7 +205,7 @@ def _spm_merge(text: str, token_to_id: dict[str, int], scores: list[float]) -> l
         push(i - 1, i)
     while heap:
         _, left, right, size = heapq.heappop(heap)
-        # Stale entry: one side was merged away or grew since this pair was queued.
+        # Stale: a side was merged away or grew since queued (symbols only grow, so lengths tell).
         if not syms[left] or not syms[right] or len(syms[left]) + len(syms[right]) != size:
             continue
         syms[left] += syms[right]
