@@ -16,14 +16,18 @@ class StopMatcher:
         if not self.stops:
             return text, None
         buffer = self.pending + text
+        # The stop string that completes first wins (on a tie, the longer one), as if the
+        # text had arrived one character at a time: the result never depends on chunking.
         first = None
         for stop in self.stops:
             at = buffer.find(stop)
-            if at != -1 and (first is None or at < first[0]):
-                first = (at, stop)
+            if at != -1:
+                key = (at + len(stop), at)
+                if first is None or key < first[0]:
+                    first = (key, stop)
         if first is not None:
             self.pending = ""
-            return buffer[: first[0]], first[1]
+            return buffer[: first[0][1]], first[1]
         keep = self._partial_suffix(buffer)
         self.pending = buffer[len(buffer) - keep:] if keep else ""
         return buffer[: len(buffer) - keep], None
