@@ -153,7 +153,7 @@ class LLMEngine:
         if span is None:
             return
         if span.is_recording():
-            span.set_attribute("lumen.completion_tokens", len(seq.output_ids))
+            span.set_attribute("lumen.completion_tokens", seq.num_output)
             if aborted:
                 span.add_event("cancelled")
             if error is not None:

@@ -22,7 +22,7 @@ class Sequence:
         self.request = request
         self.request_id = request.request_id
         self.prompt_ids = list(request.prompt_ids)
-        self.output_ids: list[int] = []
+        self.token_ids = list(request.prompt_ids)  # prompt then output, appended in place
         self.cache = cache
         self.num_computed = 0  # tokens whose keys and values are in the cache
         self.sampler = Sampler(request.sampling)
@@ -33,8 +33,12 @@ class Sequence:
         self.span: trace.Span | None = None  # the current phase's span: prefill, then decode
 
     @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
 
     @property
     def in_prefill(self) -> bool:
@@ -42,7 +46,7 @@ class Sequence:
 
     def pending_ids(self) -> list[int]:
         """Tokens known but not yet in the cache: the prompt at first, then the last sampled token."""
-        return self.all_ids[self.num_computed:]
+        return self.token_ids[self.num_computed:]
 
     def wants_prompt_logprobs(self) -> bool:
         return self.in_prefill and self.request.prompt_logprobs
@@ -53,8 +57,8 @@ class Sequence:
         if self.wants_prompt_logprobs() and len(self.prompt_ids) > 1:
             out.prompt_logprobs = token_logprobs(logits[:-1], self.prompt_ids[1:], self.request.top_logprobs)
         self.num_computed += computed
-        token = self.sampler.sample(logits[-1], self.all_ids)
-        self.output_ids.append(token)
+        token = self.sampler.sample(logits[-1], self.token_ids)
+        self.token_ids.append(token)
         if self.request.logprobs or self.request.top_logprobs:
             out.logprobs = token_logprobs(logits[-1:], [token], self.request.top_logprobs)
         if self.first_token_time is None:
@@ -62,7 +66,7 @@ class Sequence:
             out.time_to_first_token = self.first_token_time - self.request.arrival_time
         out.token_ids = [token]
         out.text, out.finish_reason, out.stop_sequence = self._text_and_finish(token)
-        out.completion_tokens = len(self.output_ids)
+        out.completion_tokens = self.num_output
         return out
 
     def _text_and_finish(self, token: int) -> tuple[str, FinishReason | None, str]:
@@ -71,7 +75,7 @@ class Sequence:
         text, matched = self.stop.feed(self.detokenizer.add(token))
         if matched is not None:
             return text, FinishReason.STOP_SEQUENCE, matched
-        if len(self.output_ids) >= self.request.max_new_tokens:
+        if self.num_output >= self.request.max_new_tokens:
             tail, _ = self.stop.feed(self.detokenizer.flush())
             return text + tail + self.stop.flush(), FinishReason.LENGTH, ""
         return text, None, ""
@@ -79,4 +83,4 @@ class Sequence:
     def final_output(self, reason: FinishReason, error: BaseException | None = None) -> RequestOutput:
         """The closing output of a request stopped from outside (abort, engine error)."""
         return RequestOutput(self.request_id, finish_reason=reason, error=error,
-                             prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
+                             prompt_tokens=len(self.prompt_ids), completion_tokens=self.num_output)

@@ -8,6 +8,7 @@ import grpc
 import pytest_asyncio
 
 from engine.engine import EngineConfig, LLMEngine
+from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
 from service.registry import ModelRegistry, ModelRuntime
 from service.server import LumenServer, start_runtime
@@ -44,6 +45,16 @@ class StepGate:
             self.blocked.set()
             self.release.wait(timeout=60)
         return self._orig()
+
+
+async def assert_still_serving(harness: Harness) -> None:
+    """A small greedy request still completes and leaves nothing running."""
+    r = pb.GenerateRequest(prompt="Once upon a time")
+    r.sampling.temperature = 0
+    r.stopping.max_new_tokens = 3
+    msgs = [m async for m in harness.stub.Generate(r)]
+    assert msgs[-1].usage.completion_tokens == 3
+    assert harness.runtime.engine.num_active == 0
 
 
 async def read_rest(call) -> list:

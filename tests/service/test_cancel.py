@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from lumen.v1 import inference_pb2 as pb
-from tests.service.conftest import StepGate
+from tests.service.conftest import StepGate, assert_still_serving
 
 
 def long_request() -> pb.GenerateRequest:
@@ -32,7 +32,7 @@ async def test_cancel_stops_generation(stories):
     computed = stories.llm.tokens_computed
     # Prompt + at most the 3 free steps and the one in flight when the cancel arrived: nowhere near 500.
     assert computed <= 5 + 4
-    await _one_more_request(stories)
+    await assert_still_serving(stories)
     assert stories.llm.tokens_computed == computed + 5 + 2  # only the new request's tokens
 
 
@@ -54,10 +54,3 @@ def _wait_for_abort_queued(harness) -> None:
     with eng._cond:
         eng._cond.wait_for(lambda: eng._aborts, timeout=30)
 
-
-async def _one_more_request(harness) -> None:
-    r = pb.GenerateRequest(prompt="Once upon a time")
-    r.sampling.temperature = 0
-    r.stopping.max_new_tokens = 3
-    msgs = [m async for m in harness.stub.Generate(r)]
-    assert msgs[-1].usage.completion_tokens == 3

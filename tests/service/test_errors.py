@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from lumen.v1 import inference_pb2 as pb
+from tests.service.conftest import StepGate, assert_still_serving, read_rest
 
 
 def req(**kw) -> pb.GenerateRequest:
@@ -66,7 +67,6 @@ async def test_unknown_model_is_not_found(stories):
 
 
 async def test_duplicate_running_request_id_is_rejected(stories):
-    from tests.service.conftest import StepGate, read_rest
     gate = StepGate(stories.llm, free_steps=1)
     try:
         first = stories.stub.Generate(req(request_id="same", stopping__max_new_tokens=20))
@@ -80,11 +80,3 @@ async def test_duplicate_running_request_id_is_rejected(stories):
     assert (await read_rest(first))[-1].usage.completion_tokens == 20
     await assert_still_serving(stories)
 
-
-async def assert_still_serving(harness) -> None:
-    r = pb.GenerateRequest(prompt="Once upon a time")
-    r.sampling.temperature = 0
-    r.stopping.max_new_tokens = 3
-    msgs = [m async for m in harness.stub.Generate(r)]
-    assert msgs[-1].usage.completion_tokens == 3
-    assert harness.runtime.engine.num_active == 0
