@@ -13,7 +13,7 @@ from collections import deque
 from typing import AsyncIterator
 
 from engine.engine import LLMEngine
-from engine.errors import EngineStoppedError
+from engine.errors import DuplicateRequestError, EngineStoppedError
 from engine.request import FinishReason, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ class AsyncEngine:
             if self._stopped:
                 raise EngineStoppedError("the engine is shutting down; retry on another replica")
             if request.request_id in self._streams:
-                raise ValueError(f"request id {request.request_id!r} is already running")
+                raise DuplicateRequestError(f"request id {request.request_id!r} is already running; "
+                                            "use a unique request_id or leave it empty")
             self._streams[request.request_id] = stream
             self._new.append((request, stream))
             self._idle.clear()

@@ -26,3 +26,7 @@ class ModelLoadError(LumenError, ValueError):
 
 class EngineStoppedError(LumenError):
     """The engine is shutting down and accepts no new work (gRPC UNAVAILABLE)."""
+
+
+class DuplicateRequestError(LumenError):
+    """A request id that is already running (gRPC ALREADY_EXISTS)."""

@@ -46,7 +46,6 @@ class RequestOutput:
     stop_sequence: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    time_to_first_token: float | None = None
     error: BaseException | None = None
 
     @property

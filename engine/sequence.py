@@ -4,8 +4,6 @@ A `Sequence` turns each sampled token into a `RequestOutput`; it never runs the 
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from opentelemetry import trace
 
@@ -29,7 +27,6 @@ class Sequence:
         self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids)
         self.stop = StopMatcher(request.stop)
         self.eos_id = tokenizer.eos_id
-        self.first_token_time: float | None = None
         self.span: trace.Span | None = None  # the current phase's span: prefill, then decode
 
     @property
@@ -61,9 +58,6 @@ class Sequence:
         self.token_ids.append(token)
         if self.request.logprobs or self.request.top_logprobs:
             out.logprobs = token_logprobs(logits[-1:], [token], self.request.top_logprobs)
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
-            out.time_to_first_token = self.first_token_time - self.request.arrival_time
         out.token_ids = [token]
         out.text, out.finish_reason, out.stop_sequence = self._text_and_finish(token)
         out.completion_tokens = self.num_output

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
 
-from engine.errors import EngineStoppedError, InvalidRequestError, ModelNotFoundError
-from engine.request import FinishReason
+from engine.errors import DuplicateRequestError, EngineStoppedError, InvalidRequestError, ModelNotFoundError
+from engine.request import FinishReason, RequestOutput
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
 from service import convert
@@ -25,6 +26,7 @@ STATUS_FOR = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     EngineStoppedError: grpc.StatusCode.UNAVAILABLE,
+    DuplicateRequestError: grpc.StatusCode.ALREADY_EXISTS,
 }
 
 
@@ -33,6 +35,26 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         if isinstance(exc, kind):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+@dataclass(slots=True)
+class _RequestRecord:
+    """What one Generate's span and metrics report when it ends, however it ends."""
+    started: float
+    model: str = ""
+    submitted: str | None = None  # the engine request id, once the engine has it
+    status: str = "UNKNOWN"
+    ttft: float | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def update(self, out: RequestOutput) -> None:
+        if self.ttft is None and out.token_ids:
+            self.ttft = time.monotonic() - self.started
+        if out.finished:
+            self.finish_reason = out.finish_reason
+        self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -45,65 +67,67 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         parent = extract_context(context.invocation_metadata() or ())
         span = self.tracer.start_span("lumen.v1.Inference/Generate", context=parent, kind=trace.SpanKind.SERVER)
-        span_ctx = trace.set_span_in_context(span)
-        trace_id = format(span.get_span_context().trace_id, "032x")
-        submitted, finished, runtime = None, False, None
-        started = time.monotonic()
+        record = _RequestRecord(started=time.monotonic())
+        runtime = None
         try:
-            convert.check_request_fields(request)
             runtime = self.registry.get(request.model)
-            tokenizer = runtime.model.tokenizer
-            with self.tracer.start_as_current_span("tokenize", context=span_ctx) as tok_span:
-                prompt_ids = await asyncio.to_thread(convert.prompt_ids_for, request, tokenizer)
-                tok_span.set_attribute("lumen.prompt_tokens", len(prompt_ids))
-            gen = convert.generation_request(request, prompt_ids, runtime.model.config.context_length,
-                                             self.default_max_new_tokens)
-            gen.trace_context = span_ctx
-            span.set_attribute("lumen.request_id", gen.request_id)
-            span.set_attribute("lumen.model", runtime.name)
+            record.model = runtime.name
+            gen = await self._prepare(request, runtime, span)
             stream = runtime.engine.submit(gen)
-            submitted = gen.request_id
+            record.submitted = gen.request_id
             self.metrics.request_started()
+            trace_id = format(span.get_span_context().trace_id, "032x")
             async for out in stream:
-                if out.time_to_first_token is not None:
-                    self.metrics.record_first_token(out.time_to_first_token, runtime.name)
                 if out.finish_reason is FinishReason.ABORTED:
-                    await context.abort(grpc.StatusCode.CANCELLED, "the request was aborted by the server")
-                if out.finished:
-                    finished = True
-                    self._record_finish(span, runtime.name, out, time.monotonic() - started)
-                yield convert.response_from_output(out, tokenizer, trace_id)
-        except (InvalidRequestError, ModelNotFoundError, EngineStoppedError) as exc:
-            span.set_status(trace.StatusCode.ERROR, str(exc))
-            await context.abort(status_for(exc), str(exc))
-        except ValueError as exc:  # e.g. a duplicate request id
-            span.set_status(trace.StatusCode.ERROR, str(exc))
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS if "already running" in str(exc)
-                                else grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    raise EngineStoppedError("the request was aborted by the server")
+                record.update(out)
+                yield convert.response_from_output(out, runtime.model.tokenizer, trace_id)
+            record.status = "OK"
         except asyncio.CancelledError:
+            record.status = "CANCELLED"
             span.add_event("cancelled by client")
             raise
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
+            code = status_for(exc)
+            record.status = code.name
             span.record_exception(exc)
             span.set_status(trace.StatusCode.ERROR, str(exc))
-            await context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {exc}")
+            message = str(exc) if code != grpc.StatusCode.INTERNAL else f"inference failed: {exc}"
+            await context.abort(code, message)
         finally:
-            if submitted is not None and not finished:
-                runtime.engine.abort(submitted)
+            if record.submitted is not None:
+                if record.finish_reason is None:
+                    runtime.engine.abort(record.submitted)
                 self.metrics.request_ended()
-            span.end()
+            self._finish(span, record)
 
-    def _record_finish(self, span: trace.Span, model: str, out, duration: float) -> None:
-        self.metrics.request_ended()
-        reason = out.finish_reason.value if isinstance(out.finish_reason, FinishReason) else "unknown"
+    async def _prepare(self, request: pb.GenerateRequest, runtime, span: trace.Span):
+        """Validate, tokenize (under a `tokenize` span) and build the engine request."""
+        convert.check_request_fields(request)
+        span_ctx = trace.set_span_in_context(span)
+        with self.tracer.start_as_current_span("tokenize", context=span_ctx) as tok_span:
+            prompt_ids = await asyncio.to_thread(convert.prompt_ids_for, request, runtime.model.tokenizer)
+            tok_span.set_attribute("lumen.prompt_tokens", len(prompt_ids))
+        gen = convert.generation_request(request, prompt_ids, runtime.model.config.context_length,
+                                         self.default_max_new_tokens)
+        gen.trace_context = span_ctx
+        span.set_attribute("lumen.request_id", gen.request_id)
+        span.set_attribute("lumen.model", runtime.name)
+        return gen
+
+    def _finish(self, span: trace.Span, record: "_RequestRecord") -> None:
+        duration = time.monotonic() - record.started
+        reason = record.finish_reason.value if record.finish_reason else "none"
         span.set_attribute("lumen.finish_reason", reason)
-        span.set_attribute("lumen.usage.prompt_tokens", out.prompt_tokens)
-        span.set_attribute("lumen.usage.completion_tokens", out.completion_tokens)
-        self.metrics.record_finished(model=model, finish_reason=reason, status="OK",
-                                     prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                                     duration_s=duration, ttft_s=None)
+        span.set_attribute("lumen.usage.prompt_tokens", record.prompt_tokens)
+        span.set_attribute("lumen.usage.completion_tokens", record.completion_tokens)
+        span.end()
+        if record.ttft is not None:
+            self.metrics.record_first_token(record.ttft, record.model)
+        self.metrics.record_finished(model=record.model, finish_reason=reason, status=record.status,
+                                     prompt_tokens=record.prompt_tokens,
+                                     completion_tokens=record.completion_tokens,
+                                     duration_s=duration, ttft_s=record.ttft)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:

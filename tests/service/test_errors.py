@@ -80,3 +80,38 @@ async def test_duplicate_running_request_id_is_rejected(stories):
     assert (await read_rest(first))[-1].usage.completion_tokens == 20
     await assert_still_serving(stories)
 
+
+
+async def test_model_failure_is_internal_and_server_recovers(stories, monkeypatch):
+    """A failing forward reaches the client as INTERNAL with the cause: never a made-up answer."""
+    real_forward = stories.llm.model.forward
+
+    def broken(batch):
+        raise RuntimeError("simulated kernel fault")
+
+    monkeypatch.setattr(stories.llm.model, "forward", broken)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stories.stub.Generate(req(stopping__max_new_tokens=5)):
+            pass
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "simulated kernel fault" in err.value.details()
+    monkeypatch.setattr(stories.llm.model, "forward", real_forward)
+    await assert_still_serving(stories)
+
+
+async def test_unset_max_new_tokens_is_clipped_to_the_context(stories):
+    r = pb.GenerateRequest(prompt_token_ids=[1] + [300] * 2040)  # 2041 of 2048 context tokens
+    r.sampling.temperature = 0
+    r.stopping.ignore_eos = True
+    msgs = [m async for m in stories.stub.Generate(r)]
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert msgs[-1].usage.completion_tokens == 7
+
+
+async def test_add_special_tokens_false_omits_bos(stories):
+    with_bos = await stories.stub.Tokenize(pb.TokenizeRequest(text="Once upon a time"))
+    without = await stories.stub.Tokenize(pb.TokenizeRequest(text="Once upon a time", add_special_tokens=False))
+    assert list(with_bos.token_ids) == [1] + list(without.token_ids)
+    r = req(add_special_tokens=False, stopping__max_new_tokens=2)
+    msgs = [m async for m in stories.stub.Generate(r)]
+    assert msgs[-1].usage.prompt_tokens == len(without.token_ids)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+import pytest
+
 from lumen.v1 import inference_pb2 as pb
 from telemetry import setup_telemetry
 from tests.otlp_receiver import OtlpReceiver
@@ -30,6 +33,13 @@ async def test_generate_span_tree_over_otlp(stories_model, monkeypatch):
             spans = await asyncio.to_thread(
                 receiver.wait_for_spans, lambda s: {"decode", "prefill", "tokenize"} <= {x.name for x in s}
                 and any(x.kind == "SERVER" for x in s))
+            bad = pb.GenerateRequest(prompt="x")
+            bad.sampling.top_p = 2.0
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in harness.stub.Generate(bad):
+                    pass
+            await asyncio.to_thread(telemetry.force_flush)
+            metrics = await asyncio.to_thread(receiver.wait_for_metrics, lambda m: requests_counted(m) >= 2)
         finally:
             await harness.channel.close()
             await harness.server.stop(0)
@@ -44,3 +54,17 @@ async def test_generate_span_tree_over_otlp(stories_model, monkeypatch):
     assert by_name["decode"].attributes["lumen.completion_tokens"] == 8
     assert by_name["prefill"].end_ns <= by_name["decode"].start_ns
     assert root.attributes["lumen.usage.completion_tokens"] == 8
+    latest = {m.name: m for m in metrics}
+    for name in ("gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token",
+                 "gen_ai.server.request.duration"):
+        assert latest[name].unit == "s" and latest[name].points[0].count >= 1, name
+    by_status = {p.attributes["status"]: p.value for p in latest["lumen.requests"].points}
+    assert by_status == {"OK": 1, "INVALID_ARGUMENT": 1}
+    tokens = {p.attributes["gen_ai.token.type"]: p.value for p in latest["lumen.tokens"].points}
+    assert tokens["output"] == 8
+
+
+def requests_counted(metrics) -> int:
+    """Requests in the newest export of the cumulative `lumen.requests` counter."""
+    exports = [m for m in metrics if m.name == "lumen.requests"]
+    return int(sum(p.value for p in exports[-1].points)) if exports else 0
