@@ -51,8 +51,8 @@ class ForwardBatch:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    """RMSNorm computed in fp32 whatever the activation dtype."""
+    return F.rms_norm(x.float(), weight.shape, weight, eps).to(x.dtype)
 
 
 class RotaryEmbedding:
@@ -99,11 +99,11 @@ class LlamaModel:
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        qkv = F.linear(x, layer.wqkv)
-        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = self.rope(q.view(-1, nh, hd), batch.positions)   # [num_tokens, nh, hd]
-        k = self.rope(k.view(-1, nkv, hd), batch.positions)  # [num_tokens, nkv, hd]
-        v = v.view(-1, nkv, hd)
+        qkv = F.linear(x, layer.wqkv).view(-1, nh + 2 * nkv, hd)
+        # One RoPE call rotates the query and key heads together.
+        qk = self.rope(qkv[:, : nh + nkv], batch.positions)
+        q, k = qk[:, :nh], qk[:, nh:]          # [num_tokens, nh, hd], [num_tokens, nkv, hd]
+        v = qkv[:, nh + nkv:]                  # [num_tokens, nkv, hd]
         out = torch.empty_like(q)
         for s in batch.slices:
             rows = slice(s.start, s.start + s.length)
