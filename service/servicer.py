@@ -67,7 +67,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         parent = extract_context(context.invocation_metadata() or ())
         span = self.tracer.start_span("lumen.v1.Inference/Generate", context=parent, kind=trace.SpanKind.SERVER)
-        record = _RequestRecord(started=time.monotonic())
+        record = _RequestRecord(started=time.monotonic(), model=request.model)
         runtime = None
         try:
             runtime = self.registry.get(request.model)
