@@ -22,6 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from engine.scheduler import SchedulerConfig  # noqa: E402
 from engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from engine.loader import load_gguf  # noqa: E402
 from engine.request import GenerationRequest  # noqa: E402
@@ -71,7 +72,7 @@ def median_runs(fn, repeats: int) -> dict:
 
 def bench_model(path: Path, args) -> dict:
     loaded = load_gguf(path, dtype=getattr(torch, args.dtype))
-    engine = LLMEngine(loaded, EngineConfig(max_running=1))
+    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=1)))
     prompt = prompt_ids(loaded.config.vocab_size, loaded.tokenizer.bos_id or 1)
     lumen_run(engine, prompt, 4)  # warm-up
     row = {"model": path.name, "lumen": median_runs(lambda: lumen_run(engine, prompt, args.decode), args.repeats)}

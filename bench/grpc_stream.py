@@ -20,6 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from engine.scheduler import SchedulerConfig  # noqa: E402
 from engine.engine import EngineConfig  # noqa: E402
 from engine.loader import load_gguf  # noqa: E402
 from lumen.v1 import inference_pb2 as pb  # noqa: E402
@@ -44,7 +45,7 @@ async def run(args) -> None:
     import grpc
     model = load_gguf(args.model, dtype=getattr(torch, args.dtype))
     telemetry = setup_telemetry()
-    config = EngineConfig(max_running=1)
+    config = EngineConfig(scheduler=SchedulerConfig(max_running=1))
     server = LumenServer(ModelRegistry([start_runtime(model, config, telemetry)]), telemetry, config)
     port = await server.start("127.0.0.1", 0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

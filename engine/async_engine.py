@@ -13,7 +13,7 @@ from collections import deque
 from typing import AsyncIterator
 
 from engine.engine import LLMEngine
-from engine.errors import DuplicateRequestError, EngineStoppedError
+from engine.errors import CapacityError, DuplicateRequestError, EngineStoppedError
 from engine.request import FinishReason, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class RequestStream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        limits = engine.config.scheduler
+        self.capacity = limits.max_running + limits.max_waiting  # requests held at once, queued or running
         self._cond = threading.Condition()
         self._new: deque[tuple[GenerationRequest, RequestStream]] = deque()
         self._aborts: deque[str] = deque()
@@ -69,6 +71,9 @@ class AsyncEngine:
         with self._cond:
             if self._stopped:
                 raise EngineStoppedError("the engine is shutting down; retry on another replica")
+            if len(self._streams) >= self.capacity:
+                raise CapacityError(f"the server is at capacity ({self.capacity} requests running or queued); "
+                                    "retry later or send fewer concurrent requests")
             if request.request_id in self._streams:
                 raise DuplicateRequestError(f"request id {request.request_id!r} is already running; "
                                             "use a unique request_id or leave it empty")

@@ -24,6 +24,10 @@ class ModelLoadError(LumenError, ValueError):
     """A model file cannot be loaded; the message names the file and the problem."""
 
 
+class CapacityError(LumenError):
+    """The server is at capacity: its waiting queue is full (gRPC RESOURCE_EXHAUSTED)."""
+
+
 class EngineStoppedError(LumenError):
     """The engine is shutting down and accepts no new work (gRPC UNAVAILABLE)."""
 

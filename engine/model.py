@@ -2,7 +2,7 @@
 
 All sequences' new tokens are concatenated into one [num_tokens] batch: every
 matmul runs once for the whole step, and only attention looks at each
-sequence's own KV cache. No padding to the longest sequence, ever.
+sequence's own blocks of the paged KV pool. No padding to the longest sequence, ever.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.attention import AttentionMetadata, write_kv
 from engine.config import ModelConfig
-from engine.kv_cache import SequenceKVCache
+from engine.kv_cache import KVCachePool
 
 
 @dataclass(slots=True)
@@ -34,19 +35,10 @@ class LlamaWeights:
 
 
 @dataclass(slots=True)
-class SequenceSlice:
-    """One sequence's share of a step: tokens [start, start + length) of the batch."""
-    cache: SequenceKVCache
-    start: int       # offset in the flattened batch
-    length: int      # number of new tokens
-    position: int    # position of its first new token (= tokens already cached)
-
-
-@dataclass(slots=True)
 class ForwardBatch:
-    token_ids: torch.Tensor       # [num_tokens] int64
+    token_ids: torch.Tensor       # [num_tokens] int64: the new tokens of every scheduled sequence, back to back
     positions: torch.Tensor       # [num_tokens] int64
-    slices: list[SequenceSlice]
+    attn: AttentionMetadata
     logits_indices: torch.Tensor  # [num_logits] int64: rows of the batch whose logits are wanted
 
 
@@ -78,11 +70,14 @@ class RotaryEmbedding:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: LlamaWeights) -> None:
+    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, kv: KVCachePool, attention) -> None:
         self.cfg = cfg
         self.w = weights
+        self.kv = kv
+        self.attention = attention  # a backend from engine.attention: forward(q, k_cache, v_cache, meta, scale)
         self.rope = RotaryEmbedding(cfg)
         self.dtype = weights.embed.dtype
+        self.scale = cfg.head_dim ** -0.5
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -104,24 +99,8 @@ class LlamaModel:
         qk = self.rope(qkv[:, : nh + nkv], batch.positions)
         q, k = qk[:, :nh], qk[:, nh:]          # [num_tokens, nh, hd], [num_tokens, nkv, hd]
         v = qkv[:, nh + nkv:]                  # [num_tokens, nkv, hd]
-        out = torch.empty_like(q)
-        for s in batch.slices:
-            rows = slice(s.start, s.start + s.length)
-            keys, values = s.cache.append(index, s.position, k[rows], v[rows])  # [ctx, nkv, hd]
-            out[rows] = _sequence_attention(q[rows], keys, values, s.position)
-        return F.linear(out.view(-1, nh * hd), layer.wo)
+        k_cache, v_cache = self.kv.keys[index], self.kv.values[index]
+        write_kv(k, v, k_cache, v_cache, batch.attn.slot_mapping)
+        out = self.attention.forward(q, k_cache, v_cache, batch.attn, self.scale)
+        return F.linear(out.reshape(-1, nh * hd), layer.wo)
 
-
-def _sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
-    """Causal attention of q [L, nh, hd] over k, v [past + L, nkv, hd] (query i sits at past + i)."""
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    length = q.shape[0]
-    if length == 1:
-        out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
-    elif past == 0:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-    else:
-        # SDPA's is_causal aligns top-left; queries after cached context need bottom-right.
-        mask = torch.ones(length, past + length, dtype=torch.bool).tril(diagonal=past)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
-    return out.transpose(0, 1)

@@ -46,6 +46,7 @@ class RequestOutput:
     stop_sequence: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: BaseException | None = None
 
     @property

@@ -101,6 +101,8 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
     """logits [n, vocab] fp32 -> each row's logprob of token_ids[row] and its top-n alternatives."""
+    if not token_ids:
+        return []
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(1, torch.tensor(token_ids, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
     if top_n:

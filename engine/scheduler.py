@@ -1,40 +1,126 @@
-"""Moves sequences between `waiting` and `running`; decides what each step computes.
+"""Moves sequences between `waiting` and `running` and decides what each step computes.
 
-In this version every running sequence computes all its pending tokens each step
-(its whole prompt on admission, then one token). Token budgets, chunked prefill
-and preemption belong to the paged-KV scheduler of the batching issue.
+One token-budget rule, no separate prefill and decode phases: each scheduled
+sequence's computed tokens catch up to its known tokens, as far as the step's
+budget allows (long prompts are split into chunks). Running sequences go first,
+in admission order; when KV blocks run out, the most recently admitted one is
+preempted (its blocks freed, its tokens recomputed later). Waiting sequences are
+admitted in arrival order while blocks, budget and the running limit allow.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
+from engine.block_manager import BlockManager
 from engine.sequence import Sequence
 
 
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_running: int = 16           # sequences computed together in one step
+    max_tokens_per_step: int = 512  # the token budget of one step (prefill chunks + decodes)
+    max_waiting: int = 256          # queued requests beyond the running ones; past it, submit fails fast
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_tokens_per_step", "max_waiting"):
+            if getattr(self, name) < (0 if name == "max_waiting" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int  # tokens computed for it this step
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new for s in self.scheduled)
+
+
 class Scheduler:
-    def __init__(self, max_running: int) -> None:
-        if max_running < 1:
-            raise ValueError(f"max_running must be >= 1, got {max_running}")
-        self.max_running = max_running
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> list[Sequence]:
-        """Admit waiting sequences in arrival order while there is room; return this step's sequences."""
-        while self.waiting and len(self.running) < self.max_running:
-            self.running.append(self.waiting.popleft())
-        return list(self.running)
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_tokens_per_step)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_pending, budget)
+            while not self.blocks.can_grow(seq, seq.num_computed + num_new):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    return budget
+            self.blocks.grow(seq, seq.num_computed + num_new)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            seq = self.waiting[0]
+            use_cache = not seq.request.prompt_logprobs  # cached tokens would have no logprobs
+            admitted = self.blocks.admit(seq, budget, use_cache)
+            if admitted is None:
+                return  # not enough free blocks: it waits (in order) until some are released
+            cached_tokens, num_new = admitted
+            self.waiting.popleft()
+            seq.num_computed = cached_tokens
+            if not seq.has_sampled and seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached_tokens
+            seq.mark_scheduled()
+            self.running.append(seq)
+            out.admitted.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """A finished sequence leaves running; its full blocks stay cached for later prefixes."""
+        self.running.remove(seq)
+        self.blocks.release(seq)
 
     def remove(self, request_id: str) -> Sequence | None:
+        """Abort: take the sequence out wherever it is and free its blocks at once."""
         for queue in (self.running, self.waiting):
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
+                    self.blocks.release(seq)
                     return seq
         return None
+
+    def active(self) -> list[Sequence]:
+        return list(self.running) + list(self.waiting)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)

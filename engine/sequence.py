@@ -1,32 +1,40 @@
-"""A request's state inside the engine: its tokens, KV cache, sampler, text and spans.
+"""A request's state inside the engine: its tokens, KV blocks, sampler, text and spans.
 
+`num_computed` catches up to `len(token_ids)` step by step (chunked prefill,
+recompute after preemption); a token is sampled only when it has caught up.
 A `Sequence` turns each sampled token into a `RequestOutput`; it never runs the model.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 from opentelemetry import trace
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import SequenceKVCache
 from engine.request import FinishReason, GenerationRequest, RequestOutput
-from engine.sampling import Sampler, token_logprobs
+from engine.sampling import Sampler, TokenLogprob, token_logprobs
 from engine.stopping import StopMatcher
 from engine.tokenizer import Tokenizer
 
 
 class Sequence:
-    def __init__(self, request: GenerationRequest, tokenizer: Tokenizer, cache: SequenceKVCache) -> None:
+    def __init__(self, request: GenerationRequest, tokenizer: Tokenizer) -> None:
         self.request = request
         self.request_id = request.request_id
         self.prompt_ids = list(request.prompt_ids)
         self.token_ids = list(request.prompt_ids)  # prompt then output, appended in place
-        self.cache = cache
-        self.num_computed = 0  # tokens whose keys and values are in the cache
+        self.num_computed = 0       # tokens whose keys and values are in the cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache on admission
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_preemptions = 0
         self.sampler = Sampler(request.sampling)
         self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids)
         self.stop = StopMatcher(request.stop)
         self.eos_id = tokenizer.eos_id
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self.first_scheduled: float | None = None  # monotonic time it left the queue
         self.span: trace.Span | None = None  # the current phase's span: prefill, then decode
 
     @property
@@ -38,26 +46,46 @@ class Sequence:
         return len(self.token_ids) - len(self.prompt_ids)
 
     @property
-    def in_prefill(self) -> bool:
-        return self.num_computed == 0
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
 
-    def pending_ids(self) -> list[int]:
-        """Tokens known but not yet in the cache: the prompt at first, then the last sampled token."""
-        return self.token_ids[self.num_computed:]
+    @property
+    def has_sampled(self) -> bool:
+        return self.num_output > 0
 
     def wants_prompt_logprobs(self) -> bool:
-        return self.in_prefill and self.request.prompt_logprobs
+        """Prompt logprobs still to compute (never again after a recompute: they were sent)."""
+        return self.request.prompt_logprobs and not self.has_sampled and self.num_computed < len(self.prompt_ids)
 
-    def on_step(self, logits: torch.Tensor, computed: int) -> RequestOutput:
-        """Consume this step's logits rows [rows, vocab]: the last row samples the next token."""
-        out = RequestOutput(self.request_id, prompt_tokens=len(self.prompt_ids))
-        if self.wants_prompt_logprobs() and len(self.prompt_ids) > 1:
-            out.prompt_logprobs = token_logprobs(logits[:-1], self.prompt_ids[1:], self.request.top_logprobs)
-        self.num_computed += computed
-        token = self.sampler.sample(logits[-1], self.token_ids)
+    def logit_rows(self, num_new: int) -> range:
+        """Rows (relative to this sequence's new tokens) whose logits this step needs."""
+        if self.wants_prompt_logprobs():
+            return range(num_new)
+        if self.num_computed + num_new == len(self.token_ids):
+            return range(num_new - 1, num_new)
+        return range(0)
+
+    def on_computed(self, logits: torch.Tensor, num_new: int) -> RequestOutput | None:
+        """Account for `num_new` computed tokens; `logits` holds this step's rows from logit_rows()."""
+        start, scoring = self.num_computed, self.wants_prompt_logprobs()
+        self.num_computed += num_new
+        if scoring:
+            # Row j predicts the token at start + j + 1; only prompt tokens are scored.
+            targets = self.prompt_ids[start + 1: min(self.num_computed + 1, len(self.prompt_ids))]
+            self.prompt_logprobs += token_logprobs(logits[: len(targets)], targets, self.request.top_logprobs)
+        if self.num_computed < len(self.token_ids):
+            return None  # a prefill chunk (or a recompute) that has not caught up yet
+        return self._sample(logits[-1])
+
+    def _sample(self, logits: torch.Tensor) -> RequestOutput:
+        out = RequestOutput(self.request_id, prompt_tokens=len(self.prompt_ids),
+                            cached_tokens=self.num_cached_tokens)
+        if not self.has_sampled:
+            out.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, []
+        token = self.sampler.sample(logits, self.token_ids)
         self.token_ids.append(token)
         if self.request.logprobs or self.request.top_logprobs:
-            out.logprobs = token_logprobs(logits[-1:], [token], self.request.top_logprobs)
+            out.logprobs = token_logprobs(logits.unsqueeze(0), [token], self.request.top_logprobs)
         out.token_ids = [token]
         out.text, out.finish_reason, out.stop_sequence = self._text_and_finish(token)
         out.completion_tokens = self.num_output
@@ -74,7 +102,17 @@ class Sequence:
             return text + tail + self.stop.flush(), FinishReason.LENGTH, ""
         return text, None, ""
 
+    def reset_for_recompute(self) -> None:
+        """After preemption: keep the tokens, drop the cache; the next admission recomputes them."""
+        self.num_computed = 0
+        self.num_preemptions += 1
+
+    def mark_scheduled(self) -> None:
+        if self.first_scheduled is None:
+            self.first_scheduled = time.monotonic()
+
     def final_output(self, reason: FinishReason, error: BaseException | None = None) -> RequestOutput:
         """The closing output of a request stopped from outside (abort, engine error)."""
         return RequestOutput(self.request_id, finish_reason=reason, error=error,
-                             prompt_tokens=len(self.prompt_ids), completion_tokens=self.num_output)
+                             prompt_tokens=len(self.prompt_ids), completion_tokens=self.num_output,
+                             cached_tokens=self.num_cached_tokens)

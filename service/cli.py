@@ -12,6 +12,18 @@ import grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB' -> 536870912; plain numbers are bytes."""
+    number = text.rstrip("bBkKmMgGiI")
+    unit = text[len(number):].lower()
+    if unit not in UNITS or not number:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512MiB, 4GiB or 1000000")
+    return int(float(number) * UNITS[unit])
+
+
 def _model_spec(text: str) -> tuple[str | None, Path]:
     name, sep, path = text.partition("=")
     return (name, Path(path)) if sep and name and "/" not in name else (None, Path(text))
@@ -27,7 +39,15 @@ def _serve_parser(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of weights and activations")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--max-running", type=int, default=8, help="requests run together in one engine step")
+    p.add_argument("--max-running", type=int, default=16, help="requests computed together in one engine step")
+    p.add_argument("--max-tokens-per-step", type=int, default=512,
+                   help="token budget of one engine step (decodes plus prefill chunks)")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests queued beyond the running ones; past it Generate fails with RESOURCE_EXHAUSTED")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default="1GiB",
+                   help="memory budget of the paged KV cache, e.g. 512MiB or 4GiB")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_new_tokens of requests that do not set it (clipped to the context)")
     p.add_argument("--log-level", default="INFO")
@@ -69,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from engine.engine import EngineConfig
+    from engine.scheduler import SchedulerConfig
     from service.loading import load_models
     from service.server import ServerConfig, run_server
     from telemetry import setup_telemetry
@@ -78,7 +99,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = ServerConfig(
         models=args.model or [], host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
-        engine=EngineConfig(max_running=args.max_running, default_max_new_tokens=args.default_max_tokens))
+        engine=EngineConfig(
+            scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
+                                      max_waiting=args.max_waiting),
+            default_max_new_tokens=args.default_max_tokens, kv_cache_bytes=args.kv_cache_memory,
+            block_size=args.block_size, prefix_caching=not args.no_prefix_caching))
     loaded = load_models(config.models, config.dtype)
     asyncio.run(run_server(config, setup_telemetry(), loaded))
     return 0

@@ -93,6 +93,7 @@ def response_from_output(out: RequestOutput, tokenizer: Tokenizer, trace_id: str
         msg.finish_reason = FINISH_TO_PROTO[out.finish_reason]
         msg.usage.prompt_tokens = out.prompt_tokens
         msg.usage.completion_tokens = out.completion_tokens
+        msg.usage.cached_tokens = out.cached_tokens
         msg.trace_id = trace_id
         msg.stop_sequence = out.stop_sequence
     return msg

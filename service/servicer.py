@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry import trace
 
-from engine.errors import DuplicateRequestError, EngineStoppedError, InvalidRequestError, ModelNotFoundError
+from engine.errors import CapacityError, DuplicateRequestError, EngineStoppedError, InvalidRequestError, ModelNotFoundError
 from engine.request import FinishReason, RequestOutput
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
@@ -27,6 +27,7 @@ STATUS_FOR = {
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     EngineStoppedError: grpc.StatusCode.UNAVAILABLE,
     DuplicateRequestError: grpc.StatusCode.ALREADY_EXISTS,
+    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

@@ -4,19 +4,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import SequenceKVCache
-from engine.model import ForwardBatch, SequenceSlice
+from engine.attention import AttentionMetadata
+from engine.attention.torch_backend import TorchAttention
+from engine.kv_cache import KVCachePool, KVCacheSpec
+from engine.model import ForwardBatch, LlamaModel
 
 PROMPT = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426]
+BLOCK = 4
+
+
+def paged_model(loaded, num_blocks: int = 16) -> LlamaModel:
+    pool = KVCachePool(loaded.config, KVCacheSpec(BLOCK, num_blocks), loaded.weights.embed.dtype)
+    return LlamaModel(loaded.config, loaded.weights, pool, TorchAttention())
+
+
+def step(model: LlamaModel, ids: list[int], past: int, table: list[int], all_logits: bool = True) -> torch.Tensor:
+    n = len(ids)
+    meta = AttentionMetadata.build([n], [past + n], [table], BLOCK)
+    rows = torch.arange(n) if all_logits else torch.tensor([n - 1])
+    return model.forward(ForwardBatch(torch.tensor(ids), torch.arange(past, past + n), meta, rows))
 
 
 def engine_logits(loaded, ids: list[int]) -> torch.Tensor:
-    from engine.model import LlamaModel
-    model = LlamaModel(loaded.config, loaded.weights)
-    cache = SequenceKVCache(loaded.config, len(ids), model.dtype)
-    batch = ForwardBatch(torch.tensor(ids), torch.arange(len(ids)), [SequenceSlice(cache, 0, len(ids), 0)],
-                         torch.arange(len(ids)))
-    return model.forward(batch)
+    """All positions' logits of one prefill, blocks deliberately out of order."""
+    table = list(reversed(range(-(-len(ids) // BLOCK))))
+    return step(paged_model(loaded, len(table)), ids, 0, table)
 
 
 def test_logits_match_transformers(stories_path, stories_model):
@@ -32,17 +44,11 @@ def test_logits_match_transformers(stories_path, stories_model):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-def test_incremental_decode_matches_full_prefill(stories_model):
-    """Logits of a token decoded after a cached prefix equal those of one full prefill."""
-    from engine.model import LlamaModel
-    model = LlamaModel(stories_model.config, stories_model.weights)
+def test_chunked_prefill_and_decode_match_one_prefill(stories_model):
+    """Logits computed in chunks over cached context equal those of one full prefill."""
     full = engine_logits(stories_model, PROMPT)
-    cache = SequenceKVCache(stories_model.config, len(PROMPT), model.dtype)
-    split = 9
-    first = ForwardBatch(torch.tensor(PROMPT[:split]), torch.arange(split), [SequenceSlice(cache, 0, split, 0)],
-                         torch.tensor([split - 1]))
-    model.forward(first)
-    rest = len(PROMPT) - split
-    second = ForwardBatch(torch.tensor(PROMPT[split:]), torch.arange(split, len(PROMPT)),
-                          [SequenceSlice(cache, 0, rest, split)], torch.arange(rest))
-    torch.testing.assert_close(model.forward(second), full[split:], rtol=1e-5, atol=1e-5)
+    model = paged_model(stories_model)
+    table = [7, 2, 11, 5]
+    parts = [step(model, PROMPT[:6], 0, table), step(model, PROMPT[6:13], 6, table),
+             step(model, PROMPT[13:14], 13, table), step(model, PROMPT[14:], 14, table)]
+    torch.testing.assert_close(torch.cat(parts), full, rtol=1e-5, atol=1e-5)

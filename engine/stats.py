@@ -1,0 +1,35 @@
+"""Per-step statistics the engine reports to whoever observes it (telemetry, tests, benchmarks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.engine import LLMEngine
+    from engine.scheduler import SchedulerOutput
+
+
+@dataclass(slots=True, frozen=True)
+class StepStats:
+    batch_size: int          # sequences computed in this step
+    num_tokens: int          # tokens computed in this step (prefill chunks + decodes)
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int      # includes cached blocks that are free to evict
+    preemptions: int         # in this step
+    admitted: int            # sequences admitted in this step
+    cached_tokens: int       # prompt tokens the admitted sequences found in the prefix cache
+    duration_s: float
+
+    @classmethod
+    def collect(cls, engine: "LLMEngine", sched: "SchedulerOutput", duration_s: float) -> "StepStats":
+        blocks, scheduler = engine.blocks, engine.scheduler
+        return cls(
+            batch_size=len(sched.scheduled), num_tokens=sched.num_tokens,
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_blocks_free=blocks.num_free,
+            preemptions=len(sched.preempted), admitted=len(sched.admitted),
+            cached_tokens=sum(s.num_cached_tokens for s in sched.admitted if not s.has_sampled),
+            duration_s=duration_s,
+        )
