@@ -9,6 +9,8 @@ from pathlib import Path
 
 import grpc
 
+from load.cli import add_bench_parser, cmd_bench
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _client_parsers(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -159,7 +162,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "tokenize": cmd_tokenize, "models": cmd_models}
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "tokenize": cmd_tokenize, "models": cmd_models,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,8 @@
+"""Load testing for a running Lumen server: `lumen bench` and the ghz configs in load/ghz/.
+
+Client side only: nothing here imports the engine or the server.
+"""
+from load.generator import LoadConfig, LoadResult, RequestRecord, run_load
+from load.prompts import PromptSpec, load_prompts
+
+__all__ = ["LoadConfig", "LoadResult", "PromptSpec", "RequestRecord", "load_prompts", "run_load"]
