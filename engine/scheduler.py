@@ -39,6 +39,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens new admissions found in the prefix cache
+    prefix_hits: int = 0    # new admissions that found any
 
     @property
     def num_tokens(self) -> int:
@@ -90,8 +92,10 @@ class Scheduler:
             cached_tokens, num_new = admitted
             self.waiting.popleft()
             seq.num_computed = cached_tokens
-            if not seq.has_sampled and seq.num_preemptions == 0:
+            if not seq.has_sampled and seq.num_preemptions == 0:  # a first admission, not a resume
                 seq.num_cached_tokens = cached_tokens
+                out.cached_tokens += cached_tokens
+                out.prefix_hits += cached_tokens > 0
             seq.mark_scheduled()
             self.running.append(seq)
             out.admitted.append(seq)

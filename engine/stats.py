@@ -20,6 +20,7 @@ class StepStats:
     preemptions: int         # in this step
     admitted: int            # sequences admitted in this step
     cached_tokens: int       # prompt tokens the admitted sequences found in the prefix cache
+    prefix_hits: int         # admitted sequences that found any
     duration_s: float
 
     @classmethod
@@ -30,6 +31,6 @@ class StepStats:
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_blocks_free=blocks.num_free,
             preemptions=len(sched.preempted), admitted=len(sched.admitted),
-            cached_tokens=sum(s.num_cached_tokens for s in sched.admitted if not s.has_sampled),
+            cached_tokens=sched.cached_tokens, prefix_hits=sched.prefix_hits,
             duration_s=duration_s,
         )

@@ -19,7 +19,7 @@ from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
 from service.registry import ModelRegistry, ModelRuntime
 from service.servicer import InferenceService
-from telemetry import Telemetry
+from telemetry import StepMetrics, Telemetry
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -35,7 +35,8 @@ class ServerConfig:
 
 
 def start_runtime(model: LoadedModel, config: EngineConfig, telemetry: Telemetry) -> ModelRuntime:
-    engine = LLMEngine(model, config, tracer=telemetry.tracer)
+    steps = StepMetrics(telemetry.meter, model.name)
+    engine = LLMEngine(model, config, tracer=telemetry.tracer, on_step=steps.observe)
     return ModelRuntime(model.name, model, AsyncEngine(engine))
 
 

@@ -5,6 +5,7 @@ either of them.
 """
 
 from telemetry.metrics import EngineMetrics
+from telemetry.step_metrics import StepMetrics
 from telemetry.tracing import (
     Telemetry,
     TelemetryConfigError,
@@ -16,6 +17,7 @@ from telemetry.tracing import (
 
 __all__ = [
     "EngineMetrics",
+    "StepMetrics",
     "Telemetry",
     "TelemetryConfigError",
     "extract_context",

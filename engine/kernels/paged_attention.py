@@ -11,7 +11,6 @@ TRITON_INTERPRET=1 they run on CPU tensors, which is how the tests exercise them
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -87,7 +86,7 @@ def _decode_split_kernel(
         block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
         seq_lens_ptr,     # [num_seqs] int32
         out_ptr,          # [num_seqs, nh, hd]: written directly when NUM_SPLITS == 1
-        part_out_ptr,     # [num_seqs, nh, NUM_SPLITS, hd] fp32: each split's normalised output
+        part_out_ptr,     # [num_seqs, nh, NUM_SPLITS, hd] fp32, contiguous in (split, hd): each split's normalised output
         part_lse_ptr,     # [num_seqs, nh, NUM_SPLITS] fp32: each split's log2-sum-exp
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
         stride_pt, stride_ph, stride_lt, stride_lh,

@@ -1,0 +1,68 @@
+"""Engine-step metrics: batch composition, queue depth, KV cache use, preemptions, prefix-cache hits.
+
+Recorded once per engine step from the engine's step statistics (any object with
+the fields of `engine.stats.StepStats`; this package never imports the engine).
+Gauges read the latest step's snapshot, so reading them never touches engine state.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+STEP_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class StepMetrics:
+    def __init__(self, meter: Meter, model: str) -> None:
+        self.attributes = {"gen_ai.request.model": model}
+        self.latest: Any = None
+        self._batch = meter.create_histogram(
+            "lumen.engine.batch_size", unit="{request}", description="Sequences computed together in one engine step.",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS)
+        self._tokens = meter.create_histogram(
+            "lumen.engine.step.tokens", unit="{token}", description="Tokens computed in one engine step.",
+            explicit_bucket_boundaries_advisory=STEP_TOKEN_BUCKETS)
+        self._duration = meter.create_histogram(
+            "lumen.engine.step.duration", unit="s", description="Wall time of one engine step.",
+            explicit_bucket_boundaries_advisory=STEP_DURATION_BUCKETS_S)
+        self._preemptions = meter.create_counter(
+            "lumen.engine.preemptions", unit="{request}", description="Requests preempted for lack of KV blocks.")
+        self._hit_tokens = meter.create_counter(
+            "lumen.prefix_cache.hit_tokens", unit="{token}", description="Prompt tokens found in the prefix cache.")
+        self._hits = meter.create_counter(
+            "lumen.prefix_cache.hits", unit="{request}", description="Admitted requests that reused cached blocks.")
+        meter.create_observable_gauge(
+            "lumen.engine.requests", callbacks=[self._observe_requests], unit="{request}",
+            description="Requests in the engine by state (running, waiting).")
+        meter.create_observable_gauge(
+            "lumen.kv_cache.blocks", callbacks=[self._observe_blocks], unit="{block}",
+            description="KV cache blocks by state (used, free).")
+
+    def observe(self, stats: Any) -> None:
+        """Called by the engine thread after each step."""
+        self.latest = stats
+        self._batch.record(stats.batch_size, self.attributes)
+        self._tokens.record(stats.num_tokens, self.attributes)
+        self._duration.record(stats.duration_s, self.attributes)
+        if stats.preemptions:
+            self._preemptions.add(stats.preemptions, self.attributes)
+        if stats.prefix_hits:
+            self._hit_tokens.add(stats.cached_tokens, self.attributes)
+            self._hits.add(stats.prefix_hits, self.attributes)
+
+    def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        s = self.latest
+        if s is None:
+            return []
+        return [Observation(s.num_running, {**self.attributes, "state": "running"}),
+                Observation(s.num_waiting, {**self.attributes, "state": "waiting"})]
+
+    def _observe_blocks(self, options: CallbackOptions) -> Iterable[Observation]:
+        s = self.latest
+        if s is None:
+            return []
+        return [Observation(s.kv_blocks_used, {**self.attributes, "state": "used"}),
+                Observation(s.kv_blocks_free, {**self.attributes, "state": "free"})]
