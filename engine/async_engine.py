@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from engine.engine import LLMEngine
 from engine.errors import CapacityError, DuplicateRequestError, EngineStoppedError
@@ -80,7 +80,7 @@ class AsyncEngine:
             self._streams[request.request_id] = stream
             self._new.append((request, stream))
             self._idle.clear()
-            self._cond.notify()
+            self._cond.notify_all()
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -88,7 +88,12 @@ class AsyncEngine:
         with self._cond:
             if request_id in self._streams:
                 self._aborts.append(request_id)
-                self._cond.notify()
+                self._cond.notify_all()
+
+    def wait_until(self, predicate: Callable[["AsyncEngine"], bool], timeout: float | None = None) -> bool:
+        """Block until predicate(self) holds; re-checked whenever requests arrive, finish or abort."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no request is active (tests and graceful shutdown use it)."""
@@ -142,6 +147,7 @@ class AsyncEngine:
                     del self._streams[out.request_id]
             if not self._streams:
                 self._idle.set()
+            self._cond.notify_all()
 
     def _fail_remaining(self, error: BaseException) -> None:
         for out in self.engine.fail_all(error):

@@ -14,7 +14,7 @@ import torch
 from opentelemetry import trace
 
 from engine.attention import AttentionMetadata
-from engine.attention.torch_backend import TorchAttention
+from engine.attention.select import select_backend
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError
 from engine.kv_cache import KVCachePool, KVCacheSpec
@@ -53,7 +53,7 @@ class LLMEngine:
                                        max_tokens=self.config.scheduler.max_running * cfg.context_length)
         self.kv = KVCachePool(cfg, spec, dtype)
         self.blocks = BlockManager(spec.num_blocks, spec.block_size, self.config.prefix_caching)
-        self.model = LlamaModel(cfg, model.weights, self.kv, TorchAttention())
+        self.model = LlamaModel(cfg, model.weights, self.kv, select_backend(torch.device("cpu")))
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         self.tokenizer = model.tokenizer
         self.spans = SequenceSpans(tracer or trace.NoOpTracer())

@@ -5,6 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, the Triton kernels can only run interpreted; the flag must be set before
+# anything imports triton (kernels are decorated at import). CPU engines use the torch backend.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LUMEN_SHARED_DATA", REPO.parent / "shared" / "data"))

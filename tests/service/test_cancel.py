@@ -50,7 +50,5 @@ async def test_deadline_stops_generation(stories):
 
 
 def _wait_for_abort_queued(harness) -> None:
-    eng = harness.runtime.engine
-    with eng._cond:
-        eng._cond.wait_for(lambda: eng._aborts, timeout=30)
+    assert harness.runtime.engine.wait_until(lambda e: e._aborts, timeout=30)
 

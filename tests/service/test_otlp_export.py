@@ -68,3 +68,39 @@ def requests_counted(metrics) -> int:
     """Requests in the newest export of the cumulative `lumen.requests` counter."""
     exports = [m for m in metrics if m.name == "lumen.requests"]
     return int(sum(p.value for p in exports[-1].points)) if exports else 0
+
+
+async def test_prefix_cache_hit_reported_in_usage_spans_and_metrics(stories_model, monkeypatch):
+    prefix = [1] + [(7 * i) % 500 + 3 for i in range(511)]  # 512 tokens = 32 full blocks of 16
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        telemetry = setup_telemetry()
+        harness = await start_harness(stories_model, telemetry)
+        try:
+            usages = []
+            for suffix in ([400, 401, 402], [410, 411]):
+                req = pb.GenerateRequest(prompt_token_ids=prefix + suffix)
+                req.sampling.temperature = 0
+                req.stopping.max_new_tokens = 4
+                usages.append([m async for m in harness.stub.Generate(req)][-1].usage)
+            await asyncio.to_thread(telemetry.force_flush)
+            spans = await asyncio.to_thread(
+                receiver.wait_for_spans, lambda s: sum(x.name == "prefill" for x in s) == 2)
+            metrics = await asyncio.to_thread(
+                receiver.wait_for_metrics, lambda m: any(x.name == "lumen.prefix_cache.hit_tokens" for x in m))
+        finally:
+            await harness.channel.close()
+            await harness.server.stop(0)
+    assert [u.cached_tokens for u in usages] == [0, 512]
+    assert [u.prompt_tokens for u in usages] == [515, 514]
+    prefills = sorted((s for s in spans if s.name == "prefill"), key=lambda s: s.start_ns)
+    assert [p.attributes["lumen.cached_tokens"] for p in prefills] == [0, 512]
+    roots = {s.span_id for s in spans if s.kind == "SERVER"}
+    queues = [s for s in spans if s.name == "queue"]
+    assert len(queues) == 2 and all(q.parent_span_id in roots for q in queues)
+    hit_tokens = [m for m in metrics if m.name == "lumen.prefix_cache.hit_tokens"][-1]
+    assert sum(p.value for p in hit_tokens.points) == 512
+    names = {m.name for m in metrics}
+    assert {"lumen.engine.batch_size", "lumen.engine.step.tokens", "lumen.engine.requests",
+            "lumen.kv_cache.blocks"} <= names
