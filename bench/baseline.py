@@ -12,28 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from engine.scheduler import SchedulerConfig  # noqa: E402
+from common import RESULTS, SHARED, ensure_tinyllama, prompt_ids  # noqa: E402  (sets sys.path)
 from engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from engine.loader import load_gguf  # noqa: E402
 from engine.request import GenerationRequest  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
-
-RESULTS = REPO / "bench" / "results"
-
-
-def prompt_ids(vocab: int, bos: int, n: int = 128, seed: int = 0) -> list[int]:
-    rng = np.random.default_rng(seed)
-    return [bos] + rng.integers(3, vocab, size=n - 1).tolist()
+from engine.scheduler import SchedulerConfig  # noqa: E402
 
 
 def lumen_run(engine: LLMEngine, prompt: list[int], decode: int) -> tuple[float, float]:
@@ -73,7 +63,7 @@ def median_runs(fn, repeats: int) -> dict:
 def bench_model(path: Path, args) -> dict:
     loaded = load_gguf(path, dtype=getattr(torch, args.dtype))
     engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=1)))
-    prompt = prompt_ids(loaded.config.vocab_size, loaded.tokenizer.bos_id or 1)
+    prompt = prompt_ids(loaded.config.vocab_size, loaded.tokenizer.bos_id or 1, 128)
     lumen_run(engine, prompt, 4)  # warm-up
     row = {"model": path.name, "lumen": median_runs(lambda: lumen_run(engine, prompt, args.decode), args.repeats)}
     del engine, loaded
@@ -89,22 +79,13 @@ def bench_model(path: Path, args) -> dict:
     return row
 
 
-def ensure_tinyllama(vocab: Path) -> Path:
-    path = RESULTS / "tinyllama-synthetic-q8_0.gguf"
-    if not path.exists():
-        from engine.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        write_synthetic_llama(path, TINYLLAMA, VocabMetadata.from_gguf(vocab), seed=0, name="tinyllama-synthetic")
-    return path
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--shared", type=Path, default=SHARED)
     p.add_argument("--skip-tinyllama", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -19,6 +19,7 @@ from gguf.quants import dequantize
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.linear import DenseLinear, make_linear
 from engine.model import LayerWeights, LlamaWeights
 from engine.tokenizer import Tokenizer
 
@@ -107,17 +108,20 @@ def _load_weights(src: _TensorSource, cfg: ModelConfig, progress: Callable[[int]
         up = src.get(p + "ffn_up.weight", (cfg.ffn_dim, dim))
         layers.append(LayerWeights(
             attn_norm=src.get(p + "attn_norm.weight", (dim,)).float(),
-            wqkv=torch.cat([wq, wk, wv]),
-            wo=src.get(p + "attn_output.weight", (dim, cfg.n_heads * hd)),
+            wqkv=make_linear(torch.cat([wq, wk, wv])),
+            wo=make_linear(src.get(p + "attn_output.weight", (dim, cfg.n_heads * hd))),
             ffn_norm=src.get(p + "ffn_norm.weight", (dim,)).float(),
-            w_gate_up=torch.cat([gate, up]),
-            w_down=src.get(p + "ffn_down.weight", (dim, cfg.ffn_dim)),
+            w_gate_up=make_linear(torch.cat([gate, up])),
+            w_down=make_linear(src.get(p + "ffn_down.weight", (dim, cfg.ffn_dim))),
         ))
         del wq, wk, wv, gate, up
         progress(i + 1)
     embed = src.get("token_embd.weight", (cfg.vocab_size, dim))
-    # A missing output matrix means the embedding is tied to it.
-    output = src.get("output.weight", (cfg.vocab_size, dim)) if src.has("output.weight") else embed
+    # A missing output matrix means the embedding is tied to it (shared, not packed: no second copy).
+    if src.has("output.weight"):
+        output = make_linear(src.get("output.weight", (cfg.vocab_size, dim)))
+    else:
+        output = DenseLinear(embed)
     return LlamaWeights(embed=embed, layers=layers, norm=src.get("output_norm.weight", (dim,)).float(),
                         output=output)
 

@@ -14,16 +14,19 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, write_kv
 from engine.config import ModelConfig
 from engine.kv_cache import KVCachePool
+from engine.linear import DenseLinear, OneDNNLinear
+
+Linear = DenseLinear | OneDNNLinear
 
 
 @dataclass(slots=True)
 class LayerWeights:
     attn_norm: torch.Tensor  # [dim] fp32
-    wqkv: torch.Tensor       # [(n_heads + 2 * n_kv_heads) * head_dim, dim]
-    wo: torch.Tensor         # [dim, n_heads * head_dim]
+    wqkv: Linear             # [(n_heads + 2 * n_kv_heads) * head_dim, dim]
+    wo: Linear               # [dim, n_heads * head_dim]
     ffn_norm: torch.Tensor   # [dim] fp32
-    w_gate_up: torch.Tensor  # [2 * ffn_dim, dim]
-    w_down: torch.Tensor     # [dim, ffn_dim]
+    w_gate_up: Linear        # [2 * ffn_dim, dim]
+    w_down: Linear           # [dim, ffn_dim]
 
 
 @dataclass(slots=True)
@@ -31,7 +34,7 @@ class LlamaWeights:
     embed: torch.Tensor   # [vocab, dim]
     layers: list[LayerWeights]
     norm: torch.Tensor    # [dim] fp32
-    output: torch.Tensor  # [vocab, dim] (the embedding itself when tied)
+    output: Linear        # [vocab, dim] (over the embedding itself when tied)
 
 
 @dataclass(slots=True)
@@ -85,16 +88,16 @@ class LlamaModel:
         x = F.embedding(batch.token_ids, self.w.embed)  # [num_tokens, dim]
         for index, layer in enumerate(self.w.layers):
             x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), batch)
-            h = F.linear(rms_norm(x, layer.ffn_norm, self.cfg.rms_eps), layer.w_gate_up)
+            h = layer.w_gate_up(rms_norm(x, layer.ffn_norm, self.cfg.rms_eps))
             gate, up = h.chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+            x = x + layer.w_down(F.silu(gate) * up)
         x = rms_norm(x[batch.logits_indices], self.w.norm, self.cfg.rms_eps)
-        return F.linear(x, self.w.output).float()
+        return self.w.output(x).float()
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        qkv = F.linear(x, layer.wqkv).view(-1, nh + 2 * nkv, hd)
+        qkv = layer.wqkv(x).view(-1, nh + 2 * nkv, hd)
         # One RoPE call rotates the query and key heads together.
         qk = self.rope(qkv[:, : nh + nkv], batch.positions)
         q, k = qk[:, :nh], qk[:, nh:]          # [num_tokens, nh, hd], [num_tokens, nkv, hd]
@@ -102,5 +105,5 @@ class LlamaModel:
         k_cache, v_cache = self.kv.keys[index], self.kv.values[index]
         write_kv(k, v, k_cache, v_cache, batch.attn.slot_mapping)
         out = self.attention.forward(q, k_cache, v_cache, batch.attn, self.scale)
-        return F.linear(out.reshape(-1, nh * hd), layer.wo)
+        return layer.wo(out.reshape(-1, nh * hd))
 

@@ -1,0 +1,29 @@
+"""Shared by the benchmarks: the synthetic TinyLlama-shaped model and prompts."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+SHARED = REPO.parent / "shared" / "data"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def ensure_tinyllama(vocab: Path = SHARED / "vocab" / "ggml-vocab-llama-spm.gguf") -> Path:
+    """dim 2048, 22 layers, 32/4 heads, ffn 5632, the Llama 2 vocabulary, random Q8_0 weights."""
+    path = RESULTS / "tinyllama-synthetic-q8_0.gguf"
+    if not path.exists():
+        from engine.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        write_synthetic_llama(path, TINYLLAMA, VocabMetadata.from_gguf(vocab), seed=0, name="tinyllama-synthetic")
+    return path
+
+
+def prompt_ids(vocab: int, bos: int, n: int, seed: int = 0) -> list[int]:
+    """BOS + n - 1 seeded random ids (skipping the first special ids)."""
+    rng = np.random.default_rng(seed)
+    return [bos] + rng.integers(3, vocab, size=n - 1).tolist()
