@@ -69,6 +69,7 @@ def synthetic_tinyllama(tmp_path_factory):
     return model
 
 
-def test_synthetic_tinyllama_16_concurrent_greedy_equal_solo(synthetic_tinyllama):
-    # Greedy only: each solo step reads the whole 1.1B-parameter model (seeded sampling is covered above).
-    assert_batched_equals_solo(synthetic_tinyllama, make_requests(32000, (3, 5), 24, False, random.randrange(2**32)))
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampling"])
+def test_synthetic_tinyllama_16_concurrent_equal_solo(synthetic_tinyllama, sampled):
+    # Few tokens: every solo step reads the whole 1.1B-parameter model.
+    assert_batched_equals_solo(synthetic_tinyllama, make_requests(32000, (3, 5), 24, sampled, random.randrange(2**32)))
