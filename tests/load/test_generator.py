@@ -23,8 +23,7 @@ from tests.service.conftest import start_harness
 async def server(stories_model):
     harness = await start_harness(stories_model)
     yield harness
-    await harness.channel.close()
-    await harness.server.stop(0)
+    await harness.close()
 
 
 def greedy(**kw) -> LoadConfig:

@@ -27,6 +27,10 @@ class Harness:
     def llm(self) -> LLMEngine:
         return self.runtime.engine.engine
 
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.server.stop(0)
+
 
 class StepGate:
     """Lets a test hold the engine thread before a given step (synchronization, not timing)."""
@@ -80,5 +84,4 @@ async def start_harness(model, telemetry: Telemetry | None = None, config: Engin
 async def stories(stories_model):
     harness = await start_harness(stories_model)
     yield harness
-    await harness.channel.close()
-    await harness.server.stop(0)
+    await harness.close()

@@ -18,8 +18,7 @@ async def small(stories_model):
     config = EngineConfig(scheduler=SchedulerConfig(max_running=2, max_waiting=2))
     harness = await start_harness(stories_model, config=config)
     yield harness
-    await harness.channel.close()
-    await harness.server.stop(0)
+    await harness.close()
 
 
 def greedy(prompt: str, n: int = 20) -> pb.GenerateRequest:

@@ -41,8 +41,7 @@ async def test_generate_span_tree_over_otlp(stories_model, monkeypatch):
             await asyncio.to_thread(telemetry.force_flush)
             metrics = await asyncio.to_thread(receiver.wait_for_metrics, lambda m: requests_counted(m) >= 2)
         finally:
-            await harness.channel.close()
-            await harness.server.stop(0)
+            await harness.close()
     by_name = {s.name: s for s in spans}
     root = by_name["lumen.v1.Inference/Generate"]
     assert root.kind == "SERVER"
@@ -90,8 +89,7 @@ async def test_prefix_cache_hit_reported_in_usage_spans_and_metrics(stories_mode
             metrics = await asyncio.to_thread(
                 receiver.wait_for_metrics, lambda m: any(x.name == "lumen.prefix_cache.hit_tokens" for x in m))
         finally:
-            await harness.channel.close()
-            await harness.server.stop(0)
+            await harness.close()
     assert [u.cached_tokens for u in usages] == [0, 512]
     assert [u.prompt_tokens for u in usages] == [515, 514]
     prefills = sorted((s for s in spans if s.name == "prefill"), key=lambda s: s.start_ns)

@@ -55,5 +55,4 @@ async def test_random_cancels_and_deadlines_leak_no_blocks(stories_model):
         assert {"completed", "cancelled"} <= set(results), f"seed {seed}: {set(results)}"
         await assert_still_serving(harness)
     finally:
-        await harness.channel.close()
-        await harness.server.stop(0)
+        await harness.close()
