@@ -54,7 +54,7 @@ def main() -> None:
     run(loaded, 2, 4)  # warm-up
     rows = [run(loaded, n, args.tokens) for n in args.streams]
     single = rows[0]["decode_tok_s"] if args.streams[0] == 1 else None
-    print(f"| streams | decode tok/s | x single stream | end-to-end tok/s (with prefill) |")
+    print("| streams | decode tok/s | x single stream | end-to-end tok/s (with prefill) |")
     print("|---|---|---|---|")
     for r in rows:
         ratio = f"{r['decode_tok_s'] / single:.2f}x" if single else "-"

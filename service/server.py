@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.async_engine import AsyncEngine
 from engine.engine import EngineConfig, LLMEngine
-from engine.loader import LoadedModel, load_gguf
+from engine.loader import LoadedModel
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
 from service.registry import ModelRegistry, ModelRuntime
