@@ -39,11 +39,12 @@ COPY pyproject.toml ./
 COPY engine/ engine/
 COPY service/ service/
 COPY telemetry/ telemetry/
+COPY load/ load/
 # torch is already satisfied, so this installs Lumen's other dependencies only.
 # The check runs isolated (-I: no /app on sys.path) to prove the installed
 # package, stubs included, imports, and that the entry point script exists.
 RUN pip install . \
- && python -I -c "import lumen.v1.inference_pb2_grpc" \
+ && python -I -c "import lumen.v1.inference_pb2_grpc, service.cli" \
  && command -v lumen
 
 RUN useradd --system --create-home --uid 10001 --shell /usr/sbin/nologin lumen \
