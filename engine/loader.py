@@ -1,10 +1,11 @@
 """Load a Llama GGUF file into torch weights, its config and its tokenizer.
 
 Reads with gguf-py's memory-mapped reader. This version supports the tensor
-types F32, F16, BF16, Q8_0 and Q4_0; quantized weights are dequantized tensor by
-tensor into the compute dtype (keeping them compressed is the quantization
-issue's work). Any other type, a missing tensor or a wrong shape fails the load
-with a `ModelLoadError` naming the tensor.
+types F32, F16, BF16, Q8_0 and Q4_0; quantized weights are dequantized tensor
+by tensor into the compute dtype with `engine.quant`'s per-format units
+(keeping them compressed is the quantization issue's work). Any other type, a
+missing tensor or a wrong shape fails the load with a `ModelLoadError` naming
+the tensor.
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from typing import Callable
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
-from gguf.quants import dequantize
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.linear import DenseLinear, make_linear
+from engine.quant import dequantize
 from engine.model import LayerWeights, LlamaWeights
 from engine.tokenizer import Tokenizer
 
@@ -88,12 +89,10 @@ class _TensorSource:
             raise ModelLoadError(f"tensor {name!r} has shape {list(actual)}, expected {list(shape)}")
         try:
             if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                array = np.asarray(t.data).reshape(shape)
-            else:
-                array = dequantize(t.data, t.tensor_type).reshape(shape)
-        except (ValueError, IndexError) as exc:
+                return torch.from_numpy(np.asarray(t.data).reshape(shape)).to(self.dtype)
+            return dequantize(t.data, t.tensor_type, shape).reshape(shape).to(self.dtype)
+        except (ValueError, IndexError, RuntimeError) as exc:
             raise ModelLoadError(f"tensor {name!r}: data is unreadable ({exc}); is the file truncated?") from exc
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.dtype)
 
 
 def _load_weights(src: _TensorSource, cfg: ModelConfig, progress: Callable[[int], None]) -> LlamaWeights:

@@ -1,0 +1,153 @@
+"""engine.quant against gguf-py's numpy reference: bit for bit, on random blocks and on real files.
+
+The random tests overwrite every fp16 scale with finite values (zero, subnormal, huge, ordinary) so
+they exercise the arithmetic rather than NaN propagation; raw F16/BF16/F32 values stay random.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from engine.quant import QUANT_TYPES, dequantize
+
+N_BLOCKS = 384
+REPO = Path(__file__).resolve().parents[3]
+QUANT_DIR = Path(os.environ.get("LUMEN_SHARED_DATA", REPO.parent / "shared" / "data")) / "quant"
+
+# Byte offsets of each fp16 scale field inside one block (ggml-common.h layouts).
+FP16_FIELDS: dict[T, tuple[int, ...]] = {
+    T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+    T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,),
+    T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,), T.TQ1_0: (52,), T.TQ2_0: (64,),
+}
+IQ1_M_SCALES = 48  # IQ1_M spreads its fp16 scale over the top nibbles of 4 uint16 at this offset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Run these element-wise ops on one thread, then restore the setting.
+
+    On a small shared CPU, OpenMP's thread start-up and spinning cost ~50x more than the work on
+    these few-MB tensors; results are bit-identical at any thread count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def finite_fp16_bits(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n finite fp16 bit patterns: a quarter each of ±0, subnormals, near-65504 and random finite."""
+    sign = rng.integers(0, 2, n, dtype=np.uint16) << 15
+    mant = rng.integers(0, 1 << 10, n, dtype=np.uint16)
+    exp = rng.integers(0, 31, n, dtype=np.uint16)  # 31 would be inf/NaN
+    kind = rng.integers(0, 4, n)
+    exp = np.where(kind == 0, 0, np.where(kind == 1, 0, np.where(kind == 2, 30, exp))).astype(np.uint16)
+    mant = np.where(kind == 0, 0, np.where((kind == 1) & (mant == 0), 1, mant)).astype(np.uint16)
+    return sign | (exp << 10) | mant
+
+
+def random_blocks(qtype: T, rng: np.random.Generator) -> np.ndarray:
+    """N_BLOCKS random blocks [N_BLOCKS, type_size] of `qtype` with finite fp16 scales."""
+    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = rng.integers(0, 256, (N_BLOCKS, type_size), dtype=np.uint8)
+    for off in FP16_FIELDS.get(qtype, ()):
+        blocks[:, off:off + 2] = finite_fp16_bits(rng, N_BLOCKS).view(np.uint8).reshape(N_BLOCKS, 2)
+    if qtype == T.IQ1_M:
+        d = finite_fp16_bits(rng, N_BLOCKS)
+        scales = blocks[:, IQ1_M_SCALES:IQ1_M_SCALES + 8].copy().view(np.uint16)  # [n, 4]
+        nibbles = (d[:, None] >> np.array([0, 4, 8, 12], dtype=np.uint16)) & 0xF
+        scales = (scales & 0x0FFF) | (nibbles << 12)
+        blocks[:, IQ1_M_SCALES:IQ1_M_SCALES + 8] = scales.view(np.uint8)
+    return blocks
+
+
+def assert_bit_exact(ours: torch.Tensor, ref: np.ndarray, what: str) -> None:
+    """Equal bit patterns, except that any NaN matches any NaN.
+
+    ggml (F16C / its scalar fallback) and torch quiet signalling fp16 NaNs while numpy keeps the
+    payload as is, so NaN bits may differ; that only matters for raw random F16 data.
+    """
+    ref = np.ascontiguousarray(ref, dtype=np.float32).reshape(ours.shape)
+    a, b = ours.numpy(), ref
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    same = (a.view(np.int32) == b.view(np.int32)) | (nan_a & nan_b)
+    bad = int((~same).sum())
+    assert bad == 0, f"{what}: {bad} of {a.size} values differ, first at {np.argwhere(~same)[0].tolist()}"
+
+
+def reference(raw: np.ndarray, qtype: T) -> np.ndarray:
+    with np.errstate(all="ignore"):  # random F16/BF16 data holds NaN and inf on purpose
+        return gguf.quants.dequantize(raw, qtype)
+
+
+@pytest.mark.parametrize("qtype", list(QUANT_TYPES), ids=lambda t: t.name)
+def test_layout_matches_gguf(qtype: T) -> None:
+    unit = QUANT_TYPES[qtype]
+    assert (unit.block_size, unit.type_size) == gguf.GGML_QUANT_SIZES[qtype]
+
+
+@pytest.mark.parametrize("qtype", list(QUANT_TYPES), ids=lambda t: t.name)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_blocks_bit_exact(qtype: T, seed: int) -> None:
+    rng = np.random.default_rng([seed, int(qtype)])
+    blocks = random_blocks(qtype, rng)
+    block_size = QUANT_TYPES[qtype].block_size
+    raw = blocks.reshape(N_BLOCKS // 4, -1)  # 4 blocks per row, to exercise the row reshape too
+    ours = dequantize(torch.from_numpy(raw), qtype, (N_BLOCKS // 4, 4 * block_size))
+    assert ours.dtype == torch.float32 and ours.shape == (N_BLOCKS // 4, 4 * block_size)
+    assert_bit_exact(ours, reference(raw, qtype), qtype.name)
+
+
+def quant_files() -> list[Path]:
+    return sorted(QUANT_DIR.glob("*.gguf")) if QUANT_DIR.is_dir() else []
+
+
+def _require_files() -> list[Path]:
+    files = quant_files()
+    if not files:
+        pytest.skip(f"no quantized GGUF files at {QUANT_DIR} (set LUMEN_SHARED_DATA to the shared data dir)")
+    return files
+
+
+def _raw_and_shape(tensor: gguf.ReaderTensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # numpy order: rows..., cols
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    return np.asarray(tensor.data).view(np.uint8).reshape(rows, -1), shape
+
+
+@pytest.mark.parametrize("name", [p.name for p in quant_files()] or ["<no files>"])
+def test_real_file_bit_exact(name: str) -> None:
+    _require_files()
+    reader = gguf.GGUFReader(QUANT_DIR / name)
+    for tensor in reader.tensors:
+        raw, shape = _raw_and_shape(tensor)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memmap; we never write to it
+            ours = dequantize(raw, tensor.tensor_type, shape)
+        assert_bit_exact(ours, reference(raw, tensor.tensor_type), f"{name}:{tensor.name}")
+
+
+def test_registry_covers_every_type_in_the_files() -> None:
+    seen = {t.tensor_type for path in _require_files() for t in gguf.GGUFReader(path).tensors}
+    missing = sorted(t.name for t in seen - QUANT_TYPES.keys())
+    assert not missing, f"types in the shared files without a dequantizer: {missing}"
+
+
+def test_unregistered_type_raises_value_error_naming_it() -> None:
+    unregistered = next(t for t in T if t not in QUANT_TYPES)
+    with pytest.raises(ValueError, match=unregistered.name):
+        dequantize(torch.zeros(1, 64, dtype=torch.uint8), unregistered, (1, 64))
+
+
+def test_byte_count_mismatch_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="Q4_0"):
+        dequantize(torch.zeros(1, 17, dtype=torch.uint8), T.Q4_0, (1, 32))
