@@ -69,3 +69,26 @@ def test_truncated_and_garbage_files_fail_cleanly(tmp_path, vocab):
     for name in ("cut.gguf", "junk.gguf", "missing.gguf"):
         with pytest.raises(ModelLoadError, match=name):
             load_gguf(tmp_path / name)
+
+
+def test_randomly_corrupted_files_load_or_fail_cleanly(tmp_path, vocab):
+    """Bytes flipped anywhere in the header, metadata or tensor infos: a clean ModelLoadError
+    naming the file, or (damage inside tensor data or token text) a model that loads. Never
+    any other exception."""
+    import random
+    data = write_tiny(tmp_path / "m.gguf", vocab).read_bytes()
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    for i in range(100):
+        corrupt = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            corrupt[rng.randrange(min(len(corrupt), 60000))] = rng.randrange(256)
+        path = tmp_path / f"corrupt{i}.gguf"
+        path.write_bytes(bytes(corrupt))
+        try:
+            load_gguf(path)
+        except ModelLoadError as exc:
+            assert path.name in str(exc), f"seed {seed}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            raise AssertionError(f"seed {seed}, file {i}: {type(exc).__name__}: {exc}") from exc
+        path.unlink()
