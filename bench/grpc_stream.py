@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
+import common  # noqa: E402, F401  (puts the repository on sys.path)
 from engine.scheduler import SchedulerConfig  # noqa: E402
 from engine.engine import EngineConfig  # noqa: E402
 from engine.loader import load_gguf  # noqa: E402

@@ -1,12 +1,11 @@
 """Proto <-> engine conversion: requests in (with validation), outputs out."""
 from __future__ import annotations
 
-import math
 import uuid
 
 from engine.errors import InvalidRequestError
 from engine.request import FinishReason, GenerationRequest, RequestOutput
-from engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
+from engine.sampling import SamplingParams, TokenLogprob
 from engine.tokenizer import Tokenizer
 from lumen.v1 import inference_pb2 as pb
 
@@ -32,13 +31,9 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
 
 
 def check_request_fields(req: pb.GenerateRequest) -> None:
-    """Checks that need no model; the engine checks lengths and token ids."""
+    """Checks of the request's shape; SamplingParams and the engine check ranges, lengths and ids."""
     if req.prompt and req.prompt_token_ids:
         raise InvalidRequestError("prompt", "set either prompt or prompt_token_ids, not both")
-    if req.top_logprobs > MAX_TOP_LOGPROBS:
-        raise InvalidRequestError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}")
-    if math.isnan(req.sampling.min_p):
-        raise InvalidRequestError("sampling.min_p", "must be in [0, 1], got nan")
     if any(not s for s in req.stopping.stop):
         raise InvalidRequestError("stopping.stop", "stop strings must not be empty")
 

@@ -36,6 +36,11 @@ def _ksigns(aux: torch.Tensor) -> torch.Tensor:
     return sign_of(bits(KSIGNS[idx]))
 
 
+def _nibble_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit sub-block scales per byte, low nibble first: [n, bytes] -> [n, 2 * bytes]."""
+    return shifted(scales, (0, 4), 0x0F).transpose(-1, -2).reshape(scales.shape[0], -1)
+
+
 def _half_step_scales(d: torch.Tensor, s: torch.Tensor, step: float) -> torch.Tensor:
     """ggml's `d * (0.5 + s) * step` for 4-bit sub-block scales s."""
     return d * (0.5 + s.to(torch.float32)) * step
@@ -89,7 +94,7 @@ class IQ2_XS(QuantType):
         n = blocks.shape[0]
         d, qs, scales = split(blocks, 2, 2 * QK_K // 8, QK_K // 32)
         q = u16(qs)  # [n, 32]: 9-bit grid index, 7-bit sign index
-        sc = shifted(scales, (0, 4), 0x0F).transpose(-1, -2).reshape(n, -1)
+        sc = _nibble_scales(scales)
         db = _half_step_scales(fp16(d), sc, 0.25).reshape(n, -1, 1, 1)
         signs = sign_of(bits(KSIGNS[(q >> 9).long()])).reshape(n, -1, 2, 8)
         grid = GRID_IQ2XS[(q & 511).long()].reshape(n, -1, 2, 8)
@@ -103,7 +108,7 @@ class IQ2_S(QuantType):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         d, qs, sign_bits, qh, scales = split(blocks, 2, QK_K // 8, QK_K // 8, QK_K // 32, QK_K // 32)
-        sc = shifted(scales, (0, 4), 0x0F).transpose(-1, -2).reshape(n, -1)
+        sc = _nibble_scales(scales)
         db = _half_step_scales(fp16(d), sc, 0.25).reshape(n, -1, 1, 1)
         signs = sign_of(bits(sign_bits)).reshape(n, -1, 2, 8)
         high = shifted(qh, (0, 2, 4, 6), 0x03).transpose(-1, -2).reshape(n, -1)
@@ -132,7 +137,7 @@ class IQ3_S(QuantType):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         d, qs, qh, sign_bits, scales = split(blocks, 2, QK_K // 4, QK_K // 32, QK_K // 8, QK_K // 64)
-        sc = shifted(scales, (0, 4), 0x0F).transpose(-1, -2).reshape(n, -1)
+        sc = _nibble_scales(scales)
         db = (fp16(d) * (1 + 2 * sc.to(torch.int32)).to(torch.float32)).reshape(n, -1, 1, 1)
         signs = sign_of(bits(sign_bits)).reshape(n, -1, 4, 8)
         idx = qs.long() | (bits(qh).reshape(n, -1).long() << 8)
