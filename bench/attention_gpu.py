@@ -39,8 +39,67 @@ def main() -> None:
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
 
     props = torch.cuda.get_device_properties(0)
+    if args.sweep:
+        sweep(args, torch.device("cuda"), bench)
     rows = run(args, torch.device("cuda"), bench, props.multi_processor_count)
     print_table(props.name, args, rows)
+
+
+def sweep(args: argparse.Namespace, device: torch.device, bench) -> None:
+    """Time each tile configuration of both kernels (checked first); prints one line per config.
+
+    The launchers read their tiles from `_decode_config` / `_prefill_config`; this replaces them
+    for a moment, so the numbers are those of the shipped launch path."""
+    from engine.kernels import paged_attention as pa
+    nh, nkv, hd, scale = args.heads, args.kv_heads, args.head_dim, args.head_dim ** -0.5
+    q, kc, vc, meta = paged_inputs([1] * args.batch, [args.context] * args.batch, nh, nkv, hd, device)
+    moved = 2 * args.batch * args.context * nkv * hd * kc.element_size() + 2 * q.nbytes
+    shipped = pa._decode_config
+    try:
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3, 4):
+                    pa._decode_config = lambda *_: (block_n, warps, stages)
+                    for splits in (2, 4, 8):
+                        fn = lambda: pa.paged_decode_attention(q, kc, vc, meta, scale, num_splits=splits)
+                        try:
+                            check("decode sweep", fn(), q, kc, vc, meta)
+                        except (Exception, SystemExit) as e:
+                            print(f"sweep decode block_n={block_n} warps={warps} stages={stages} splits={splits}: "
+                                  f"failed: {str(e).splitlines()[0][:120]}", flush=True)
+                            continue
+                        s = bench(fn)
+                        print(f"sweep decode block_n={block_n} warps={warps} stages={stages} splits={splits}: "
+                              f"{s * 1e6:.1f} us {moved / s / 1e9:.0f} GB/s", flush=True)
+    finally:
+        pa._decode_config = shipped
+    n, length = args.prefill_seqs, args.prefill_len
+    q, kc, vc, meta = paged_inputs([length] * n, [length] * n, nh, nkv, hd, device)
+    flops = 4 * n * nh * hd * length * (length + 1) / 2
+    shipped = pa._prefill_config
+    group_pad = triton_next_pow2(nh // nkv)
+    try:
+        for rows in (64, 128):
+            for block_n in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        pa._prefill_config = lambda *_: (max(1, rows // group_pad), block_n, warps, stages)
+                        fn = lambda: pa.paged_prefill_attention(q, kc, vc, meta, scale)
+                        try:
+                            check("prefill sweep", fn(), q, kc, vc, meta)
+                        except (Exception, SystemExit) as e:   # e.g. out of shared memory for big tiles
+                            print(f"sweep prefill rows={rows} block_n={block_n} warps={warps} stages={stages}: "
+                                  f"failed: {str(e).splitlines()[0][:120]}", flush=True)
+                            continue
+                        s = bench(fn)
+                        print(f"sweep prefill rows={rows} block_n={block_n} warps={warps} stages={stages}: "
+                              f"{s * 1e3:.2f} ms {flops / s / 1e12:.0f} TFLOP/s", flush=True)
+    finally:
+        pa._prefill_config = shipped
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def run(args: argparse.Namespace, device: torch.device, bench, num_sms: int) -> list[tuple[str, str, str, str]]:
@@ -86,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--prefill-seqs", type=int, default=8)
     p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--sweep", action="store_true", help="first time every tile configuration of both kernels")
     p.add_argument("--copy-bytes", type=int, default=2 << 30, help="size of the copy that sets the bandwidth roof")
     return p.parse_args(argv)
 
@@ -116,7 +176,7 @@ def check(what: str, out: torch.Tensor, q, k_cache, v_cache, meta: AttentionMeta
     ref = TorchAttention().forward(q, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
     err = (out.float() - ref.float()).abs().max().item()
     if not err < 2e-2:
-        sys.exit(f"{what}: Triton and torch attention differ by {err:.3g}; not benchmarking a wrong kernel")
+        raise SystemExit(f"{what}: Triton and torch attention differ by {err:.3g}; not benchmarking a wrong kernel")
 
 
 def sdpa_decode_time(bench, q: torch.Tensor, context: int, nkv: int) -> float:

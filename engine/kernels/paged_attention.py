@@ -246,7 +246,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tokens_per_split = triton.cdiv(max_seq_len, min(num_splits, max_seq_len))
     num_splits = triton.cdiv(max_seq_len, tokens_per_split)     # no split column is empty for every sequence
     head_dim_pad = _head_dim_pad(head_dim)
-    block_n = _decode_block_n(head_dim_pad, tokens_per_split)
+    block_n, num_warps, num_stages = _decode_config(head_dim_pad, tokens_per_split)
     part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_seqs, k_cache.shape[2], num_splits)
@@ -258,7 +258,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         scale * LOG2E, tokens_per_split,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_SIZE=meta.block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
-        COMPUTE_FP32=_compute_fp32(q.dtype), num_warps=4, num_stages=2)
+        COMPUTE_FP32=_compute_fp32(q.dtype), num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, part_out.stride(0), part_out.stride(1), part_lse.stride(0),
@@ -280,7 +280,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     group_pad = triton.next_power_of_2(group)
     head_dim_pad = _head_dim_pad(head_dim)
-    block_q, block_n, num_warps = _prefill_blocks(group_pad, head_dim_pad, meta.max_query_len, meta.max_seq_len)
+    block_q, block_n, num_warps, num_stages = _prefill_config(group_pad, head_dim_pad, meta.max_query_len,
+                                                              meta.max_seq_len)
     grid = (triton.cdiv(meta.max_query_len, block_q), meta.num_seqs, k_cache.shape[2])
     _prefill_kernel[grid](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
@@ -288,7 +289,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         meta.block_tables.stride(0), out.stride(0), out.stride(1), scale * LOG2E,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=meta.block_size,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, COMPUTE_FP32=_compute_fp32(q.dtype),
-        num_warps=num_warps, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -335,21 +336,24 @@ def _head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))   # tl.dot needs every dimension >= 16
 
 
-def _decode_block_n(head_dim_pad: int, tokens_per_split: int) -> int:
+def _decode_config(head_dim_pad: int, tokens_per_split: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the decode split kernel."""
     if INTERPRETED:   # interpreted cost is per operation, not per element: few, large tiles
-        return min(256, max(16, triton.next_power_of_2(tokens_per_split)))
-    return 64 if head_dim_pad <= 128 else 32
+        return min(256, max(16, triton.next_power_of_2(tokens_per_split))), 4, 2
+    return (64 if head_dim_pad <= 128 else 32), 4, 2
 
 
-def _prefill_blocks(group_pad: int, head_dim_pad: int, max_query_len: int, max_seq_len: int) -> tuple[int, int, int]:
-    """(BLOCK_Q, BLOCK_N, num_warps); a program's rows are BLOCK_Q queries x group_pad heads, at least 16."""
+def _prefill_config(group_pad: int, head_dim_pad: int, max_query_len: int,
+                    max_seq_len: int) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_N, num_warps, num_stages); a program's rows are BLOCK_Q queries x group_pad
+    heads, at least 16."""
     min_q = max(1, 16 // group_pad)
     if INTERPRETED:
         block_q = max(min_q, min(triton.next_power_of_2(max_query_len), max(1, 256 // group_pad)))
-        return block_q, min(128, max(16, triton.next_power_of_2(max_seq_len))), 4
+        return block_q, min(128, max(16, triton.next_power_of_2(max_seq_len))), 4, 2
     rows = 128 if head_dim_pad <= 64 else 64
     block_q = max(min_q, rows // group_pad)
-    return block_q, 64 if head_dim_pad <= 128 else 32, 4 if block_q * group_pad <= 64 else 8
+    return block_q, 64 if head_dim_pad <= 128 else 32, 4 if block_q * group_pad <= 64 else 8, 2
 
 
 _SM_COUNTS: dict[int, int] = {}

@@ -171,8 +171,8 @@ def test_decode_forced_splits(config, num_splits, seed):
 @pytest.mark.parametrize("lengths", [tile_edge_lengths, decode_lengths], ids=["tile-edges", "decode"])
 def test_small_tiles(lengths, seed, monkeypatch):
     """Tiles smaller than the context: several query blocks, unmasked full tiles and a masked tail."""
-    monkeypatch.setattr(KERNELS, "_prefill_blocks", lambda group_pad, *_: (max(1, 16 // group_pad), 16, 4))
-    monkeypatch.setattr(KERNELS, "_decode_block_n", lambda *_: 16)
+    monkeypatch.setattr(KERNELS, "_prefill_config", lambda group_pad, *_: (max(1, 16 // group_pad), 16, 4, 2))
+    monkeypatch.setattr(KERNELS, "_decode_config", lambda *_: (16, 4, 2))
     case = make_case(seed, lengths, (8, 2, 64, 16), torch.float32)
     out = KERNELS.paged_prefill_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
     assert_matches_reference(out, case, "paged_prefill_attention with 16-token tiles")
