@@ -48,7 +48,7 @@ class LLMEngine:
                  tracer: trace.Tracer | None = None, on_step: Callable[[StepStats], None] | None = None) -> None:
         self.loaded = model
         self.config = config or EngineConfig()
-        cfg, dtype = model.config, model.weights.embed.dtype
+        cfg, dtype = model.config, model.weights.dtype
         spec = KVCacheSpec.from_budget(cfg, dtype, self.config.kv_cache_bytes, self.config.block_size,
                                        max_tokens=self.config.scheduler.max_running * cfg.context_length)
         self.kv = KVCachePool(cfg, spec, dtype)

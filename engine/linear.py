@@ -3,12 +3,28 @@
 `DenseLinear` is plain `F.linear`. `OneDNNLinear` keeps a float32 weight prepacked
 for oneDNN once at load: on CPU its GEMM stays efficient for the small batches of
 decode steps (measured 1.7x MKL's at 16 rows, BENCHMARKS.md), which is what makes
-batching pay off in float32. The quantization issue adds quantized kinds here.
+batching pay off in float32.
+
+GGUF weights stay in their file's blocks (`GGUFWeight`, usually a view of the memory-mapped
+file, so no copy at all). `NativeQuantLinear` multiplies by them with the C kernels of
+`engine.native` (decoded a block at a time inside the matmul, batch invariant);
+`ChunkedQuantLinear` is the general path for types those kernels lack, or for machines
+without a C compiler: it decodes a few rows at a time into a small buffer with
+`engine.quant`. `ConcatLinear` runs several weights as one (q/k/v, gate/up) without
+concatenating them, since their types may differ and a concatenation would be a copy.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from engine import native
+from engine.quant import dequantize
+
+log = logging.getLogger(__name__)
 
 # Batch size the packed layout is tuned for: measured best for both 1 and 16 rows (BENCHMARKS.md).
 PACK_BATCH_HINT = 4
@@ -40,6 +56,135 @@ class OneDNNLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFWeight:
+    """A weight matrix as GGUF blocks: `raw` uint8 [out_features, bytes_per_row], row n = output n."""
+
+    raw: torch.Tensor
+    qtype: int
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def decode_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The given rows as float32 [len(rows), in_features]."""
+        raw = self.raw[rows]
+        return dequantize(raw, self.qtype, (raw.shape[0], self.in_features))
+
+
+class NativeQuantLinear:
+    """x @ W^T with W kept as GGUF blocks, by the C kernels (float32 arithmetic)."""
+
+    kind = "gguf-native"
+
+    def __init__(self, weight: GGUFWeight) -> None:
+        self.weight = weight
+        self.out_features, self.in_features = weight.out_features, weight.in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+        self.matmul_into(x2, y)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
+        x = x.to(torch.float32).contiguous()
+        native.qmatmul_into(self.weight.qtype, self.weight.raw, self.in_features, x, y)
+
+
+class ChunkedQuantLinear:
+    """x @ W^T with W kept as GGUF blocks, decoding CHUNK_ROWS rows at a time with engine.quant."""
+
+    kind = "gguf-chunked"
+    CHUNK_ROWS = 256
+
+    def __init__(self, weight: GGUFWeight) -> None:
+        self.weight = weight
+        self.out_features, self.in_features = weight.out_features, weight.in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+        self.matmul_into(x2, y)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.to(torch.float32)
+        for start in range(0, self.out_features, self.CHUNK_ROWS):
+            stop = min(start + self.CHUNK_ROWS, self.out_features)
+            y[:, start:stop] = F.linear(x, self.weight.decode_rows(slice(start, stop)))
+
+
+class ConcatLinear:
+    """Several linears over the same input, their outputs side by side (one output tensor)."""
+
+    kind = "concat"
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if all(hasattr(p, "matmul_into") for p in self.parts):
+            y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+            x32 = x2.to(torch.float32).contiguous()
+            col = 0
+            for p in self.parts:
+                p.matmul_into(x32, y[:, col:col + p.out_features])
+                col += p.out_features
+            return y.to(x.dtype).reshape(*lead, self.out_features)
+        return torch.cat([p(x2) for p in self.parts], dim=-1).reshape(*lead, self.out_features)
+
+
+@dataclass(frozen=True, slots=True)
+class DenseEmbedding:
+    weight: torch.Tensor   # [vocab, dim]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantEmbedding:
+    """Token embeddings kept as GGUF blocks; only the looked-up rows are decoded."""
+
+    weight: GGUFWeight
+    dtype: torch.dtype
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.decode_rows(ids.reshape(-1)).to(self.dtype).reshape(*ids.shape, -1)
+
+
+def make_quant_linear(weight: GGUFWeight) -> NativeQuantLinear | ChunkedQuantLinear:
+    """The C kernels when they handle this type and row length here, else the chunked path."""
+    layout = _native_layout(weight.qtype)
+    if layout is not None and weight.in_features % layout[0] == 0 and weight.in_features % 16 == 0:
+        return NativeQuantLinear(weight)
+    return ChunkedQuantLinear(weight)
+
+
+_WARNED: set[str] = set()
+
+
+def _native_layout(qtype: int) -> tuple[int, int] | None:
+    try:
+        return native.block_layout(qtype)
+    except native.NativeUnavailable as exc:
+        if "native" not in _WARNED:
+            _WARNED.add("native")
+            log.warning("C kernels unavailable, quantized matmuls use the slower torch path: %s", exc)
+        return None
 
 
 def onednn_usable() -> bool:

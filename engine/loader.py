@@ -1,14 +1,16 @@
 """Load a Llama GGUF file into torch weights, its config and its tokenizer.
 
-Reads with gguf-py's memory-mapped reader. This version supports the tensor
-types F32, F16, BF16, Q8_0 and Q4_0; quantized weights are dequantized tensor
-by tensor into the compute dtype with `engine.quant`'s per-format units
-(keeping them compressed is the quantization issue's work). Any other type, a
-missing tensor or a wrong shape fails the load with a `ModelLoadError` naming
-the tensor.
+Reads with gguf-py's memory-mapped reader. Weight matrices of every type `engine.quant`
+registers stay as the file's blocks, viewed in place in the mapping (no copy, so resident
+memory follows the file size); `engine.linear` multiplies by them. Float32 matrices become
+dense (prepacked) linears as before, and small vectors (norms) are decoded to float32. A
+tensor of an unregistered type, a missing tensor, a wrong shape or too few bytes fails the
+load with a `ModelLoadError` naming the tensor.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,18 +21,14 @@ from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.linear import DenseLinear, make_linear
-from engine.quant import dequantize
+from engine.linear import (ConcatLinear, DenseEmbedding, DenseLinear, GGUFWeight, QuantEmbedding, make_linear,
+                           make_quant_linear)
 from engine.model import LayerWeights, LlamaWeights
+from engine.quant import QUANT_TYPES, dequantize
 from engine.tokenizer import Tokenizer
 
-SUPPORTED_TYPES = (
-    GGMLQuantizationType.F32,
-    GGMLQuantizationType.F16,
-    GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_0,
-)
+SUPPORTED_TYPES = tuple(QUANT_TYPES)
+F32 = GGMLQuantizationType.F32
 
 
 @dataclass(slots=True)
@@ -65,7 +63,7 @@ def _file_type_name(meta: dict, reader: GGUFReader) -> str:
 
 
 class _TensorSource:
-    """Looks up tensors by name and converts them, checking type and shape."""
+    """Looks up tensors by name, checking type, shape and size, and wraps their bytes."""
 
     def __init__(self, reader: GGUFReader, dtype: torch.dtype) -> None:
         self.tensors = {t.name: t for t in reader.tensors}
@@ -74,25 +72,52 @@ class _TensorSource:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def weight(self, name: str, shape: tuple[int, ...]) -> GGUFWeight:
+        """The tensor's blocks, checked, as uint8 rows viewed in the file mapping."""
         t = self.tensors.get(name)
         if t is None:
             raise ModelLoadError(f"tensor {name!r} is missing")
-        if t.tensor_type not in SUPPORTED_TYPES:
+        if t.tensor_type not in QUANT_TYPES:
             supported = ", ".join(s.name for s in SUPPORTED_TYPES)
-            raise ModelLoadError(
-                f"tensor {name!r} has type {t.tensor_type.name}, which this version cannot load "
-                f"(supported: {supported})")
+            raise ModelLoadError(f"tensor {name!r} has type {t.tensor_type.name}, which this version cannot load "
+                                 f"(supported: {supported})")
         # GGUF lists dimensions innermost first; torch wants them outermost first.
         actual = tuple(int(d) for d in reversed(t.shape))
         if actual != shape:
             raise ModelLoadError(f"tensor {name!r} has shape {list(actual)}, expected {list(shape)}")
+        unit = QUANT_TYPES[t.tensor_type]
+        cols, rows = shape[-1], math.prod(shape[:-1])
+        if cols % unit.block_size:
+            raise ModelLoadError(f"tensor {name!r}: row length {cols} is not a multiple of "
+                                 f"{t.tensor_type.name}'s block size {unit.block_size}")
+        row_bytes = cols // unit.block_size * unit.type_size
+        data = np.asarray(t.data)
+        if data.nbytes != rows * row_bytes:
+            raise ModelLoadError(f"tensor {name!r} has {data.nbytes} bytes, {t.tensor_type.name} {list(shape)} "
+                                 f"needs {rows * row_bytes}; is the file truncated?")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # read-only mapping: we never write to it
+            raw = torch.from_numpy(data.reshape(-1).view(np.uint8)).reshape(rows, row_bytes)
+        return GGUFWeight(raw, int(t.tensor_type), rows, cols)
+
+    def dense(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor decoded to `dtype` (the compute dtype by default)."""
+        w = self.weight(name, shape)
         try:
-            if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                return torch.from_numpy(np.asarray(t.data).reshape(shape)).to(self.dtype)
-            return dequantize(t.data, t.tensor_type, shape).reshape(shape).to(self.dtype)
-        except (ValueError, IndexError, RuntimeError) as exc:
-            raise ModelLoadError(f"tensor {name!r}: data is unreadable ({exc}); is the file truncated?") from exc
+            values = dequantize(w.raw, w.qtype, (w.out_features, w.in_features))
+        except ValueError as exc:
+            raise ModelLoadError(f"tensor {name!r}: data is unreadable ({exc})") from exc
+        return values.reshape(shape).to(dtype or self.dtype)
+
+    def linear(self, *names_and_rows: tuple[str, int], cols: int):
+        """One linear over the named matrices' rows stacked in order (q/k/v, gate/up)."""
+        weights = [self.weight(name, (rows, cols)) for name, rows in names_and_rows]
+        if all(w.qtype == F32 for w in weights):
+            dense = [self.dense(name, (rows, cols)) for name, rows in names_and_rows]
+            return make_linear(dense[0] if len(dense) == 1 else torch.cat(dense))
+        parts = [make_quant_linear(w) if w.qtype != F32 else make_linear(self.dense(name, (w.out_features, cols)))
+                 for w, (name, _) in zip(weights, names_and_rows)]
+        return parts[0] if len(parts) == 1 else ConcatLinear(parts)
 
 
 def _load_weights(src: _TensorSource, cfg: ModelConfig, progress: Callable[[int], None]) -> LlamaWeights:
@@ -100,29 +125,31 @@ def _load_weights(src: _TensorSource, cfg: ModelConfig, progress: Callable[[int]
     layers = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        wq = src.get(p + "attn_q.weight", (cfg.n_heads * hd, dim))
-        wk = src.get(p + "attn_k.weight", (cfg.n_kv_heads * hd, dim))
-        wv = src.get(p + "attn_v.weight", (cfg.n_kv_heads * hd, dim))
-        gate = src.get(p + "ffn_gate.weight", (cfg.ffn_dim, dim))
-        up = src.get(p + "ffn_up.weight", (cfg.ffn_dim, dim))
         layers.append(LayerWeights(
-            attn_norm=src.get(p + "attn_norm.weight", (dim,)).float(),
-            wqkv=make_linear(torch.cat([wq, wk, wv])),
-            wo=make_linear(src.get(p + "attn_output.weight", (dim, cfg.n_heads * hd))),
-            ffn_norm=src.get(p + "ffn_norm.weight", (dim,)).float(),
-            w_gate_up=make_linear(torch.cat([gate, up])),
-            w_down=make_linear(src.get(p + "ffn_down.weight", (dim, cfg.ffn_dim))),
+            attn_norm=src.dense(p + "attn_norm.weight", (dim,), torch.float32),
+            wqkv=src.linear((p + "attn_q.weight", cfg.n_heads * hd), (p + "attn_k.weight", cfg.n_kv_heads * hd),
+                            (p + "attn_v.weight", cfg.n_kv_heads * hd), cols=dim),
+            wo=src.linear((p + "attn_output.weight", dim), cols=cfg.n_heads * hd),
+            ffn_norm=src.dense(p + "ffn_norm.weight", (dim,), torch.float32),
+            w_gate_up=src.linear((p + "ffn_gate.weight", cfg.ffn_dim), (p + "ffn_up.weight", cfg.ffn_dim), cols=dim),
+            w_down=src.linear((p + "ffn_down.weight", dim), cols=cfg.ffn_dim),
         ))
-        del wq, wk, wv, gate, up
         progress(i + 1)
-    embed = src.get("token_embd.weight", (cfg.vocab_size, dim))
+    embed_weight = src.weight("token_embd.weight", (cfg.vocab_size, dim))
+    if embed_weight.qtype == F32:
+        dense_embed = src.dense("token_embd.weight", (cfg.vocab_size, dim))
+        embed = DenseEmbedding(dense_embed)
+    else:
+        embed = QuantEmbedding(embed_weight, src.dtype)
     # A missing output matrix means the embedding is tied to it (shared, not packed: no second copy).
     if src.has("output.weight"):
-        output = make_linear(src.get("output.weight", (cfg.vocab_size, dim)))
+        output = src.linear(("output.weight", cfg.vocab_size), cols=dim)
+    elif embed_weight.qtype == F32:
+        output = DenseLinear(dense_embed)
     else:
-        output = DenseLinear(embed)
-    return LlamaWeights(embed=embed, layers=layers, norm=src.get("output_norm.weight", (dim,)).float(),
-                        output=output)
+        output = make_quant_linear(embed_weight)
+    return LlamaWeights(embed=embed, layers=layers, norm=src.dense("output_norm.weight", (dim,), torch.float32),
+                        output=output, dtype=src.dtype)
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, name: str | None = None,

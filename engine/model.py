@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, write_kv
 from engine.config import ModelConfig
 from engine.kv_cache import KVCachePool
-from engine.linear import DenseLinear, OneDNNLinear
+from engine.linear import (ChunkedQuantLinear, ConcatLinear, DenseEmbedding, DenseLinear, NativeQuantLinear,
+                           OneDNNLinear, QuantEmbedding)
 
-Linear = DenseLinear | OneDNNLinear
+Linear = DenseLinear | OneDNNLinear | NativeQuantLinear | ChunkedQuantLinear | ConcatLinear
+Embedding = DenseEmbedding | QuantEmbedding
 
 
 @dataclass(slots=True)
@@ -31,10 +33,11 @@ class LayerWeights:
 
 @dataclass(slots=True)
 class LlamaWeights:
-    embed: torch.Tensor   # [vocab, dim]
+    embed: Embedding      # [vocab, dim]: token ids -> rows
     layers: list[LayerWeights]
     norm: torch.Tensor    # [dim] fp32
     output: Linear        # [vocab, dim] (over the embedding itself when tied)
+    dtype: torch.dtype    # activations' dtype (and the KV cache's)
 
 
 @dataclass(slots=True)
@@ -79,13 +82,13 @@ class LlamaModel:
         self.kv = kv
         self.attention = attention  # a backend from engine.attention: forward(q, k_cache, v_cache, meta, scale)
         self.rope = RotaryEmbedding(cfg)
-        self.dtype = weights.embed.dtype
+        self.dtype = weights.dtype
         self.scale = cfg.head_dim ** -0.5
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run one step; returns fp32 logits [num_logits, vocab]."""
-        x = F.embedding(batch.token_ids, self.w.embed)  # [num_tokens, dim]
+        x = self.w.embed(batch.token_ids)  # [num_tokens, dim]
         for index, layer in enumerate(self.w.layers):
             x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), batch)
             h = layer.w_gate_up(rms_norm(x, layer.ffn_norm, self.cfg.rms_eps))

@@ -14,7 +14,7 @@ BLOCK = 4
 
 
 def paged_model(loaded, num_blocks: int = 16) -> LlamaModel:
-    pool = KVCachePool(loaded.config, KVCacheSpec(BLOCK, num_blocks), loaded.weights.embed.dtype)
+    pool = KVCachePool(loaded.config, KVCacheSpec(BLOCK, num_blocks), loaded.weights.dtype)
     return LlamaModel(loaded.config, loaded.weights, pool, TorchAttention())
 
 

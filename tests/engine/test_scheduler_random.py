@@ -12,7 +12,7 @@ from engine.scheduler import SchedulerConfig
 
 
 def small_pool_config(loaded, num_blocks: int, block_size: int = 8) -> EngineConfig:
-    per_block = KVCacheSpec.bytes_per_block(loaded.config, block_size, loaded.weights.embed.dtype)
+    per_block = KVCacheSpec.bytes_per_block(loaded.config, block_size, loaded.weights.dtype)
     return EngineConfig(scheduler=SchedulerConfig(max_running=12, max_tokens_per_step=48, max_waiting=1000),
                         kv_cache_bytes=per_block * num_blocks, block_size=block_size)
 

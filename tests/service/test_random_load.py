@@ -39,7 +39,7 @@ async def one_request(stub, rng: random.Random, i: int) -> str:
 
 
 async def test_random_cancels_and_deadlines_leak_no_blocks(stories_model):
-    per_block = KVCacheSpec.bytes_per_block(stories_model.config, 8, stories_model.weights.embed.dtype)
+    per_block = KVCacheSpec.bytes_per_block(stories_model.config, 8, stories_model.weights.dtype)
     config = EngineConfig(scheduler=SchedulerConfig(max_running=8, max_tokens_per_step=48, max_waiting=400),
                           kv_cache_bytes=per_block * 20, block_size=8)
     harness = await start_harness(stories_model, config=config)

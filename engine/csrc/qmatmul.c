@@ -1,0 +1,224 @@
+/* x @ W^T for W kept as GGUF blocks, on CPU, with the block decoders of decoders.h.
+ *
+ * Two loop orders, one arithmetic. Small batches (M <= MR, decode steps) decode one block of
+ * NR weight rows into an L1 buffer and consume it at once with MR x NR register accumulators,
+ * so the weight bytes stream from memory once with no float copy of them. Larger batches
+ * decode a tile of rows over all of K once into a per-thread buffer, then run the same
+ * micro-kernel over every group of MR activation rows, so decoding is paid once per tile.
+ * Either way, output (m, n) is the same sequence of fused multiply-adds: lane l of a
+ * 16-lane accumulator sums k = l, l + 16, ... in order, then the lanes are added in a fixed
+ * tree. So a row's result does not depend on the batch it is in, the tile it falls in or
+ * the thread count, which keeps batched and solo generations identical.
+ *
+ * The whole file is compiled with -ffp-contract=off (the decoders are bit-exact with ggml
+ * only unfused); the multiply-adds are explicit fma, which rounds once on every target.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "decoders.h"
+#include "qmatmul.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));   /* unaligned loads */
+
+enum { MR = 4, NR = 4, MAX_BLOCK = 256 };
+
+static inline __attribute__((always_inline)) v16 load(const float *p) { return *(const v16u *)p; }
+
+static inline __attribute__((always_inline)) v16 vfma(v16 a, v16 b, v16 c) {
+#ifdef __AVX512F__
+    return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+    v16 r;
+    for (int i = 0; i < 16; i++) r[i] = fmaf(a[i], b[i], c[i]);
+    return r;
+#endif
+}
+
+static inline float hsum(v16 v) {
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = v[i] + v[i + 8];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+typedef void (*block_decoder)(const uint8_t *, float *);
+
+/* acc[i][j] += x row i . w row j over k in [0, len) (len a multiple of 16). */
+#define ACCUMULATE(acc, x, ldx, w, ldw, len, mr, nr)                                   \
+    for (int64_t k_ = 0; k_ < (len); k_ += 16) {                                      \
+        v16 wv_[NR], xv_[MR];                                                          \
+        for (int j_ = 0; j_ < (nr); j_++) wv_[j_] = load((w) + j_ * (ldw) + k_);       \
+        for (int i_ = 0; i_ < (mr); i_++) xv_[i_] = load((x) + i_ * (ldx) + k_);       \
+        for (int i_ = 0; i_ < (mr); i_++)                                              \
+            for (int j_ = 0; j_ < (nr); j_++) acc[i_][j_] = vfma(xv_[i_], wv_[j_], acc[i_][j_]); \
+    }
+
+/* Small batches: mr x nr outputs, decoding block by block into L1 as it goes. */
+static inline __attribute__((always_inline)) void stream_block(
+        block_decoder dec, const int bs, const int ts, const uint8_t *w, int64_t row_bytes, int64_t K,
+        const float *x, int64_t ldx, float *y, int64_t ldy, const int mr, const int nr) {
+    v16 acc[MR][NR];
+    float wb[NR][MAX_BLOCK] __attribute__((aligned(64)));
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) acc[i][j] = (v16){0};
+    const int per = MAX_BLOCK / bs;             /* blocks decoded per chunk: 256 values a row */
+    const int64_t nb = K / bs;
+    int64_t b = 0;
+    for (; b + per <= nb; b += per) {
+        for (int j = 0; j < nr; j++)
+            for (int c = 0; c < per; c++) dec(w + j * row_bytes + (b + c) * ts, wb[j] + c * bs);
+        ACCUMULATE(acc, x + b * bs, ldx, &wb[0][0], MAX_BLOCK, MAX_BLOCK, mr, nr);
+    }
+    for (; b < nb; b++) {                       /* a row length that is not a multiple of 256 */
+        for (int j = 0; j < nr; j++) dec(w + j * row_bytes + b * ts, wb[j]);
+        ACCUMULATE(acc, x + b * bs, ldx, &wb[0][0], MAX_BLOCK, bs, mr, nr);
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum(acc[i][j]);
+}
+
+/* Large batches: mr x nr outputs from rows already decoded over all of K. */
+static inline __attribute__((always_inline)) void decoded_block(
+        const float *w, int64_t K, const float *x, int64_t ldx, float *y, int64_t ldy, const int mr, const int nr) {
+    v16 acc[MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) acc[i][j] = (v16){0};
+    ACCUMULATE(acc, x, ldx, w, K, K, mr, nr);
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum(acc[i][j]);
+}
+
+static inline __attribute__((always_inline)) void decode_row(
+        block_decoder dec, const int bs, const int ts, const uint8_t *row, int64_t K, float *out) {
+    for (int64_t b = 0; b < K / bs; b++) dec(row + b * ts, out + b * bs);
+}
+
+/* Dispatch a runtime (mr, nr) to a specialisation with constant sizes; nr is NR or 1. */
+#define SIZES(call, mr, nr)                                                            \
+    switch ((mr) * 8 + (nr)) {                                                         \
+        case 4 * 8 + NR: call(4, NR); break;                                           \
+        case 3 * 8 + NR: call(3, NR); break;                                           \
+        case 2 * 8 + NR: call(2, NR); break;                                           \
+        case 1 * 8 + NR: call(1, NR); break;                                           \
+        case 4 * 8 + 1: call(4, 1); break;                                             \
+        case 3 * 8 + 1: call(3, 1); break;                                             \
+        case 2 * 8 + 1: call(2, 1); break;                                             \
+        default: call(1, 1); break;                                                    \
+    }
+
+/* One matmul call: what every thread's share of the work needs. */
+struct job {
+    const uint8_t *w;
+    int64_t row_bytes, N, K, M, ldx, ldy;
+    const float *x;
+    float *y;
+};
+
+/* Small batches: output rows [lo, hi) (multiples of NR, but for the last), all M <= MR rows. */
+static inline __attribute__((always_inline)) int stream_range(
+        block_decoder dec, const int bs, const int ts, const struct job *jb, int64_t lo, int64_t hi) {
+    const int mr = (int)jb->M;
+    for (int64_t n = lo; n < hi;) {
+        const int nr = hi - n >= NR ? NR : 1;
+#define STREAM(MRC, NRC) stream_block(dec, bs, ts, jb->w + n * jb->row_bytes, jb->row_bytes, jb->K, jb->x, \
+                                      jb->ldx, jb->y + n, jb->ldy, MRC, NRC)
+        SIZES(STREAM, mr, nr)
+#undef STREAM
+        n += nr;
+    }
+    return 0;
+}
+
+enum { TILE = 64 };   /* rows decoded at once for large batches */
+
+/* Large batches: tiles [lo, hi) of TILE output rows each, all M rows. */
+static inline __attribute__((always_inline)) int tile_range(
+        block_decoder dec, const int bs, const int ts, const struct job *jb, int64_t lo, int64_t hi) {
+    const int64_t K = jb->K, M = jb->M;
+    float *wbuf = aligned_alloc(64, (size_t)(TILE * K * sizeof(float) + 63) / 64 * 64);
+    if (wbuf == NULL) return -2;
+    for (int64_t t = lo; t < hi; t++) {
+        const int64_t n0 = t * TILE, rows = jb->N - n0 < TILE ? jb->N - n0 : TILE;
+        for (int64_t r = 0; r < rows; r++) decode_row(dec, bs, ts, jb->w + (n0 + r) * jb->row_bytes, K, wbuf + r * K);
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+            for (int64_t j = 0; j < rows;) {
+                const int nr = rows - j >= NR ? NR : 1;
+#define DECODED(MRC, NRC) decoded_block(wbuf + j * K, K, jb->x + m0 * jb->ldx, jb->ldx, \
+                                        jb->y + m0 * jb->ldy + n0 + j, jb->ldy, MRC, NRC)
+                SIZES(DECODED, mr, nr)
+#undef DECODED
+                j += nr;
+            }
+        }
+    }
+    free(wbuf);
+    return 0;
+}
+
+typedef int (*range_fn)(const struct job *, int64_t, int64_t);
+
+/* Split [0, units) into one contiguous share per thread, each share a multiple of `align`.
+ * The decoder is a constant inside each range_fn, so it is inlined there; OpenMP's outlined
+ * region only ever makes this one indirect call per thread. */
+static int run_parallel(range_fn fn, const struct job *jb, int64_t units, int64_t align, int nthreads) {
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t chunks = (units + align - 1) / align;
+        const int64_t lo = chunks * id / nt * align, hi = chunks * (id + 1) / nt * align;
+        if (lo < units && fn(jb, lo, hi < units ? hi : units) != 0) {
+#pragma omp atomic write
+            failed = 1;
+        }
+    }
+    return failed ? -2 : 0;
+}
+
+#define TYPES(X)                                                                        \
+    X(LUMEN_F32, dec_f32, 32, 128) X(LUMEN_F16, dec_f16, 32, 64) X(LUMEN_BF16, dec_bf16, 32, 64) \
+    X(LUMEN_Q4_0, dec_q4_0, 32, 18) X(LUMEN_Q4_1, dec_q4_1, 32, 20) X(LUMEN_Q5_0, dec_q5_0, 32, 22) \
+    X(LUMEN_Q5_1, dec_q5_1, 32, 24) X(LUMEN_Q8_0, dec_q8_0, 32, 34) X(LUMEN_Q2_K, dec_q2_k, 256, 84) \
+    X(LUMEN_Q3_K, dec_q3_k, 256, 110) X(LUMEN_Q4_K, dec_q4_k, 256, 144) X(LUMEN_Q5_K, dec_q5_k, 256, 176) \
+    X(LUMEN_Q6_K, dec_q6_k, 256, 210)
+
+int lumen_block_layout(int qtype, int *block_size, int *type_size) {
+#define LAYOUT(id, fn, bs, ts) if (qtype == id) { *block_size = bs; *type_size = ts; return 0; }
+    TYPES(LAYOUT)
+#undef LAYOUT
+    return -1;
+}
+
+void lumen_decode_row(int qtype, const uint8_t *row, int64_t k, float *out) {
+#define DECODE(id, fn, bs, ts) if (qtype == id) { decode_row(fn, bs, ts, row, k, out); return; }
+    TYPES(DECODE)
+#undef DECODE
+}
+
+#define RANGES(id, fn, bs, ts)                                                                         \
+    static int stream_##fn(const struct job *jb, int64_t lo, int64_t hi) { return stream_range(fn, bs, ts, jb, lo, hi); } \
+    static int tile_##fn(const struct job *jb, int64_t lo, int64_t hi) { return tile_range(fn, bs, ts, jb, lo, hi); }
+TYPES(RANGES)
+#undef RANGES
+
+int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
+                  const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+    const struct job jb = {w, row_bytes, N, K, M, ldx, ldy, x, y};
+#define MATMUL(id, fn, bs, ts)                                                               \
+    if (qtype == id) {                                                                       \
+        if (M <= MR) return run_parallel(stream_##fn, &jb, N, NR, nthreads);                 \
+        return run_parallel(tile_##fn, &jb, (N + TILE - 1) / TILE, 1, nthreads);            \
+    }
+    TYPES(MATMUL)
+#undef MATMUL
+    return -1;
+}

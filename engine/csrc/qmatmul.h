@@ -1,0 +1,25 @@
+/* Lumen's CPU kernels for GGUF weights kept in their file layout: the C interface.
+ * Type ids are GGML's (GGMLQuantizationType). */
+#ifndef LUMEN_QMATMUL_H
+#define LUMEN_QMATMUL_H
+#include <stdint.h>
+
+enum {
+    LUMEN_F32 = 0, LUMEN_F16 = 1, LUMEN_Q4_0 = 2, LUMEN_Q4_1 = 3, LUMEN_Q5_0 = 6, LUMEN_Q5_1 = 7,
+    LUMEN_Q8_0 = 8, LUMEN_Q2_K = 10, LUMEN_Q3_K = 11, LUMEN_Q4_K = 12, LUMEN_Q5_K = 13, LUMEN_Q6_K = 14,
+    LUMEN_BF16 = 30,
+};
+
+/* Values per block and bytes per block of qtype; -1 when this library cannot decode it. */
+int lumen_block_layout(int qtype, int *block_size, int *type_size);
+
+/* Decode one row of k values (k a multiple of the block size) into out[k]. */
+void lumen_decode_row(int qtype, const uint8_t *row, int64_t k, float *out);
+
+/* y[m * ldy + n] = sum_k x[m * ldx + k] * W[n][k] for m < M, n < N, where W's row n is the
+ * GGUF blocks at w + n * row_bytes. Each output's float operations do not depend on M, N or
+ * the thread count, so a row's result is the same alone or in any batch. Returns 0, or -1
+ * for a type it cannot decode, -2 when out of memory. */
+int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
+                  const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads);
+#endif

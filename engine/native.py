@@ -1,0 +1,150 @@
+"""Lumen's C kernels for GGUF weights on CPU, compiled on first use and called through ctypes.
+
+`engine/csrc/` holds the sources: per-format block decoders (bit-exact with ggml) and a
+batch-invariant matmul that decodes a tile of weight rows once and multiplies it by every
+activation row (see qmatmul.c). They are built for the machine they run on (`-march=native`)
+into the cache directory (`$LUMEN_CACHE_DIR`, else `$XDG_CACHE_HOME/lumen`, else
+`~/.cache/lumen`), named by a digest of the sources, flags, compiler and CPU, so a stale or
+foreign build is never loaded. Building takes about a second with the system C compiler
+(`$CC`, else `cc`). Without a compiler `library()` raises `NativeUnavailable` and callers
+use their torch path.
+
+The library is linked with -fopenmp and resolves `libgomp.so.1` to the copy torch has
+already loaded, so it shares torch's thread pool instead of starting a second one.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from engine.demo_model import default_cache_dir
+
+SOURCE_DIR = Path(__file__).with_name("csrc")
+SOURCES = ("qmatmul.c",)
+HEADERS = ("qmatmul.h", "decoders.h")
+# No implicit fused multiply-adds: the decoders are bit-exact with ggml's only unfused, and
+# the matmul spells its fma out.
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror")
+
+
+class NativeUnavailable(RuntimeError):
+    """The C kernels cannot be built or loaded here (the message says why)."""
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def _digest(cc: str) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
+    h.update(repr((FLAGS, platform.machine(), _cpu_signature())).encode())
+    try:
+        h.update(subprocess.run([cc, "--version"], capture_output=True, check=True).stdout)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise NativeUnavailable(f"no working C compiler {cc!r} ({exc}); set CC to one") from exc
+    return h.hexdigest()[:16]
+
+
+def _build(target: Path, cc: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        objects = []
+        for name in SOURCES:
+            obj = Path(tmp) / (name + ".o")
+            _run([cc, *FLAGS, "-c", str(SOURCE_DIR / name), "-o", str(obj)])
+            objects.append(str(obj))
+        out = Path(tmp) / target.name
+        _run([cc, "-shared", "-fopenmp", *objects, "-o", str(out), "-lm"])
+        os.replace(out, target)    # atomic: a racing build renames identical bytes
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise NativeUnavailable(f"building the C kernels failed: {' '.join(cmd)}\n{done.stderr.strip()}")
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded kernel library, built first if this machine has no current build."""
+    cc = _compiler()
+    target = default_cache_dir() / "native" / f"liblumen_cpu-{_digest(cc)}.so"
+    if not target.exists():
+        _build(target, cc)
+    lib = ctypes.CDLL(str(target))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.lumen_block_layout.argtypes = [i32, ctypes.POINTER(i32), ctypes.POINTER(i32)]
+    lib.lumen_block_layout.restype = i32
+    lib.lumen_decode_row.argtypes = [i32, ptr, i64, ptr]
+    lib.lumen_decode_row.restype = None
+    lib.lumen_qmatmul.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
+    lib.lumen_qmatmul.restype = i32
+    return lib
+
+
+def available() -> bool:
+    try:
+        library()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def block_layout(qtype: int) -> tuple[int, int] | None:
+    """(values per block, bytes per block) if the C kernels handle `qtype`, else None."""
+    bs, ts = ctypes.c_int(), ctypes.c_int()
+    if library().lumen_block_layout(int(qtype), ctypes.byref(bs), ctypes.byref(ts)) != 0:
+        return None
+    return bs.value, ts.value
+
+
+def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """y[:, :n] = x @ W^T, W the GGUF rows `raw` (uint8 [n, row_bytes]); x float32 [m, k].
+
+    y may be a column slice of a wider float32 matrix (its rows must be contiguous inside)."""
+    n, row_bytes = raw.shape
+    m = x.shape[0]
+    assert raw.dtype == torch.uint8 and raw.stride(1) == 1 and raw.stride(0) == row_bytes, \
+        "raw must be contiguous uint8 rows"
+    assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, \
+        f"x must be float32 [m, {k}] with contiguous rows, got {x.dtype} {tuple(x.shape)}"
+    assert y.dtype == torch.float32 and y.shape == (m, n) and y.stride(1) == 1, \
+        f"y must be float32 [{m}, {n}] with contiguous rows, got {y.dtype} {tuple(y.shape)}"
+    if m == 0 or n == 0:
+        return
+    rc = library().lumen_qmatmul(int(qtype), raw.data_ptr(), row_bytes, n, k, x.data_ptr(), m, x.stride(0),
+                                 y.data_ptr(), y.stride(0), torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("lumen_qmatmul could not allocate its tile buffer")
+    if rc != 0:
+        raise ValueError(f"lumen_qmatmul cannot decode GGML type {qtype}")
+
+
+def decode_rows(qtype: int, raw: torch.Tensor, k: int) -> torch.Tensor:
+    """Decode GGUF rows (uint8 [n, row_bytes]) to float32 [n, k] with the C decoders."""
+    raw = raw.contiguous()
+    out = torch.empty((raw.shape[0], k), dtype=torch.float32)
+    lib = library()
+    for i in range(raw.shape[0]):
+        lib.lumen_decode_row(int(qtype), raw[i].data_ptr(), k, out[i].data_ptr())
+    return out

@@ -1,0 +1,136 @@
+"""The C kernels of engine.native: exact decoding, accurate and batch-invariant matmuls, clear errors.
+
+Fresh random blocks every run (the seed is printed on failure). Weights with the largest fp16
+scales would overflow float32 sums, so matmul checks use scales up to exponent 15 (|d| < 2);
+decoding is checked over the whole fp16 range.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from engine import native
+from engine.linear import ChunkedQuantLinear, ConcatLinear, GGUFWeight, NativeQuantLinear, make_quant_linear
+from engine.quant import dequantize
+from tests.engine.quant.blocks import random_blocks
+
+if not native.available():
+    pytest.skip("no C compiler here: the C kernels cannot be built", allow_module_level=True)
+
+NATIVE_TYPES = [T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.fixture
+def rng(request):
+    seed = random.randrange(2**32)
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def random_weight(qtype: T, rng: np.random.Generator, n: int, k: int, max_exp: int = 15) -> GGUFWeight:
+    if qtype in (T.F16, T.BF16):
+        values = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))
+        raw = values.to(torch.float16 if qtype == T.F16 else torch.bfloat16).view(torch.uint8)
+        return GGUFWeight(raw.reshape(n, -1).contiguous(), int(qtype), n, k)
+    layout = native.block_layout(qtype)
+    assert layout is not None
+    blocks = random_blocks(qtype, rng, n * k // layout[0], max_exp)
+    return GGUFWeight(torch.from_numpy(blocks).reshape(n, -1), int(qtype), n, k)
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda t: t.name)
+def test_decode_is_bit_exact(qtype, rng):
+    w = random_weight(qtype, rng, 7, 512, max_exp=30)
+    ref = dequantize(w.raw, qtype, (7, 512))
+    ours = native.decode_rows(qtype, w.raw, 512)
+    same = (ours.view(torch.int32) == ref.view(torch.int32)) | (ours.isnan() & ref.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} values differ"
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda t: t.name)
+def test_matmul_matches_float64(qtype, rng):
+    n, k = 37, 512                       # n not a multiple of the 4-row register tile
+    w = random_weight(qtype, rng, n, k)
+    ref_w = dequantize(w.raw, qtype, (n, k)).double()
+    for m in (1, 3, 4, 5, 19, 70):      # both loop orders (<= 4 rows streams, more decodes tiles)
+        x = torch.randn(m, k)
+        y = torch.full((m, n), float("nan"))
+        native.qmatmul_into(qtype, w.raw, k, x, y)
+        ref = x.double() @ ref_w.T
+        rel = float((y.double() - ref).norm() / ref.norm())
+        assert rel < 1e-6, f"m={m}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_rows_are_batch_invariant(qtype, rng):
+    """Each output row is bit-identical whatever the batch it is computed in and the thread count."""
+    n, k = 70, 512
+    w = random_weight(qtype, rng, n, k)
+    x = torch.randn(23, k)
+    alone = torch.empty(23, n)
+    for i in range(23):
+        native.qmatmul_into(qtype, w.raw, k, x[i:i + 1], alone[i:i + 1])
+    threads = torch.get_num_threads()
+    try:
+        for t in {1, threads}:
+            torch.set_num_threads(t)
+            for m in (2, 4, 5, 16, 23):
+                y = torch.empty(m, n)
+                native.qmatmul_into(qtype, w.raw, k, x[:m], y)
+                assert torch.equal(y, alone[:m]), f"{m} rows on {t} threads differ from rows alone"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_output_slices_and_concat(rng):
+    """ConcatLinear writes each part into its own columns of one output, whatever the parts' types."""
+    parts = [random_weight(T.Q4_K, rng, 64, 256), random_weight(T.Q6_K, rng, 32, 256),
+             random_weight(T.Q8_0, rng, 16, 256)]
+    lin = ConcatLinear([make_quant_linear(p) for p in parts])
+    x = torch.randn(6, 256)
+    ref = torch.cat([x.double() @ dequantize(p.raw, p.qtype, (p.out_features, 256)).double().T for p in parts], 1)
+    y = lin(x)
+    assert y.shape == (6, 112)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_chunked_path_agrees_with_native(rng):
+    w = random_weight(T.Q5_K, rng, 300, 512)       # more rows than one chunk
+    x = torch.randn(5, 512)
+    a, b = NativeQuantLinear(w)(x), ChunkedQuantLinear(w)(x)
+    assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_types_without_c_kernels_use_the_chunked_path(rng):
+    blocks = random_blocks(T.IQ4_NL, rng, 4 * 256 // 32)
+    w = GGUFWeight(torch.from_numpy(blocks).reshape(4, -1), int(T.IQ4_NL), 4, 256)
+    lin = make_quant_linear(w)
+    assert isinstance(lin, ChunkedQuantLinear)
+    x = torch.randn(3, 256)
+    ref = x.double() @ dequantize(w.raw, T.IQ4_NL, (4, 256)).double().T
+    assert float((lin(x).double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_bad_arguments_are_refused(rng):
+    w = random_weight(T.Q8_0, rng, 8, 64)
+    with pytest.raises(AssertionError, match="float32"):
+        native.qmatmul_into(T.Q8_0, w.raw, 64, torch.randn(2, 64).half(), torch.empty(2, 8))
+    with pytest.raises(AssertionError, match=r"\[m, 64\]"):
+        native.qmatmul_into(T.Q8_0, w.raw, 64, torch.randn(2, 32), torch.empty(2, 8))
+    with pytest.raises(AssertionError, match="y must be"):
+        native.qmatmul_into(T.Q8_0, w.raw, 64, torch.randn(2, 64), torch.empty(2, 9))
+    with pytest.raises(ValueError, match="cannot decode GGML type"):
+        native.qmatmul_into(int(T.IQ4_NL), w.raw, 64, torch.randn(2, 64), torch.empty(2, 8))
+    assert native.block_layout(int(T.IQ4_NL)) is None
+
+
+def test_build_failure_is_reported(monkeypatch, tmp_path):
+    """A broken compiler gives NativeUnavailable with the reason, never a crash."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.NativeUnavailable, match="no-such-compiler"):
+        native._digest(native._compiler())
