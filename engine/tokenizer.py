@@ -1,6 +1,7 @@
 """Text <-> token ids for GGUF models, reproducing llama.cpp's tokenizer exactly.
 
-The vocabulary comes from a GGUF file's `tokenizer.ggml.*` metadata: "llama" models are
+The vocabulary comes from a GGUF file's `tokenizer.ggml.*` metadata (or from a Hugging Face
+tokenizer.json restated in those terms by `engine.hf_vocab`): "llama" models are
 SentencePiece-style (scores, byte-fallback `<0xNN>` tokens), "gpt2" models are byte-level BPE
 (merges plus a pre-tokenizer named by `tokenizer.ggml.pre`). Encoding is llama.cpp's with
 `parse_special=false`: text such as "<s>" is tokenized as ordinary text; only user-defined
@@ -265,6 +266,17 @@ class Tokenizer:
     def from_reader(cls, reader: gguf.GGUFReader) -> Tokenizer:
         """Build from an already open reader, so a model loader parses the file once."""
         return cls(GGUFVocab.from_reader(reader))
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path, vocab_size: int | None = None,
+                    model_config: dict | None = None) -> Tokenizer:
+        """Read a Hugging Face model directory's tokenizer.json and tokenizer_config.json.
+
+        `vocab_size` pads the vocabulary with unused tokens up to the model's embedding rows;
+        `model_config` (config.json) supplies BOS/EOS ids that tokenizer_config.json leaves out.
+        """
+        from engine.hf_vocab import read_hf_vocab  # it builds on this module's GGUFVocab
+        return cls(read_hf_vocab(Path(path), vocab_size, model_config))
 
     @property
     def vocab_size(self) -> int:

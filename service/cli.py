@@ -32,10 +32,10 @@ def _model_spec(text: str) -> tuple[str | None, Path]:
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve GGUF models over gRPC")
+    p = sub.add_parser("serve", help="serve GGUF or Hugging Face models over gRPC")
     p.add_argument("--model", action="append", type=_model_spec, metavar="[NAME=]PATH",
-                   help="a GGUF file to serve (repeatable; the first is the default). "
-                        "Without it, the embedded demo model is written to the cache and served.")
+                   help="a GGUF file or a Hugging Face Llama directory to serve (repeatable; the first is "
+                        "the default). Without it, the embedded demo model is written to the cache and served.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

@@ -8,11 +8,13 @@ import torch
 from tqdm import tqdm
 
 from engine.demo_model import ensure_demo_model
-from engine.loader import LoadedModel, load_gguf
+from engine.load import load_model
+from engine.loader import LoadedModel
 
 
 def load_models(specs: list[tuple[str | None, Path]], dtype: torch.dtype) -> list[LoadedModel]:
-    """Load each (name, path); with no spec, write (once) and load the embedded demo model."""
+    """Load each (name, path), a GGUF file or a Hugging Face directory; with no spec, write (once)
+    and load the embedded demo model."""
     if not specs:
         path = ensure_demo_model()
         print(f"lumen: no --model given; serving the embedded demo model {path} "
@@ -24,5 +26,5 @@ def load_models(specs: list[tuple[str | None, Path]], dtype: torch.dtype) -> lis
             def progress(done: int, total: int) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
-            loaded.append(load_gguf(path, dtype=dtype, name=name, progress=progress))
+            loaded.append(load_model(path, dtype=dtype, name=name, progress=progress))
     return loaded
