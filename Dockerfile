@@ -24,6 +24,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# A C compiler: engine/native.py builds the CPU kernels for quantized weights on first use,
+# for the CPU it runs on (-march=native).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 # Stubs are generated in the image, not copied: lumen/ is in .dockerignore.
@@ -52,6 +58,9 @@ RUN useradd --system --create-home --uid 10001 --shell /usr/sbin/nologin lumen \
  && chown lumen:lumen /var/cache/lumen
 ENV LUMEN_CACHE_DIR=/var/cache/lumen
 USER lumen
+# Build the CPU kernels now (a host with another CPU rebuilds them at first use: the build is
+# keyed by the CPU's flags).
+RUN python -c "from engine import native; native.library()"
 WORKDIR /home/lumen
 
 EXPOSE 50051

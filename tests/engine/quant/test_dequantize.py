@@ -16,19 +16,11 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from engine.quant import QUANT_TYPES, dequantize
+from tests.engine.quant.blocks import random_blocks
 
 N_BLOCKS = 384
 REPO = Path(__file__).resolve().parents[3]
 QUANT_DIR = Path(os.environ.get("LUMEN_SHARED_DATA", REPO.parent / "shared" / "data")) / "quant"
-
-# Byte offsets of each fp16 scale field inside one block (ggml-common.h layouts).
-FP16_FIELDS: dict[T, tuple[int, ...]] = {
-    T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
-    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-    T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,),
-    T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,), T.TQ1_0: (52,), T.TQ2_0: (64,),
-}
-IQ1_M_SCALES = 48  # IQ1_M spreads its fp16 scale over the top nibbles of 4 uint16 at this offset
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,32 +34,6 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def finite_fp16_bits(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n finite fp16 bit patterns: a quarter each of ±0, subnormals, near-65504 and random finite."""
-    sign = rng.integers(0, 2, n, dtype=np.uint16) << 15
-    mant = rng.integers(0, 1 << 10, n, dtype=np.uint16)
-    exp = rng.integers(0, 31, n, dtype=np.uint16)  # 31 would be inf/NaN
-    kind = rng.integers(0, 4, n)
-    exp = np.where(kind == 0, 0, np.where(kind == 1, 0, np.where(kind == 2, 30, exp))).astype(np.uint16)
-    mant = np.where(kind == 0, 0, np.where((kind == 1) & (mant == 0), 1, mant)).astype(np.uint16)
-    return sign | (exp << 10) | mant
-
-
-def random_blocks(qtype: T, rng: np.random.Generator) -> np.ndarray:
-    """N_BLOCKS random blocks [N_BLOCKS, type_size] of `qtype` with finite fp16 scales."""
-    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
-    blocks = rng.integers(0, 256, (N_BLOCKS, type_size), dtype=np.uint8)
-    for off in FP16_FIELDS.get(qtype, ()):
-        blocks[:, off:off + 2] = finite_fp16_bits(rng, N_BLOCKS).view(np.uint8).reshape(N_BLOCKS, 2)
-    if qtype == T.IQ1_M:
-        d = finite_fp16_bits(rng, N_BLOCKS)
-        scales = blocks[:, IQ1_M_SCALES:IQ1_M_SCALES + 8].copy().view(np.uint16)  # [n, 4]
-        nibbles = (d[:, None] >> np.array([0, 4, 8, 12], dtype=np.uint16)) & 0xF
-        scales = (scales & 0x0FFF) | (nibbles << 12)
-        blocks[:, IQ1_M_SCALES:IQ1_M_SCALES + 8] = scales.view(np.uint8)
-    return blocks
 
 
 def assert_bit_exact(ours: torch.Tensor, ref: np.ndarray, what: str) -> None:
@@ -99,7 +65,7 @@ def test_layout_matches_gguf(qtype: T) -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_blocks_bit_exact(qtype: T, seed: int) -> None:
     rng = np.random.default_rng([seed, int(qtype)])
-    blocks = random_blocks(qtype, rng)
+    blocks = random_blocks(qtype, rng, N_BLOCKS)
     block_size = QUANT_TYPES[qtype].block_size
     raw = blocks.reshape(N_BLOCKS // 4, -1)  # 4 blocks per row, to exercise the row reshape too
     ours = dequantize(torch.from_numpy(raw), qtype, (N_BLOCKS // 4, 4 * block_size))
