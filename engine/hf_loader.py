@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.hf_vocab import read_json
-from engine.linear import DenseEmbedding, DenseLinear, make_linear
+from engine.linear import stored_embedding, stored_linear
 from engine.loader import LoadedModel
 from engine.model import LayerWeights, LlamaWeights
 from engine.tokenizer import Tokenizer
@@ -182,11 +182,11 @@ def _load_layer(shards: SafetensorsShards, cfg: ModelConfig, i: int, dtype: torc
     up = shards.read(p + "mlp.up_proj.weight", (cfg.ffn_dim, dim))
     return LayerWeights(
         attn_norm=shards.read(p + "input_layernorm.weight", (dim,)).float(),
-        wqkv=make_linear(torch.cat([wq, wk, wv]).to(dtype)),
-        wo=make_linear(shards.read(p + "self_attn.o_proj.weight", (dim, cfg.n_heads * hd)).to(dtype)),
+        wqkv=stored_linear([wq, wk, wv], dtype),
+        wo=stored_linear([shards.read(p + "self_attn.o_proj.weight", (dim, cfg.n_heads * hd))], dtype),
         ffn_norm=shards.read(p + "post_attention_layernorm.weight", (dim,)).float(),
-        w_gate_up=make_linear(torch.cat([gate, up]).to(dtype)),
-        w_down=make_linear(shards.read(p + "mlp.down_proj.weight", (dim, cfg.ffn_dim)).to(dtype)),
+        w_gate_up=stored_linear([gate, up], dtype),
+        w_down=stored_linear([shards.read(p + "mlp.down_proj.weight", (dim, cfg.ffn_dim))], dtype),
     )
 
 
@@ -197,16 +197,16 @@ def _load_weights(shards: SafetensorsShards, cfg: ModelConfig, dtype: torch.dtyp
     for i in range(cfg.n_layers):
         layers.append(_load_layer(shards, cfg, i, dtype))
         progress(i + 1)
-    embed = shards.read("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim)).to(dtype)
+    embed, tied_output = stored_embedding(shards.read("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim)), dtype)
     has_head = shards.has("lm_head.weight")
     if not tied and not has_head:
         log.warning("%s: no lm_head.weight although tie_word_embeddings is false; using the embedding "
                     "as the output matrix, as tied models do", shards.directory)
     if has_head and not tied:
-        output = make_linear(shards.read("lm_head.weight", (cfg.vocab_size, cfg.dim)).to(dtype))
+        output = stored_linear([shards.read("lm_head.weight", (cfg.vocab_size, cfg.dim))], dtype)
     else:  # tied (a tied checkpoint's lm_head, if saved, is a copy): shared, not packed, no second copy
-        output = DenseLinear(embed)
-    return LlamaWeights(embed=DenseEmbedding(embed), layers=layers,
+        output = tied_output
+    return LlamaWeights(embed=embed, layers=layers,
                         norm=shards.read("model.norm.weight", (cfg.dim,)).float(), output=output, dtype=dtype)
 
 

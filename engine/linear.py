@@ -174,6 +174,34 @@ def make_quant_linear(weight: GGUFWeight) -> NativeQuantLinear | ChunkedQuantLin
     return ChunkedQuantLinear(weight)
 
 
+_HALF_QTYPES = {torch.float16: 1, torch.bfloat16: 30}   # GGML F16 and BF16
+
+
+def half_weight(t: torch.Tensor) -> GGUFWeight:
+    """A 16-bit float matrix viewed as GGUF F16/BF16 rows (no copy)."""
+    t = t.contiguous()
+    n, k = t.shape
+    return GGUFWeight(t.view(torch.uint8).reshape(n, 2 * k), _HALF_QTYPES[t.dtype], n, k)
+
+
+def stored_linear(parts: list[torch.Tensor], dtype: torch.dtype):
+    """One linear over `parts` stacked by rows, computing in `dtype`. 16-bit weights served in
+    float32 stay 16-bit (the C kernels widen them as they go) rather than doubling in size."""
+    if dtype == torch.float32 and all(p.dtype in _HALF_QTYPES for p in parts):
+        linears = [make_quant_linear(half_weight(p)) for p in parts]
+        return linears[0] if len(linears) == 1 else ConcatLinear(linears)
+    return make_linear((parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype))
+
+
+def stored_embedding(weight: torch.Tensor, dtype: torch.dtype) -> tuple[DenseEmbedding | QuantEmbedding, object]:
+    """(embedding, its tied output linear) for a [vocab, dim] matrix, kept 16-bit as stored_linear does."""
+    if dtype == torch.float32 and weight.dtype in _HALF_QTYPES:
+        w = half_weight(weight)
+        return QuantEmbedding(w, dtype), make_quant_linear(w)
+    dense = weight.to(dtype)
+    return DenseEmbedding(dense), DenseLinear(dense)
+
+
 _WARNED: set[str] = set()
 
 

@@ -138,6 +138,11 @@ def test_half_precision_checkpoints_load(hf_dir, tmp_path, stories_model, dtype,
     path = rewrite(hf_dir, tmp_path / "half", tensors=lambda t: {k: v.to(dtype) for k, v in t.items()})
     model = load_hf_dir(path)
     assert model.file_type == name
+    # Served in float32, the 16-bit weights stay 16-bit: no full-precision copy.
+    from engine.linear import QuantEmbedding
+    assert isinstance(model.weights.embed, QuantEmbedding)
+    parts = model.weights.layers[0].wqkv.parts
+    assert [p.weight.raw.numel() for p in parts] == [2 * p.out_features * p.in_features for p in parts]
     ours, ref = engine_logits(model, PROMPT), engine_logits(stories_model, PROMPT)
     assert float((ours - ref).abs().max() / ref.abs().max()) < 0.05
     # The same rounded weights computed in the checkpoint's own dtype.
