@@ -114,6 +114,47 @@ static inline __attribute__((always_inline)) void decode_row(
         default: call(1, 1); break;                                                    \
     }
 
+#ifdef __AVX512F__
+/* Register-decoding variants of stream_block for the commonest legacy types: the block's
+ * 16-value groups are decoded straight into registers ((float)q * d, as the decoders do)
+ * and consumed at once, with the same fma order per output as every other path. */
+static inline __attribute__((always_inline)) __m512 q8_0_group(const uint8_t *blk, __m512 d, int g) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2 + 16 * g));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
+}
+
+static inline __attribute__((always_inline)) __m512 q4_0_group(const uint8_t *blk, __m512 d, int g) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
+    const __m512i nib = g == 0 ? _mm512_and_si512(q, _mm512_set1_epi32(0x0F)) : _mm512_srli_epi32(q, 4);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(nib, _mm512_set1_epi32(8))), d);
+}
+
+#define REGISTER_STREAM(name, GROUP, TS)                                                        \
+static inline __attribute__((always_inline)) void name(                                          \
+        const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t ldx, float *y,    \
+        int64_t ldy, const int mr, const int nr) {                                               \
+    __m512 acc[MR][NR];                                                                          \
+    for (int i = 0; i < mr; i++)                                                                 \
+        for (int j = 0; j < nr; j++) acc[i][j] = _mm512_setzero_ps();                            \
+    for (int64_t b = 0; b < K / 32; b++) {                                                       \
+        for (int g = 0; g < 2; g++) {                                                            \
+            __m512 wv[NR], xv[MR];                                                               \
+            for (int j = 0; j < nr; j++) {                                                       \
+                const uint8_t *blk = w + j * row_bytes + b * TS;                                 \
+                wv[j] = GROUP(blk, _mm512_set1_ps(fp16_to_fp32(blk)), g);                        \
+            }                                                                                    \
+            for (int i = 0; i < mr; i++) xv[i] = _mm512_loadu_ps(x + i * ldx + b * 32 + 16 * g); \
+            for (int i = 0; i < mr; i++)                                                         \
+                for (int j = 0; j < nr; j++) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]); \
+        }                                                                                        \
+    }                                                                                            \
+    for (int i = 0; i < mr; i++)                                                                 \
+        for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum((v16)acc[i][j]);                      \
+}
+REGISTER_STREAM(stream_regs_q8_0, q8_0_group, 34)
+REGISTER_STREAM(stream_regs_q4_0, q4_0_group, 18)
+#endif
+
 /* One matmul call: what every thread's share of the work needs. */
 struct job {
     const uint8_t *w;
@@ -204,6 +245,25 @@ void lumen_decode_row(int qtype, const uint8_t *row, int64_t k, float *out) {
 #undef DECODE
 }
 
+#ifdef __AVX512F__
+#define REGISTER_RANGE(fn)                                                                      \
+static int stream_regs_range_##fn(const struct job *jb, int64_t lo, int64_t hi) {               \
+    const int mr = (int)jb->M;                                                                   \
+    for (int64_t n = lo; n < hi;) {                                                              \
+        const int nr = hi - n >= NR ? NR : 1;                                                    \
+        SIZES(REGISTER_CALL_##fn, mr, nr)                                                        \
+        n += nr;                                                                                 \
+    }                                                                                            \
+    return 0;                                                                                    \
+}
+#define REGISTER_CALL_q8_0(MRC, NRC) stream_regs_q8_0(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K, \
+                                                     jb->x, jb->ldx, jb->y + n, jb->ldy, MRC, NRC)
+#define REGISTER_CALL_q4_0(MRC, NRC) stream_regs_q4_0(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K, \
+                                                     jb->x, jb->ldx, jb->y + n, jb->ldy, MRC, NRC)
+REGISTER_RANGE(q8_0)
+REGISTER_RANGE(q4_0)
+#endif
+
 #define RANGES(id, fn, bs, ts)                                                                         \
     static int stream_##fn(const struct job *jb, int64_t lo, int64_t hi) { return stream_range(fn, bs, ts, jb, lo, hi); } \
     static int tile_##fn(const struct job *jb, int64_t lo, int64_t hi) { return tile_range(fn, bs, ts, jb, lo, hi); }
@@ -213,6 +273,10 @@ TYPES(RANGES)
 int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
                   const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads) {
     const struct job jb = {w, row_bytes, N, K, M, ldx, ldy, x, y};
+#ifdef __AVX512F__
+    if (M <= MR && qtype == LUMEN_Q8_0) return run_parallel(stream_regs_range_q8_0, &jb, N, NR, nthreads);
+    if (M <= MR && qtype == LUMEN_Q4_0) return run_parallel(stream_regs_range_q4_0, &jb, N, NR, nthreads);
+#endif
 #define MATMUL(id, fn, bs, ts)                                                               \
     if (qtype == id) {                                                                       \
         if (M <= MR) return run_parallel(stream_##fn, &jb, N, NR, nthreads);                 \
