@@ -129,16 +129,16 @@ static inline __attribute__((always_inline)) __m512 q4_0_group(const uint8_t *bl
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(nib, _mm512_set1_epi32(8))), d);
 }
 
-#define REGISTER_STREAM(name, GROUP, TS)                                                        \
+#define REGISTER_STREAM(name, GROUP, TS, AMR, ANR)                                              \
 static inline __attribute__((always_inline)) void name(                                          \
         const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t ldx, float *y,    \
         int64_t ldy, const int mr, const int nr) {                                               \
-    __m512 acc[MR][NR];                                                                          \
+    __m512 acc[AMR][ANR];                                                                        \
     for (int i = 0; i < mr; i++)                                                                 \
         for (int j = 0; j < nr; j++) acc[i][j] = _mm512_setzero_ps();                            \
     for (int64_t b = 0; b < K / 32; b++) {                                                       \
         for (int g = 0; g < 2; g++) {                                                            \
-            __m512 wv[NR], xv[MR];                                                               \
+            __m512 wv[ANR], xv[AMR];                                                             \
             for (int j = 0; j < nr; j++) {                                                       \
                 const uint8_t *blk = w + j * row_bytes + b * TS;                                 \
                 wv[j] = GROUP(blk, _mm512_set1_ps(fp16_to_fp32(blk)), g);                        \
@@ -151,8 +151,13 @@ static inline __attribute__((always_inline)) void name(                         
     for (int i = 0; i < mr; i++)                                                                 \
         for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum((v16)acc[i][j]);                      \
 }
-REGISTER_STREAM(stream_regs_q8_0, q8_0_group, 34)
-REGISTER_STREAM(stream_regs_q4_0, q4_0_group, 18)
+REGISTER_STREAM(stream_regs_q8_0, q8_0_group, 34, MR, NR)
+REGISTER_STREAM(stream_regs_q4_0, q4_0_group, 18, MR, NR)
+/* Batches of 5-16 rows: 8 activation rows x 2 weight rows of accumulators, re-decoding the
+ * weights once per 8 rows (cheaper than the tile path's float round trip through L2). */
+enum { WMR = 8, WNR = 2, WIDE_MAX_M = 16 };
+REGISTER_STREAM(wide_regs_q8_0, q8_0_group, 34, WMR, WNR)
+REGISTER_STREAM(wide_regs_q4_0, q4_0_group, 18, WMR, WNR)
 #endif
 
 /* One matmul call: what every thread's share of the work needs. */
@@ -262,6 +267,37 @@ static int stream_regs_range_##fn(const struct job *jb, int64_t lo, int64_t hi) 
                                                      jb->x, jb->ldx, jb->y + n, jb->ldy, MRC, NRC)
 REGISTER_RANGE(q8_0)
 REGISTER_RANGE(q4_0)
+
+#define WIDE_SIZES(call, mr, nr)                                                                \
+    switch ((mr) * 4 + (nr)) {                                                                   \
+        case 8 * 4 + 2: call(8, 2); break; case 7 * 4 + 2: call(7, 2); break;                    \
+        case 6 * 4 + 2: call(6, 2); break; case 5 * 4 + 2: call(5, 2); break;                    \
+        case 4 * 4 + 2: call(4, 2); break; case 3 * 4 + 2: call(3, 2); break;                    \
+        case 2 * 4 + 2: call(2, 2); break; case 1 * 4 + 2: call(1, 2); break;                    \
+        case 8 * 4 + 1: call(8, 1); break; case 7 * 4 + 1: call(7, 1); break;                    \
+        case 6 * 4 + 1: call(6, 1); break; case 5 * 4 + 1: call(5, 1); break;                    \
+        case 4 * 4 + 1: call(4, 1); break; case 3 * 4 + 1: call(3, 1); break;                    \
+        case 2 * 4 + 1: call(2, 1); break; default: call(1, 1); break;                           \
+    }
+
+#define WIDE_RANGE(fn)                                                                          \
+static int wide_regs_range_##fn(const struct job *jb, int64_t lo, int64_t hi) {                 \
+    for (int64_t n = lo; n < hi;) {                                                              \
+        const int nr = hi - n >= WNR ? WNR : 1;                                                  \
+        for (int64_t m0 = 0; m0 < jb->M; m0 += WMR) {                                            \
+            const int mr = jb->M - m0 < WMR ? (int)(jb->M - m0) : WMR;                           \
+            WIDE_SIZES(WIDE_CALL_##fn, mr, nr)                                                   \
+        }                                                                                        \
+        n += nr;                                                                                 \
+    }                                                                                            \
+    return 0;                                                                                    \
+}
+#define WIDE_CALL_q8_0(MRC, NRC) wide_regs_q8_0(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K,  \
+        jb->x + m0 * jb->ldx, jb->ldx, jb->y + m0 * jb->ldy + n, jb->ldy, MRC, NRC)
+#define WIDE_CALL_q4_0(MRC, NRC) wide_regs_q4_0(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K,  \
+        jb->x + m0 * jb->ldx, jb->ldx, jb->y + m0 * jb->ldy + n, jb->ldy, MRC, NRC)
+WIDE_RANGE(q8_0)
+WIDE_RANGE(q4_0)
 #endif
 
 #define RANGES(id, fn, bs, ts)                                                                         \
@@ -276,6 +312,8 @@ int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int
 #ifdef __AVX512F__
     if (M <= MR && qtype == LUMEN_Q8_0) return run_parallel(stream_regs_range_q8_0, &jb, N, NR, nthreads);
     if (M <= MR && qtype == LUMEN_Q4_0) return run_parallel(stream_regs_range_q4_0, &jb, N, NR, nthreads);
+    if (M <= WIDE_MAX_M && qtype == LUMEN_Q8_0) return run_parallel(wide_regs_range_q8_0, &jb, N, WNR, nthreads);
+    if (M <= WIDE_MAX_M && qtype == LUMEN_Q4_0) return run_parallel(wide_regs_range_q4_0, &jb, N, WNR, nthreads);
 #endif
 #define MATMUL(id, fn, bs, ts)                                                               \
     if (qtype == id) {                                                                       \
