@@ -16,6 +16,7 @@ concatenating them, since their types may differ and a concatenation would be a 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +78,8 @@ class GGUFWeight:
         return dequantize(raw, self.qtype, (raw.shape[0], self.in_features))
 
 
-class NativeQuantLinear:
-    """x @ W^T with W kept as GGUF blocks, by the C kernels (float32 arithmetic)."""
-
-    kind = "gguf-native"
+class _BlockLinear(ABC):
+    """A linear over a GGUFWeight; subclasses say how `matmul_into` multiplies."""
 
     def __init__(self, weight: GGUFWeight) -> None:
         self.weight = weight
@@ -92,6 +91,16 @@ class NativeQuantLinear:
         y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
         self.matmul_into(x2, y)
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    @abstractmethod
+    def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
+
+
+class NativeQuantLinear(_BlockLinear):
+    """x @ W^T with W kept as GGUF blocks, by the C kernels (float32 arithmetic)."""
+
+    kind = "gguf-native"
 
     def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
@@ -99,22 +108,11 @@ class NativeQuantLinear:
         native.qmatmul_into(self.weight.qtype, self.weight.raw, self.in_features, x, y)
 
 
-class ChunkedQuantLinear:
+class ChunkedQuantLinear(_BlockLinear):
     """x @ W^T with W kept as GGUF blocks, decoding CHUNK_ROWS rows at a time with engine.quant."""
 
     kind = "gguf-chunked"
     CHUNK_ROWS = 256
-
-    def __init__(self, weight: GGUFWeight) -> None:
-        self.weight = weight
-        self.out_features, self.in_features = weight.out_features, weight.in_features
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
-        self.matmul_into(x2, y)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.to(torch.float32)
