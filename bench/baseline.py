@@ -67,16 +67,20 @@ def bench_model(path: Path, args) -> dict:
     lumen_run(engine, prompt, 4)  # warm-up
     row = {"model": path.name, "lumen": median_runs(lambda: lumen_run(engine, prompt, args.decode), args.repeats)}
     del engine, loaded
+    row["llama.cpp"] = llamacpp_figures(path, prompt, args)
+    return row
+
+
+def llamacpp_figures(path: Path, prompt: list[int], args) -> dict | None:
+    """llama.cpp's median TTFT and decode tok/s on the same file and threads; None without llama_cpp."""
     try:
         from llama_cpp import Llama
     except ImportError:
-        row["llama.cpp"] = None
-        return row
+        return None
     llm = Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512,
                 n_batch=512, use_extra_bufts=False, verbose=False)
-    llamacpp_run(llm, prompt, 4)
-    row["llama.cpp"] = median_runs(lambda: llamacpp_run(llm, prompt, args.decode), args.repeats)
-    return row
+    llamacpp_run(llm, prompt, 4)  # warm-up
+    return median_runs(lambda: llamacpp_run(llm, prompt, args.decode), args.repeats)
 
 
 def main() -> None:

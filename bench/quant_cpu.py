@@ -20,13 +20,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from common import RESULTS, SHARED, prompt_ids  # noqa: E402  (sets sys.path)
-from baseline import llamacpp_run, lumen_run, median_runs  # noqa: E402
+from baseline import llamacpp_figures, lumen_run, median_runs  # noqa: E402
 from engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from engine.load import load_model  # noqa: E402
 from engine.request import GenerationRequest  # noqa: E402
@@ -62,17 +61,24 @@ def ensure_file(qtype: str) -> Path:
     return path
 
 
-def streams_run(loaded, streams: int, tokens: int) -> float:
-    """Aggregate decode tokens/s over the steps where all `streams` requests decode together."""
-    steps = []
-    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=streams, max_tokens_per_step=2048)),
-                       on_step=steps.append)
+def serve_streams(loaded, config: EngineConfig, streams: int, prompt_len: int, tokens: int,
+                  on_step=None) -> LLMEngine:
+    """Submit `streams` greedy requests (seeded prompts) together and step until all finish."""
+    engine = LLMEngine(loaded, config, on_step=on_step)
     vocab, bos = loaded.config.vocab_size, loaded.tokenizer.bos_id or 1
     for i in range(streams):
-        engine.add_request(GenerationRequest(str(i), prompt_ids(vocab, bos, 32, seed=i), tokens,
+        engine.add_request(GenerationRequest(str(i), prompt_ids(vocab, bos, prompt_len, seed=i), tokens,
                                              SamplingParams(temperature=0), ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
+    return engine
+
+
+def streams_run(loaded, streams: int, tokens: int) -> float:
+    """Aggregate decode tokens/s over the steps where all `streams` requests decode together."""
+    steps = []
+    config = EngineConfig(scheduler=SchedulerConfig(max_running=streams, max_tokens_per_step=2048))
+    serve_streams(loaded, config, streams, 32, tokens, on_step=steps.append)
     decode = [s for s in steps if s.batch_size == streams and s.num_tokens == streams]
     return streams * len(decode) / sum(s.duration_s for s in decode)
 
@@ -88,25 +94,16 @@ def bench_file(qtype: str, path: Path, args) -> dict:
     del engine
     row["lumen"][f"decode_tok_s_{args.streams}_streams"] = streams_run(loaded, args.streams, args.stream_tokens)
     del loaded
-    from llama_cpp import Llama
-    llm = Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512,
-                n_batch=512, use_extra_bufts=False, verbose=False)
-    llamacpp_run(llm, prompt, 4)
-    row["llama.cpp"] = median_runs(lambda: llamacpp_run(llm, prompt, args.decode), args.repeats)
-    del llm
+    row["llama.cpp"] = llamacpp_figures(path, prompt, args)
+    if row["llama.cpp"] is None:
+        sys.exit("bench/quant_cpu.py compares with llama.cpp: install the bench extra (llama-cpp-python)")
     return row
 
 
 def memory(path: Path, streams: int, tokens: int) -> None:
     """In this (fresh) process: load, serve `streams` requests, print peak RSS and its budget as JSON."""
     loaded = load_model(path)
-    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=streams)))
-    vocab, bos = loaded.config.vocab_size, loaded.tokenizer.bos_id or 1
-    for i in range(streams):
-        engine.add_request(GenerationRequest(str(i), prompt_ids(vocab, bos, 128, seed=i), tokens,
-                                             SamplingParams(temperature=0), ignore_eos=True))
-    while engine.has_unfinished():
-        engine.step()
+    engine = serve_streams(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=streams)), streams, 128, tokens)
     status = Path("/proc/self/status").read_text()
     peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
     spec = engine.kv.spec
