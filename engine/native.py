@@ -1,8 +1,8 @@
-"""Lumen's C kernels for GGUF weights on CPU, compiled on first use and called through ctypes.
+"""Lumen's C kernels for CPU, compiled on first use and called through ctypes.
 
-`engine/csrc/` holds the sources: per-format block decoders (bit-exact with ggml) and a
+`engine/csrc/` holds the sources: per-format block decoders (bit-exact with ggml), a
 batch-invariant matmul that decodes a tile of weight rows once and multiplies it by every
-activation row (see qmatmul.c). They are built for the machine they run on (`-march=native`)
+activation row (see qmatmul.c), and the decode attention over the paged KV cache (attention.c). They are built for the machine they run on (`-march=native`)
 into the cache directory (`$LUMEN_CACHE_DIR`, else `$XDG_CACHE_HOME/lumen`, else
 `~/.cache/lumen`), named by a digest of the sources, flags, compiler and CPU, so a stale or
 foreign build is never loaded. Building takes about a second with the system C compiler
@@ -28,8 +28,8 @@ import torch
 from engine.demo_model import default_cache_dir
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("qmatmul.c",)
-HEADERS = ("qmatmul.h", "decoders.h")
+SOURCES = ("qmatmul.c", "attention.c")
+HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "simd.h")
 # No implicit fused multiply-adds: the decoders are bit-exact with ggml's only unfused, and
 # the matmul spells its fma out.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror")
@@ -99,6 +99,9 @@ def library() -> ctypes.CDLL:
     lib.lumen_decode_row.restype = None
     lib.lumen_qmatmul.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
     lib.lumen_qmatmul.restype = i32
+    lib.lumen_paged_attention_rows.argtypes = [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, ptr, i64,
+                                               i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
+    lib.lumen_paged_attention_rows.restype = i32
     return lib
 
 
@@ -148,3 +151,34 @@ def decode_rows(qtype: int, raw: torch.Tensor, k: int) -> torch.Tensor:
     for i in range(raw.shape[0]):
         lib.lumen_decode_row(int(qtype), raw[i].data_ptr(), k, out[i].data_ptr())
     return out
+
+
+def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, rows: torch.Tensor, seqs: torch.Tensor,
+                         ctx_lens: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """out[rows[i]] = attention of q[rows[i]] over the first ctx_lens[i] cached positions of
+    sequence seqs[i] (its block table: block_tables[seqs[i]]), each row on its own.
+
+    q, out: float32 [num_tokens, nh, hd] with contiguous rows; caches float32 or bfloat16
+    [num_blocks, block_size, nkv, hd] contiguous; block_tables int32; rows int64; seqs and
+    ctx_lens int32 (one entry per row)."""
+    nh, hd = q.shape[1], q.shape[2]
+    block_size, nkv = k_cache.shape[1], k_cache.shape[2]
+    assert q.dtype == out.dtype == torch.float32 and q.shape == out.shape, "q and out must be float32, same shape"
+    assert q.stride()[1:] == (hd, 1) and out.stride()[1:] == (hd, 1), "q and out need contiguous [nh, hd] rows"
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16), \
+        f"caches must both be float32 or bfloat16, got {k_cache.dtype} and {v_cache.dtype}"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+    assert k_cache.shape[3] == hd and nh % nkv == 0, f"{nh} query heads of {hd} over {tuple(k_cache.shape)}"
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    assert rows.dtype == torch.int64 and seqs.dtype == ctx_lens.dtype == torch.int32
+    assert rows.is_contiguous() and seqs.is_contiguous() and ctx_lens.is_contiguous()
+    assert rows.numel() == seqs.numel() == ctx_lens.numel()
+    if rows.numel() == 0:
+        return
+    rc = library().lumen_paged_attention_rows(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+        block_tables.data_ptr(), block_tables.stride(0), rows.data_ptr(), seqs.data_ptr(), ctx_lens.data_ptr(),
+        rows.numel(), nh, nkv, hd, block_size, scale, out.data_ptr(), out.stride(0), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("lumen_paged_attention_rows could not allocate its score buffers")

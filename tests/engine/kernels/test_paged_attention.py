@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from engine import native
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.reference import reference_attention
 from engine.attention.select import ENV_VAR, select_backend
@@ -126,14 +127,72 @@ def _cpu(meta: AttentionMetadata) -> AttentionMetadata:
     return meta.to(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("native_decode", [True, False], ids=["c-decode", "sdpa-decode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("lengths", [mixed_lengths, decode_lengths], ids=["mixed", "decode"])
-def test_torch_backend(lengths, config, dtype, seed):
+def test_torch_backend(lengths, config, dtype, native_decode, seed):
+    if native_decode and not native.available():
+        pytest.skip("no C compiler: the C decode kernel cannot be built here")
     case = make_case(seed, lengths, config, dtype)
     q, kc, vc = case.q.cpu(), case.k_cache.cpu(), case.v_cache.cpu()
-    out = TorchAttention().forward(q, kc, vc, _cpu(case.meta), case.scale)
-    assert_matches_reference(out, case, "TorchAttention")
+    out = TorchAttention(native_decode=native_decode).forward(q, kc, vc, _cpu(case.meta), case.scale)
+    assert_matches_reference(out, case, f"TorchAttention(native_decode={native_decode})")
+
+
+def _every_row(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, seqs, context lengths) for every query row of the batch, prefill rows included."""
+    rows, seqs, ctx = [], [], []
+    start = 0
+    for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
+        for i in range(q_len):
+            rows.append(start + i)
+            seqs.append(s)
+            ctx.append(seq_len - q_len + i + 1)
+        start += q_len
+    return (torch.tensor(rows, dtype=torch.int64), torch.tensor(seqs, dtype=torch.int32),
+            torch.tensor(ctx, dtype=torch.int32))
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: the C kernels cannot be built")
+
+
+@needs_native
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", CONFIGS + [(4, 2, 8, 16), (4, 2, 80, 16)],
+                         ids=CONFIG_IDS + ["hd8", "hd80"])
+def test_c_kernel_every_row(config, cache_dtype, seed):
+    """The C kernel on each row of mixed batches (any context length, head sizes with a tail)."""
+    case = make_case(seed, mixed_lengths, config, cache_dtype)
+    meta = _cpu(case.meta)
+    q = case.q.float()
+    out = torch.full_like(q, float("nan"))
+    native.paged_attention_rows(q, case.k_cache, case.v_cache, meta.block_tables, *_every_row(meta),
+                                case.scale, out)
+    ref = reference_attention(q, case.k_cache.float(), case.v_cache.float(), meta, case.scale)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), \
+        f"max abs error {(out - ref).abs().max().item():.3g}; replay with SEED={seed}"
+
+
+@needs_native
+def test_c_kernel_row_is_batch_invariant(seed):
+    """A row's output has the same bits alone, in the whole batch, and on 1 or 2 threads."""
+    case = make_case(seed, mixed_lengths, (8, 1, 64, 32), torch.float32)
+    meta = _cpu(case.meta)
+    rows, seqs, ctx = _every_row(meta)
+    batched = torch.zeros_like(case.q)
+    native.paged_attention_rows(case.q, case.k_cache, case.v_cache, meta.block_tables, rows, seqs, ctx,
+                                case.scale, batched)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for i in torch.randperm(len(rows))[:6].tolist():
+            alone = torch.zeros_like(case.q)
+            native.paged_attention_rows(case.q, case.k_cache, case.v_cache, meta.block_tables, rows[i:i + 1],
+                                        seqs[i:i + 1], ctx[i:i + 1], case.scale, alone)
+            assert torch.equal(alone[rows[i]], batched[rows[i]]), f"row {i} differs alone; SEED={seed}"
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_triton
