@@ -23,6 +23,9 @@
 #include "simd.h"
 
 enum { MR = 4, NR = 4, MAX_BLOCK = 256 };
+/* Bytes ahead of the current block that the register paths prefetch in each weight row: the
+ * hardware prefetcher alone leaves one thread at about 7 GB/s on a 5632 x 2048 Q8_0 weight. */
+enum { PREFETCH = 512 };
 
 typedef void (*block_decoder)(const uint8_t *, float *);
 
@@ -112,6 +115,8 @@ static inline __attribute__((always_inline)) void name(                         
     for (int i = 0; i < mr; i++)                                                                 \
         for (int j = 0; j < nr; j++) acc[i][j] = _mm512_setzero_ps();                            \
     for (int64_t b = 0; b < K / 32; b++) {                                                       \
+        for (int j = 0; j < nr; j++)                                                             \
+            _mm_prefetch((const char *)(w + j * row_bytes + b * TS) + PREFETCH, _MM_HINT_T0);    \
         for (int g = 0; g < 2; g++) {                                                            \
             __m512 wv[ANR], xv[AMR];                                                             \
             for (int j = 0; j < nr; j++) {                                                       \
