@@ -127,17 +127,17 @@ def _cpu(meta: AttentionMetadata) -> AttentionMetadata:
     return meta.to(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("native_decode", [True, False], ids=["c-decode", "sdpa-decode"])
+@pytest.mark.parametrize("use_native", [True, False], ids=["c-kernel", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("lengths", [mixed_lengths, decode_lengths], ids=["mixed", "decode"])
-def test_torch_backend(lengths, config, dtype, native_decode, seed):
-    if native_decode and not native.available():
-        pytest.skip("no C compiler: the C decode kernel cannot be built here")
+def test_torch_backend(lengths, config, dtype, use_native, seed):
+    if use_native and not native.available():
+        pytest.skip("no C compiler: the C kernel cannot be built here")
     case = make_case(seed, lengths, config, dtype)
     q, kc, vc = case.q.cpu(), case.k_cache.cpu(), case.v_cache.cpu()
-    out = TorchAttention(native_decode=native_decode).forward(q, kc, vc, _cpu(case.meta), case.scale)
-    assert_matches_reference(out, case, f"TorchAttention(native_decode={native_decode})")
+    out = TorchAttention(use_native=use_native).forward(q, kc, vc, _cpu(case.meta), case.scale)
+    assert_matches_reference(out, case, f"TorchAttention(use_native={use_native})")
 
 
 def _every_row(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
