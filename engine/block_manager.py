@@ -118,6 +118,20 @@ class BlockManager:
             block.ref_count = 1
             seq.block_table.append(block_id)
 
+    def trim(self, seq: HasBlocks, num_tokens: int) -> None:
+        """Free seq's blocks beyond the first `num_tokens` positions (rejected draft tokens' slots).
+
+        Those blocks were never registered in the prefix cache (only computed full blocks
+        are), so they go to the front of the free list, to be handed out first."""
+        keep = self.blocks_for(num_tokens)
+        assert len(seq.block_hashes) <= keep, "trimming a registered (cached) block"
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block.block_id] = None
+                self.free.move_to_end(block.block_id, last=False)
+
     def register_full_blocks(self, seq: HasBlocks) -> None:
         """Make seq's newly computed full blocks findable by later sequences."""
         if not self.prefix_caching:

@@ -1,8 +1,9 @@
 """The synchronous engine: `add_request`, `abort_request`, and `step()`.
 
-One step = schedule() -> ONE forward over the flattened new tokens of every
-scheduled sequence -> update each sequence from its logits. The engine runs on
-one thread (the async engine's); nothing here is thread-safe by itself.
+One step = draft (speculative requests that are decoding get proposals for their next
+tokens) -> schedule() -> ONE forward over the flattened new tokens of every scheduled
+sequence, drafts included -> update each sequence from its logits (verifying drafts).
+The engine runs on one thread (the async engine's); nothing here is thread-safe by itself.
 """
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ from typing import Callable
 import torch
 from opentelemetry import trace
 
-from engine.attention import AttentionMetadata
 from engine.attention.select import select_backend
 from engine.block_manager import BlockManager
 from engine.errors import InvalidRequestError
 from engine.kv_cache import KVCachePool, KVCacheSpec
 from engine.loader import LoadedModel
-from engine.model import ForwardBatch, LlamaModel
+from engine.model import Chunk, ForwardBatch, LlamaModel, build_batch
 from engine.request import FinishReason, GenerationRequest, RequestOutput
 from engine.sampling import MAX_TOP_LOGPROBS
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.speculative import SpeculativeConfig
+from engine.speculative.engine_side import Speculation
 from engine.stats import StepStats
 from engine.tracing import SequenceSpans
 
@@ -35,6 +37,7 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30  # KV pool budget; capped at what max_running full contexts can use
     block_size: int = 16
     prefix_caching: bool = True
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.default_max_new_tokens < 1:
@@ -45,7 +48,9 @@ class EngineConfig:
 
 class LLMEngine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None,
-                 tracer: trace.Tracer | None = None, on_step: Callable[[StepStats], None] | None = None) -> None:
+                 tracer: trace.Tracer | None = None, on_step: Callable[[StepStats], None] | None = None,
+                 draft: LoadedModel | None = None) -> None:
+        """draft: a smaller model with the same vocabulary for SpecMethod.DRAFT (checked here)."""
         self.loaded = model
         self.config = config or EngineConfig()
         cfg, dtype = model.config, model.weights.dtype
@@ -53,10 +58,12 @@ class LLMEngine:
                                        max_tokens=self.config.scheduler.max_running * cfg.context_length)
         self.kv = KVCachePool(cfg, spec, dtype)
         self.blocks = BlockManager(spec.num_blocks, spec.block_size, self.config.prefix_caching)
-        self.model = LlamaModel(cfg, model.weights, self.kv, select_backend(torch.device("cpu")))
+        attention = select_backend(torch.device("cpu"))
+        self.model = LlamaModel(cfg, model.weights, self.kv, attention)
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         self.tokenizer = model.tokenizer
         self.spans = SequenceSpans(tracer or trace.NoOpTracer())
+        self.speculation = Speculation(self, self.config.speculative, draft, attention, tracer or trace.NoOpTracer())
         self.on_step = on_step
         self.tokens_computed = 0  # all tokens ever run through the model (tests use it)
 
@@ -87,41 +94,51 @@ class LLMEngine:
                                            f"(context length {ctx}), got {req.max_new_tokens}")
         if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}")
+        self.speculation.resolve(req)
 
     def add_request(self, req: GenerationRequest) -> None:
         self.validate(req)
-        self.scheduler.add(Sequence(req, self.tokenizer))
+        seq = Sequence(req, self.tokenizer)
+        seq.spec_method, seq.spec_tokens = self.speculation.resolve(req)
+        self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request at once, freeing its blocks; None if it is not here (already finished)."""
         seq = self.scheduler.remove(request_id)
         if seq is None:
             return None
+        self.speculation.release(seq)
         self.spans.end(seq, cancelled=True)
         return seq.final_output(FinishReason.ABORTED)
 
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
+        self.speculation.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
+            self.speculation.release(seq)
             self.spans.preempted(seq)
         for seq in sched.admitted:
             self.spans.admitted(seq)
         if not sched.scheduled:
             return []
+        verify_started = self.speculation.verify_started(sched.scheduled)
         batch, rows = self._build_batch(sched.scheduled)
         logits = self.model.forward(batch)
         self.tokens_computed += sched.num_tokens
         outputs = [out for item, (first, last) in zip(sched.scheduled, rows)
                    if (out := self._update(item, logits[first:last])) is not None]
+        spec = self.speculation.verified(sched.scheduled, verify_started)
         if self.on_step is not None:
-            self.on_step(StepStats.collect(self, sched, time.perf_counter() - started))
+            self.on_step(StepStats.collect(self, sched, time.perf_counter() - started, spec))
         return outputs
 
     def _update(self, item: ScheduledSeq, logits: torch.Tensor) -> RequestOutput | None:
         seq = item.seq
         first_token = not seq.has_sampled
         out = seq.on_computed(logits, item.num_new)
+        if seq.last_verify is not None:  # give back the blocks of rejected draft tokens
+            self.blocks.trim(seq, len(seq.token_ids))
         self.blocks.register_full_blocks(seq)
         if out is None:
             return None
@@ -129,6 +146,7 @@ class LLMEngine:
             self.spans.first_token(seq, out.finished)
         if out.finished:
             self.scheduler.finish(seq)
+            self.speculation.release(seq)
             self.spans.end(seq)
         return out
 
@@ -137,6 +155,7 @@ class LLMEngine:
         outputs = []
         for seq in self.scheduler.active():
             self.scheduler.remove(seq.request_id)
+            self.speculation.release(seq)
             self.spans.end(seq, error=error)
             outputs.append(seq.final_output(FinishReason.ERROR, error))
         return outputs
@@ -144,22 +163,9 @@ class LLMEngine:
     def check_invariants(self) -> None:
         """No KV block leaked or miscounted (tests call it after any mix of requests)."""
         self.blocks.check_invariants(self.scheduler.active())
+        self.speculation.check_invariants(self.scheduler.active())
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
-        token_ids: list[int] = []
-        positions: list[int] = []
-        logit_rows: list[int] = []
-        rows: list[tuple[int, int]] = []
-        for item in scheduled:
-            seq, start = item.seq, len(token_ids)
-            token_ids.extend(seq.token_ids[seq.num_computed: seq.num_computed + item.num_new])
-            positions.extend(range(seq.num_computed, seq.num_computed + item.num_new))
-            wanted = seq.logit_rows(item.num_new)
-            rows.append((len(logit_rows), len(logit_rows) + len(wanted)))
-            logit_rows.extend(start + r for r in wanted)
-        attn = AttentionMetadata.build(
-            [s.num_new for s in scheduled], [s.seq.num_computed + s.num_new for s in scheduled],
-            [s.seq.block_table for s in scheduled], self.blocks.block_size)
-        batch = ForwardBatch(torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                             attn, torch.tensor(logit_rows, dtype=torch.long))
-        return batch, rows
+        chunks = [Chunk(item.seq.step_tokens(item.num_new), item.seq.num_computed, item.seq.block_table,
+                        item.seq.logit_rows(item.num_new)) for item in scheduled]
+        return build_batch(chunks, self.blocks.block_size)

@@ -48,6 +48,34 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [num_logits] int64: rows of the batch whose logits are wanted
 
 
+@dataclass(slots=True)
+class Chunk:
+    """One sequence's part of a step: new tokens from position `start`, over its block table."""
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    logit_rows: range  # rows of token_ids whose logits are wanted
+
+
+def build_batch(chunks: list[Chunk], block_size: int) -> tuple[ForwardBatch, list[tuple[int, int]]]:
+    """The flattened batch of `chunks`, and each chunk's [first, last) rows in the returned logits."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    logit_rows: list[int] = []
+    rows: list[tuple[int, int]] = []
+    for chunk in chunks:
+        first = len(token_ids)
+        token_ids.extend(chunk.token_ids)
+        positions.extend(range(chunk.start, chunk.start + len(chunk.token_ids)))
+        rows.append((len(logit_rows), len(logit_rows) + len(chunk.logit_rows)))
+        logit_rows.extend(first + r for r in chunk.logit_rows)
+    attn = AttentionMetadata.build([len(c.token_ids) for c in chunks], [c.start + len(c.token_ids) for c in chunks],
+                                   [c.block_table for c in chunks], block_size)
+    batch = ForwardBatch(torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                         attn, torch.tensor(logit_rows, dtype=torch.long))
+    return batch, rows
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32 whatever the activation dtype."""
     return F.rms_norm(x.float(), weight.shape, weight, eps).to(x.dtype)
@@ -86,10 +114,11 @@ class LlamaModel:
         self.scale = cfg.head_dim ** -0.5
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Run one step; returns fp32 logits [num_logits, vocab]."""
+    def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
+        """Run one step; returns fp32 logits [num_logits, vocab]. With num_layers, only the first
+        layers run before the final norm and output head (the layer-skip draft)."""
         x = self.w.embed(batch.token_ids)  # [num_tokens, dim]
-        for index, layer in enumerate(self.w.layers):
+        for index, layer in enumerate(self.w.layers[:num_layers]):
             x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), batch)
             h = layer.w_gate_up(rms_norm(x, layer.ffn_norm, self.cfg.rms_eps))
             gate, up = h.chunk(2, dim=-1)

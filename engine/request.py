@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from opentelemetry.context import Context
 
 from engine.sampling import SamplingParams, TokenLogprob
+from engine.speculative.config import SpeculativeParams
 
 
 class FinishReason(enum.Enum):
@@ -29,6 +30,7 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    speculative: SpeculativeParams = field(default_factory=SpeculativeParams)
     # The request's span context: engine spans (prefill, decode) become its children.
     trace_context: Context | None = None
     arrival_time: float = field(default_factory=time.monotonic)
@@ -47,6 +49,8 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    draft_tokens: int = 0     # speculative draft tokens verified so far
+    accepted_tokens: int = 0  # of which the target accepted
     error: BaseException | None = None
 
     @property

@@ -64,11 +64,27 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, history: list[int]) -> int:
         """Pick the next token from fp32 logits [vocab]; `history` = prompt + output ids."""
+        probs = self.distribution(logits, history)
+        if probs is None:
+            return self.greedy_token(logits, history)
+        return self.draw(probs)
+
+    def greedy_token(self, logits: torch.Tensor, history: list[int]) -> int:
         p = self.params
         if p.repetition_penalty != 1.0 and history:
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        return int(torch.argmax(logits))
+
+    def distribution(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor | None:
+        """The probabilities [vocab] this sampler draws from after every filter (None when greedy).
+
+        Speculative decoding scores drafts against exactly this distribution, for the draft
+        model and the target alike."""
+        p = self.params
         if p.greedy:
-            return int(torch.argmax(logits))
+            return None
+        if p.repetition_penalty != 1.0 and history:
+            logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -78,7 +94,15 @@ class Sampler:
             probs = _top_p_filter(probs, p.top_p)
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return probs
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """A token drawn from (unnormalized) probabilities with this request's generator."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        """A draw from U[0, 1) with this request's generator."""
+        return float(torch.rand((), generator=self.generator))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 One token-budget rule, no separate prefill and decode phases: each scheduled
 sequence's computed tokens catch up to its known tokens, as far as the step's
-budget allows (long prompts are split into chunks). Running sequences go first,
+budget allows (long prompts are split into chunks); a speculative draft adds its
+tokens to its sequence's share, cut or dropped first when budget or blocks run short. Running sequences go first,
 in admission order; when KV blocks run out, the most recently admitted one is
 preempted (its blocks freed, its tokens recomputed later). Waiting sequences are
 admitted in arrival order while blocks, budget and the running limit allow.
@@ -69,8 +70,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_pending, budget)
+            num_new = self._fit_draft(seq, budget)
             while not self.blocks.can_grow(seq, seq.num_computed + num_new):
+                if seq.draft is not None:  # drop a speculative draft before preempting anyone
+                    seq.draft = None
+                    num_new = min(seq.num_pending, budget)
+                    continue
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -81,6 +86,20 @@ class Scheduler:
             budget -= num_new
             i += 1
         return budget
+
+    @staticmethod
+    def _fit_draft(seq: Sequence, budget: int) -> int:
+        """Tokens to compute for a running sequence: its pending ones, plus as much of its
+        speculative draft as the budget leaves room for (the draft is cut to match)."""
+        num_new = min(seq.num_pending, budget)
+        if seq.draft is not None:
+            room = budget - num_new if num_new == seq.num_pending else 0
+            seq.draft.truncate(room)
+            if not seq.draft.tokens:
+                seq.draft = None
+            else:
+                num_new += len(seq.draft.tokens)
+        return num_new
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:

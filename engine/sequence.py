@@ -2,7 +2,10 @@
 
 `num_computed` catches up to `len(token_ids)` step by step (chunked prefill,
 recompute after preemption); a token is sampled only when it has caught up.
-A `Sequence` turns each sampled token into a `RequestOutput`; it never runs the model.
+With a speculative `draft`, a decode step computes the last token and the draft tokens
+together and verification appends every accepted token plus one from the target; the
+KV entries of rejected ones are simply no longer counted as computed (rolled back).
+A `Sequence` turns its new tokens into one `RequestOutput` per step; it never runs the model.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from opentelemetry import trace
 from engine.detokenizer import IncrementalDetokenizer
 from engine.request import FinishReason, GenerationRequest, RequestOutput
 from engine.sampling import Sampler, TokenLogprob, token_logprobs
+from engine.speculative import Draft, SpecMethod
+from engine.speculative.verify import verify
 from engine.stopping import StopMatcher
 from engine.tokenizer import Tokenizer
 
@@ -36,6 +41,12 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob] = []
         self.first_scheduled: float | None = None  # monotonic time it left the queue
         self.span: trace.Span | None = None  # the current phase's span: prefill, then decode
+        self.spec_method = SpecMethod.NONE  # set by the engine from the request and its defaults
+        self.spec_tokens = 0                # draft length k the engine asks its proposer for
+        self.draft: Draft | None = None     # proposed tokens for the next step, not yet verified
+        self.draft_tokens = 0               # draft tokens verified so far (proposed and scheduled)
+        self.accepted_tokens = 0            # of which the target accepted
+        self.last_verify: tuple[int, int] | None = None  # (proposed, accepted) of this step's verification
 
     @property
     def output_ids(self) -> list[int]:
@@ -57,38 +68,61 @@ class Sequence:
         """Prompt logprobs still to compute (never again after a recompute: they were sent)."""
         return self.request.prompt_logprobs and not self.has_sampled and self.num_computed < len(self.prompt_ids)
 
+    def step_tokens(self, num_new: int) -> list[int]:
+        """The tokens a step computing `num_new` of them feeds: pending ones, then the draft's."""
+        pending = self.token_ids[self.num_computed: self.num_computed + num_new]
+        if self.draft is not None and len(pending) < num_new:
+            pending += self.draft.tokens[: num_new - len(pending)]
+        return pending
+
     def logit_rows(self, num_new: int) -> range:
         """Rows (relative to this sequence's new tokens) whose logits this step needs."""
         if self.wants_prompt_logprobs():
             return range(num_new)
-        if self.num_computed + num_new == len(self.token_ids):
-            return range(num_new - 1, num_new)
+        drafted = len(self.draft.tokens) if self.draft is not None else 0
+        if self.num_computed + num_new == len(self.token_ids) + drafted:
+            return range(num_new - 1 - drafted, num_new)
         return range(0)
 
     def on_computed(self, logits: torch.Tensor, num_new: int) -> RequestOutput | None:
         """Account for `num_new` computed tokens; `logits` holds this step's rows from logit_rows()."""
         start, scoring = self.num_computed, self.wants_prompt_logprobs()
+        draft, self.draft = self.draft, None
         self.num_computed += num_new
         if scoring:
             # Row j predicts the token at start + j + 1; only prompt tokens are scored.
             targets = self.prompt_ids[start + 1: min(self.num_computed + 1, len(self.prompt_ids))]
             self.prompt_logprobs += token_logprobs(logits[: len(targets)], targets, self.request.top_logprobs)
+        if draft is not None:
+            tokens, accepted = verify(self.sampler, logits, draft, self.token_ids)
+            # Computed and kept: the last token and the accepted draft tokens; the rest roll back.
+            self.num_computed = len(self.token_ids) + accepted
+            self.draft_tokens += len(draft.tokens)
+            self.accepted_tokens += accepted
+            self.last_verify = (len(draft.tokens), accepted)
+            return self._emit(tokens, logits)
         if self.num_computed < len(self.token_ids):
             return None  # a prefill chunk (or a recompute) that has not caught up yet
-        return self._sample(logits[-1])
+        return self._emit([self.sampler.sample(logits[-1], self.token_ids)], logits[-1:])
 
-    def _sample(self, logits: torch.Tensor) -> RequestOutput:
+    def _emit(self, tokens: list[int], logits: torch.Tensor) -> RequestOutput:
+        """Append `tokens` (logits row i scored tokens[i]) up to the first that finishes the request."""
         out = RequestOutput(self.request_id, prompt_tokens=len(self.prompt_ids),
                             cached_tokens=self.num_cached_tokens)
         if not self.has_sampled:
             out.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, []
-        token = self.sampler.sample(logits, self.token_ids)
-        self.token_ids.append(token)
-        if self.request.logprobs or self.request.top_logprobs:
-            out.logprobs = token_logprobs(logits.unsqueeze(0), [token], self.request.top_logprobs)
-        out.token_ids = [token]
-        out.text, out.finish_reason, out.stop_sequence = self._text_and_finish(token)
+        for i, token in enumerate(tokens):
+            self.token_ids.append(token)
+            if self.request.logprobs or self.request.top_logprobs:
+                out.logprobs += token_logprobs(logits[i: i + 1], [token], self.request.top_logprobs)
+            out.token_ids.append(token)
+            text, out.finish_reason, out.stop_sequence = self._text_and_finish(token)
+            out.text += text
+            if out.finished:
+                break
+        self.num_computed = min(self.num_computed, len(self.token_ids))
         out.completion_tokens = self.num_output
+        out.draft_tokens, out.accepted_tokens = self.draft_tokens, self.accepted_tokens
         return out
 
     def _text_and_finish(self, token: int) -> tuple[str, FinishReason | None, str]:
@@ -103,8 +137,9 @@ class Sequence:
         return text, None, ""
 
     def reset_for_recompute(self) -> None:
-        """After preemption: keep the tokens, drop the cache; the next admission recomputes them."""
+        """After preemption: keep the tokens, drop the cache and any draft; the next admission recomputes them."""
         self.num_computed = 0
+        self.draft = None
         self.num_preemptions += 1
 
     def mark_scheduled(self) -> None:
@@ -115,4 +150,5 @@ class Sequence:
         """The closing output of a request stopped from outside (abort, engine error)."""
         return RequestOutput(self.request_id, finish_reason=reason, error=error,
                              prompt_tokens=len(self.prompt_ids), completion_tokens=self.num_output,
-                             cached_tokens=self.num_cached_tokens)
+                             cached_tokens=self.num_cached_tokens, draft_tokens=self.draft_tokens,
+                             accepted_tokens=self.accepted_tokens)

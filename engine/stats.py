@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from engine.engine import LLMEngine
     from engine.scheduler import SchedulerOutput
+    from engine.speculative.engine_side import SpecStepStats
 
 
 @dataclass(slots=True, frozen=True)
@@ -22,15 +23,23 @@ class StepStats:
     cached_tokens: int       # prompt tokens the admitted sequences found in the prefix cache
     prefix_hits: int         # admitted sequences that found any
     duration_s: float
+    spec_drafts: int = 0         # requests whose speculative draft was verified in this step
+    spec_draft_tokens: int = 0   # draft tokens verified
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()  # [i]: drafts whose i-th token was accepted
 
     @classmethod
-    def collect(cls, engine: "LLMEngine", sched: "SchedulerOutput", duration_s: float) -> "StepStats":
+    def collect(cls, engine: "LLMEngine", sched: "SchedulerOutput", duration_s: float,
+                spec: "SpecStepStats | None" = None) -> "StepStats":
         blocks, scheduler = engine.blocks, engine.scheduler
+        spec_fields = {} if spec is None else dict(
+            spec_drafts=spec.drafts, spec_draft_tokens=spec.draft_tokens,
+            spec_accepted_tokens=spec.accepted_tokens, spec_accepted_per_position=spec.accepted_per_position)
         return cls(
             batch_size=len(sched.scheduled), num_tokens=sched.num_tokens,
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_blocks_free=blocks.num_free,
             preemptions=len(sched.preempted), admitted=len(sched.admitted),
             cached_tokens=sched.cached_tokens, prefix_hits=sched.prefix_hits,
-            duration_s=duration_s,
+            duration_s=duration_s, **spec_fields,
         )

@@ -51,6 +51,10 @@ class SequenceSpans:
         if span.is_recording():
             span.set_attribute("lumen.completion_tokens", seq.num_output)
             span.set_attribute("lumen.preemptions", seq.num_preemptions)
+            if seq.draft_tokens:
+                span.set_attribute("lumen.speculative.method", seq.spec_method.value)
+                span.set_attribute("lumen.speculative.draft_tokens", seq.draft_tokens)
+                span.set_attribute("lumen.speculative.accepted_tokens", seq.accepted_tokens)
             if cancelled:
                 span.add_event("cancelled")
             if error is not None:

@@ -1,0 +1,57 @@
+"""Which proposer a request uses and how many tokens it drafts: per request, with server defaults."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequestError
+
+MAX_SPECULATIVE_TOKENS = 16
+
+
+class SpecMethod(enum.Enum):
+    NONE = "none"              # plain decoding
+    NGRAM = "ngram"            # prompt lookup: continue the latest earlier occurrence of the recent n-gram
+    DRAFT = "draft"            # a second, smaller GGUF model with the same vocabulary
+    LAYER_SKIP = "layer_skip"  # the target's first layers and its output head
+
+    @classmethod
+    def parse(cls, value: str, field: str = "speculative.method") -> "SpecMethod":
+        try:
+            return cls(value.strip().lower().replace("-", "_"))
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise InvalidRequestError(field, f"{value!r} is not a method: use one of {names}") from None
+
+
+@dataclass(slots=True, frozen=True)
+class SpeculativeParams:
+    """A request's choice; None fields take the server's defaults."""
+    method: SpecMethod | None = None
+    num_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_tokens is not None and not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise InvalidRequestError("speculative.num_tokens",
+                                      f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_tokens}")
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """The engine's speculative decoding settings (`lumen serve --speculative ...`)."""
+    method: SpecMethod = SpecMethod.NONE   # the default for requests that do not choose
+    num_tokens: int = 4                    # default draft length k
+    ngram_max: int = 4                     # longest n-gram the prompt lookup matches
+    ngram_min: int = 1
+    layer_skip_layers: int | None = None   # draft layers for LAYER_SKIP (default: a quarter of the model)
+    max_batch: int = 4                     # no speculation in steps with more decoding requests than this
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if self.layer_skip_layers is not None and self.layer_skip_layers < 1:
+            raise ValueError(f"layer_skip_layers must be >= 1, got {self.layer_skip_layers}")
+        if self.max_batch < 0:
+            raise ValueError(f"max_batch must be >= 0, got {self.max_batch}")
