@@ -164,7 +164,9 @@ class DraftModelProposer(ModelProposer):
             if valid >= len(seq.token_ids) or seq.token_ids[valid] != token:
                 break
             valid += 1
-        state.num_computed = min(state.num_computed, valid)
+        # Feed at least the last token: its logits give the first draft token. (All of the cached
+        # tokens can be valid when a cut draft's bonus token equals the next one the draft fed.)
+        state.num_computed = min(state.num_computed, valid, len(seq.token_ids) - 1)
         state.token_ids = seq.token_ids
         self.blocks.trim(state, state.num_computed)
         return state
