@@ -12,6 +12,9 @@ import grpc
 from load.cli import add_bench_parser, cmd_bench
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# engine.speculative.SpecMethod's values, spelled out so that parsing arguments does not import torch.
+SPEC_METHODS = ("none", "ngram", "draft", "layer_skip")
+MAX_SPECULATIVE_TOKENS = 16
 
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -24,6 +27,19 @@ def parse_bytes(text: str) -> int:
     if unit not in UNITS or not number:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512MiB, 4GiB or 1000000")
     return int(float(number) * UNITS[unit])
+
+
+def _int_in_range(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+    return parse
 
 
 def _model_spec(text: str) -> tuple[str | None, Path]:
@@ -53,6 +69,22 @@ def _serve_parser(sub) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_new_tokens of requests that do not set it (clipped to the context)")
     p.add_argument("--log-level", default="INFO")
+    _speculative_options(p)
+
+
+def _speculative_options(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("speculative decoding")
+    s.add_argument("--speculative", choices=SPEC_METHODS, default="none",
+                   help="the method of requests that do not choose one: ngram (prompt lookup), draft "
+                        "(--draft-model), layer_skip (the model's first layers)")
+    s.add_argument("--num-speculative-tokens", type=_int_in_range(1, MAX_SPECULATIVE_TOKENS), default=4,
+                   metavar="K", help="draft tokens per step for requests that do not set it")
+    s.add_argument("--draft-model", type=Path, metavar="PATH",
+                   help="a small GGUF with the default model's vocabulary, for the 'draft' method")
+    s.add_argument("--layer-skip-layers", type=_int_in_range(1), default=None, metavar="N",
+                   help="layers of the 'layer_skip' draft (default: a quarter of the model)")
+    s.add_argument("--speculative-max-batch", type=_int_in_range(0), default=4, metavar="N",
+                   help="no speculation in steps with more decoding requests than this")
 
 
 def _client_parsers(sub) -> None:
@@ -71,6 +103,10 @@ def _client_parsers(sub) -> None:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-special-tokens", action="store_true", help="do not add BOS")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--speculative", choices=SPEC_METHODS, default=None, metavar="METHOD",
+                   help=f"speculative decoding method ({', '.join(SPEC_METHODS)}); default: the server's")
+    g.add_argument("--num-speculative-tokens", type=_int_in_range(1, MAX_SPECULATIVE_TOKENS), default=None,
+                   metavar="K", help="draft tokens per step; default: the server's")
     t = sub.add_parser("tokenize", help="tokenize text with a served model's tokenizer")
     t.add_argument("text")
     t.add_argument("--server", default=DEFAULT_TARGET)
@@ -93,11 +129,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from engine.engine import EngineConfig
     from engine.scheduler import SchedulerConfig
-    from service.loading import load_models
-    from service.server import ServerConfig, run_server
+    from engine.speculative import SpecMethod, SpeculativeConfig
+    from service.loading import load_models, load_with_progress
+    from service.server import ServerConfig, ServerConfigError, run_server
     from telemetry import setup_telemetry
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.speculative == "draft" and args.draft_model is None:  # refused before any model is loaded
+        raise ServerConfigError("--speculative draft needs a draft model: add --draft-model PATH "
+                                "(a small GGUF with the served model's vocabulary)")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ServerConfig(
@@ -106,9 +146,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
                                       max_waiting=args.max_waiting),
             default_max_new_tokens=args.default_max_tokens, kv_cache_bytes=args.kv_cache_memory,
-            block_size=args.block_size, prefix_caching=not args.no_prefix_caching))
+            block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
+            speculative=SpeculativeConfig(
+                method=SpecMethod(args.speculative), num_tokens=args.num_speculative_tokens,
+                layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch)),
+        draft_model=args.draft_model)
     loaded = load_models(config.models, config.dtype)
-    asyncio.run(run_server(config, setup_telemetry(), loaded))
+    draft = load_with_progress(config.draft_model, config.dtype) if config.draft_model else None
+    asyncio.run(run_server(config, setup_telemetry(), loaded, draft))
     return 0
 
 
@@ -129,6 +174,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(s, field, value)
     s.top_k, s.min_p = args.top_k, args.min_p
+    if args.speculative is not None:
+        req.speculative.method = args.speculative
+    if args.num_speculative_tokens is not None:
+        req.speculative.num_tokens = args.num_speculative_tokens
 
     def show(text: str) -> None:
         sys.stdout.write(text)

@@ -17,6 +17,8 @@ class GenerateSummary:
     token_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    draft_tokens: int = 0           # speculative draft tokens verified
+    accepted_draft_tokens: int = 0
     finish_reason: str = ""
     trace_id: str = ""
     time_to_first_token: float = 0.0
@@ -31,7 +33,11 @@ class GenerateSummary:
         return self.completion_tokens / self.total_seconds if self.total_seconds else 0.0
 
     def line(self) -> str:
-        return (f"prompt_tokens={self.prompt_tokens} completion_tokens={self.completion_tokens} "
+        spec = ""
+        if self.draft_tokens:
+            rate = self.accepted_draft_tokens / self.draft_tokens
+            spec = f"draft_tokens={self.draft_tokens} accepted={self.accepted_draft_tokens} ({rate:.0%}) "
+        return (f"prompt_tokens={self.prompt_tokens} completion_tokens={self.completion_tokens} {spec}"
                 f"ttft={self.time_to_first_token * 1000:.1f}ms tokens/s={self.tokens_per_second:.1f} "
                 f"finish={self.finish_reason} trace_id={self.trace_id}")
 
@@ -55,6 +61,8 @@ def stream_generate(stub: pb_grpc.InferenceStub, request: pb.GenerateRequest,
             summary.finish_reason = pb.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_").lower()
             summary.prompt_tokens = msg.usage.prompt_tokens
             summary.completion_tokens = msg.usage.completion_tokens
+            summary.draft_tokens = msg.usage.draft_tokens
+            summary.accepted_draft_tokens = msg.usage.accepted_draft_tokens
             summary.trace_id = msg.trace_id
     end = time.monotonic()
     summary.total_seconds = end - start

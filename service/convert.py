@@ -6,6 +6,7 @@ import uuid
 from engine.errors import InvalidRequestError
 from engine.request import FinishReason, GenerationRequest, RequestOutput
 from engine.sampling import SamplingParams, TokenLogprob
+from engine.speculative import SpecMethod, SpeculativeParams
 from engine.tokenizer import Tokenizer
 from lumen.v1 import inference_pb2 as pb
 
@@ -28,6 +29,12 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         repetition_penalty=opt("repetition_penalty", 1.0),
         seed=msg.seed if msg.HasField("seed") else None,
     )
+
+
+def speculative_from_proto(msg: pb.SpeculativeOptions) -> SpeculativeParams:
+    """Empty method / unset num_tokens take the server's defaults; bad values raise InvalidRequestError."""
+    method = SpecMethod.parse(msg.method, "speculative.method") if msg.method else None
+    return SpeculativeParams(method, msg.num_tokens if msg.HasField("num_tokens") else None)
 
 
 def check_request_fields(req: pb.GenerateRequest) -> None:
@@ -63,6 +70,7 @@ def generation_request(req: pb.GenerateRequest, prompt_ids: list[int], context_l
         logprobs=req.logprobs or req.top_logprobs > 0,
         top_logprobs=req.top_logprobs,
         prompt_logprobs=req.prompt_logprobs,
+        speculative=speculative_from_proto(req.speculative),
     )
 
 
@@ -89,6 +97,9 @@ def response_from_output(out: RequestOutput, tokenizer: Tokenizer, trace_id: str
         msg.usage.prompt_tokens = out.prompt_tokens
         msg.usage.completion_tokens = out.completion_tokens
         msg.usage.cached_tokens = out.cached_tokens
+        msg.usage.draft_tokens = out.draft_tokens
+        msg.usage.accepted_draft_tokens = out.accepted_tokens
+        msg.usage.acceptance_rate = out.accepted_tokens / out.draft_tokens if out.draft_tokens else 0.0
         msg.trace_id = trace_id
         msg.stop_sequence = out.stop_sequence
     return msg

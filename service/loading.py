@@ -20,11 +20,13 @@ def load_models(specs: list[tuple[str | None, Path]], dtype: torch.dtype) -> lis
         print(f"lumen: no --model given; serving the embedded demo model {path} "
               "(random weights: its text is not meaningful)", file=sys.stderr)
         specs = [("lumen-demo", path)]
-    loaded = []
-    for name, path in specs:
-        with tqdm(desc=f"loading {path.name}", unit="layer", file=sys.stderr, leave=False) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-            loaded.append(load_model(path, dtype=dtype, name=name, progress=progress))
-    return loaded
+    return [load_with_progress(path, dtype, name) for name, path in specs]
+
+
+def load_with_progress(path: Path, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
+    """One model (a served model or a speculative draft), with its own progress bar."""
+    with tqdm(desc=f"loading {path.name}", unit="layer", file=sys.stderr, leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        return load_model(path, dtype=dtype, name=name, progress=progress)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.async_engine import AsyncEngine
 from engine.engine import EngineConfig, LLMEngine
+from engine.errors import LumenError
 from engine.loader import LoadedModel
+from engine.speculative import SpecMethod
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
 from service.registry import ModelRegistry, ModelRuntime
@@ -32,12 +35,45 @@ class ServerConfig:
     port: int = 50051
     dtype: torch.dtype = torch.float32
     engine: EngineConfig = field(default_factory=EngineConfig)
+    draft_model: Path | None = None  # speculative draft for the default model
 
 
-def start_runtime(model: LoadedModel, config: EngineConfig, telemetry: Telemetry) -> ModelRuntime:
+class ServerConfigError(LumenError):
+    """The server's options cannot work together (e.g. a draft model with another vocabulary)."""
+
+
+def start_runtime(model: LoadedModel, config: EngineConfig, telemetry: Telemetry,
+                  draft: LoadedModel | None = None) -> ModelRuntime:
     steps = StepMetrics(telemetry.meter, model.name)
-    engine = LLMEngine(model, config, tracer=telemetry.tracer, on_step=steps.observe)
+    try:
+        engine = LLMEngine(model, config, tracer=telemetry.tracer, on_step=steps.observe, draft=draft)
+    except ValueError as exc:  # the engine refuses these settings for this model (its message says why)
+        raise ServerConfigError(f"cannot serve {model.name}: {exc}") from exc
     return ModelRuntime(model.name, model, AsyncEngine(engine))
+
+
+def build_registry(loaded: list[LoadedModel], config: EngineConfig, telemetry: Telemetry,
+                   draft: LoadedModel | None = None) -> ModelRegistry:
+    """One engine per model; the draft model serves the default (first) one only."""
+    runtimes: list[ModelRuntime] = []
+    try:
+        for i, model in enumerate(loaded):
+            runtimes.append(start_runtime(model, config, telemetry, draft) if i == 0
+                            else start_runtime(model, _without_draft(config, model.name), telemetry))
+        return ModelRegistry(runtimes)
+    except BaseException:
+        for rt in runtimes:
+            rt.engine.shutdown()
+        raise
+
+
+def _without_draft(config: EngineConfig, name: str) -> EngineConfig:
+    """A model other than the default has no draft model: its requests default to no speculation."""
+    if config.speculative.method is not SpecMethod.DRAFT:
+        return config
+    log.warning("%s: the draft model serves the default model only; requests to %s do not speculate "
+                "unless they choose another method", name, name)
+    return dataclasses.replace(config, speculative=dataclasses.replace(config.speculative, method=SpecMethod.NONE))
 
 
 class LumenServer:
@@ -72,8 +108,9 @@ class LumenServer:
         self.telemetry.shutdown()
 
 
-async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel]) -> None:
-    registry = ModelRegistry([start_runtime(m, config.engine, telemetry) for m in loaded])
+async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel],
+                     draft: LoadedModel | None = None) -> None:
+    registry = build_registry(loaded, config.engine, telemetry, draft)
     server = LumenServer(registry, telemetry, config.engine)
     port = await server.start(config.host, config.port)
     names = ", ".join(rt.name for rt in registry)

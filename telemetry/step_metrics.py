@@ -1,4 +1,5 @@
-"""Engine-step metrics: batch composition, queue depth, KV cache use, preemptions, prefix-cache hits.
+"""Engine-step metrics: batch composition, queue depth, KV cache use, preemptions, prefix-cache hits,
+speculative drafts and how many of their tokens were accepted.
 
 Recorded once per engine step from the engine's step statistics (any object with
 the fields of `engine.stats.StepStats`; this package never imports the engine).
@@ -34,6 +35,16 @@ class StepMetrics:
             "lumen.prefix_cache.hit_tokens", unit="{token}", description="Prompt tokens found in the prefix cache.")
         self._hits = meter.create_counter(
             "lumen.prefix_cache.hits", unit="{request}", description="Admitted requests that reused cached blocks.")
+        self._spec_drafts = meter.create_counter(
+            "lumen.speculative.drafts", unit="{draft}", description="Speculative drafts verified by the model.")
+        self._spec_draft_tokens = meter.create_counter(
+            "lumen.speculative.draft_tokens", unit="{token}", description="Speculative draft tokens verified.")
+        self._spec_accepted = meter.create_counter(
+            "lumen.speculative.accepted_tokens", unit="{token}", description="Speculative draft tokens accepted.")
+        self._spec_accepted_at = meter.create_counter(
+            "lumen.speculative.accepted_tokens_per_position", unit="{token}",
+            description="Accepted draft tokens by their position in the draft (0 = the first drafted token); "
+                        "over lumen.speculative.drafts, the fraction of drafts accepted up to each position.")
         meter.create_observable_gauge(
             "lumen.engine.requests", callbacks=[self._observe_requests], unit="{request}",
             description="Requests in the engine by state (running, waiting).")
@@ -52,6 +63,17 @@ class StepMetrics:
         if stats.prefix_hits:
             self._hit_tokens.add(stats.cached_tokens, self.attributes)
             self._hits.add(stats.prefix_hits, self.attributes)
+        if stats.spec_drafts:
+            self._observe_speculation(stats)
+
+    def _observe_speculation(self, stats: Any) -> None:
+        self._spec_drafts.add(stats.spec_drafts, self.attributes)
+        self._spec_draft_tokens.add(stats.spec_draft_tokens, self.attributes)
+        self._spec_accepted.add(stats.spec_accepted_tokens, self.attributes)
+        # Positions are bounded by the longest draft (16 tokens): a low-cardinality attribute.
+        # Zeros are recorded too, so a position that is never accepted still shows up.
+        for position, accepted in enumerate(stats.spec_accepted_per_position):
+            self._spec_accepted_at.add(accepted, {**self.attributes, "position": position})
 
     def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
         s = self.latest

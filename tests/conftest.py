@@ -36,6 +36,13 @@ def stories_model(stories_path):
 
 
 @pytest.fixture(scope="session")
+def stories_draft_model():
+    """A second TinyStories model with stories260K's vocabulary: a speculative draft for it."""
+    from engine.loader import load_gguf
+    return load_gguf(shared_file("models", "llama2xs-stories-tok512.gguf"))
+
+
+@pytest.fixture(scope="session")
 def stories_greedy() -> tuple[list[int], str]:
     """The oracle: 200 greedy ids after BOS, and their text."""
     ids = [int(x) for x in shared_file("models", "stories260K.greedy200.ids").read_text().split()]

@@ -69,10 +69,11 @@ async def read_rest(call) -> list:
     return msgs
 
 
-async def start_harness(model, telemetry: Telemetry | None = None, config: EngineConfig | None = None) -> Harness:
+async def start_harness(model, telemetry: Telemetry | None = None, config: EngineConfig | None = None,
+                        draft=None) -> Harness:
     telemetry = telemetry or setup_telemetry()
     config = config or EngineConfig()
-    runtime = start_runtime(model, config, telemetry)
+    runtime = start_runtime(model, config, telemetry, draft)
     server = LumenServer(ModelRegistry([runtime]), telemetry, config)
     port = await server.start("127.0.0.1", 0)
     target = f"127.0.0.1:{port}"
@@ -83,5 +84,13 @@ async def start_harness(model, telemetry: Telemetry | None = None, config: Engin
 @pytest_asyncio.fixture
 async def stories(stories_model):
     harness = await start_harness(stories_model)
+    yield harness
+    await harness.close()
+
+
+@pytest_asyncio.fixture
+async def stories_with_draft(stories_model, stories_draft_model):
+    """stories260K served with llama2xs-stories-tok512 as its speculative draft model."""
+    harness = await start_harness(stories_model, draft=stories_draft_model)
     yield harness
     await harness.close()

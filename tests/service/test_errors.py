@@ -41,6 +41,10 @@ INVALID = [
     ("empty prompt without BOS", req(prompt="", add_special_tokens=False), "prompt"),
     ("empty stop string", req(stopping__stop=[""]), "stopping.stop"),
     ("non-positive repetition penalty", req(sampling__repetition_penalty=0.0), "sampling.repetition_penalty"),
+    ("unknown speculative method", req(speculative__method="bogus"), "speculative.method"),
+    ("zero speculative tokens", req(speculative__num_tokens=0), "speculative.num_tokens"),
+    ("17 speculative tokens", req(speculative__num_tokens=17), "speculative.num_tokens"),
+    ("draft method without a draft model", req(speculative__method="draft"), "speculative.method"),
 ]
 
 

@@ -102,3 +102,52 @@ async def test_prefix_cache_hit_reported_in_usage_spans_and_metrics(stories_mode
     names = {m.name for m in metrics}
     assert {"lumen.engine.batch_size", "lumen.engine.step.tokens", "lumen.engine.requests",
             "lumen.kv_cache.blocks"} <= names
+
+
+SPEC_COUNTERS = {"lumen.speculative.drafts": "{draft}", "lumen.speculative.draft_tokens": "{token}",
+                 "lumen.speculative.accepted_tokens": "{token}",
+                 "lumen.speculative.accepted_tokens_per_position": "{token}"}
+
+
+async def test_speculative_spans_and_metrics_over_otlp(stories_model, monkeypatch):
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        telemetry = setup_telemetry()
+        harness = await start_harness(stories_model, telemetry)
+        try:
+            req = pb.GenerateRequest()
+            req.sampling.temperature = 0
+            req.stopping.max_new_tokens, req.stopping.ignore_eos = 200, True
+            req.speculative.method = "ngram"
+            usage = [m async for m in harness.stub.Generate(req)][-1].usage
+            await asyncio.to_thread(telemetry.force_flush)
+            spans = await asyncio.to_thread(
+                receiver.wait_for_spans, lambda s: {"draft", "verify", "decode"} <= {x.name for x in s})
+            metrics = await asyncio.to_thread(
+                receiver.wait_for_metrics, lambda m: set(SPEC_COUNTERS) <= {x.name for x in m})
+        finally:
+            await harness.close()
+    assert usage.draft_tokens > 0
+    latest = {m.name: m for m in metrics}  # the newest export of each (cumulative) counter
+    for name, unit in SPEC_COUNTERS.items():
+        assert latest[name].unit == unit and latest[name].data_type == "sum", name
+
+    def total(name: str) -> int:
+        return int(sum(p.value for p in latest[name].points))
+
+    verifies = [s for s in spans if s.name == "verify"]
+    assert total("lumen.speculative.drafts") == sum(s.attributes["lumen.speculative.requests"] for s in verifies)
+    assert total("lumen.speculative.draft_tokens") == usage.draft_tokens
+    assert total("lumen.speculative.accepted_tokens") == usage.accepted_draft_tokens
+    # A draft with a accepted tokens counts once at each position 0..a-1.
+    positions = latest["lumen.speculative.accepted_tokens_per_position"].points
+    per_position = {p.attributes["position"]: p.value for p in positions}
+    assert sum(per_position.values()) == usage.accepted_draft_tokens
+    assert set(per_position) == set(range(len(per_position)))
+    assert all(per_position[i] >= per_position[i + 1] for i in range(len(per_position) - 1))
+    assert per_position[0] <= total("lumen.speculative.drafts")
+    (decode,) = [s for s in spans if s.name == "decode"]
+    assert decode.attributes["lumen.speculative.method"] == "ngram"
+    assert decode.attributes["lumen.speculative.draft_tokens"] == usage.draft_tokens
+    assert decode.attributes["lumen.speculative.accepted_tokens"] == usage.accepted_draft_tokens

@@ -1,0 +1,90 @@
+"""The `lumen` command line: speculative decoding flags, and clear startup errors for bad combinations."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.speculative import SpecMethod
+from engine.speculative.config import MAX_SPECULATIVE_TOKENS
+from engine.synthetic import SyntheticShape, VocabMetadata, write_synthetic_llama
+from service import server
+from service import cli
+from service.cli import main
+
+TINY = SyntheticShape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, context_length=128)
+
+
+def other_vocab(size: int) -> VocabMetadata:
+    """A SentencePiece-style vocabulary whose ids mean other tokens than stories260K's."""
+    return VocabMetadata(model="llama", tokens=tuple(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(size - 3)]),
+                         scores=tuple(float(-i) for i in range(size)), token_types=(2, 3, 3) + (1,) * (size - 3),
+                         bos_id=1, eos_id=2, unk_id=0, add_bos=True, add_eos=False)
+
+
+def test_cli_knows_the_engines_methods_and_limit():
+    assert cli.SPEC_METHODS == tuple(m.value for m in SpecMethod)
+    assert cli.MAX_SPECULATIVE_TOKENS == MAX_SPECULATIVE_TOKENS
+
+
+@pytest.fixture
+def server_never_starts(monkeypatch):
+    """A serve command that got past its checks fails here instead of serving forever."""
+    async def refuse(self, host, port):
+        raise AssertionError("lumen serve should have refused its options before listening")
+    monkeypatch.setattr(server.LumenServer, "start", refuse)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("lumen: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_speculative_draft_needs_a_draft_model(stories_path, capsys, server_never_starts):
+    assert main(["serve", "--model", str(stories_path), "--speculative", "draft"]) == 1
+    assert "--draft-model" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("vocab_size", [64, 512], ids=["smaller vocabulary", "same size, other tokens"])
+def test_draft_with_another_vocabulary_is_refused(stories_path, tmp_path, capsys, server_never_starts, vocab_size):
+    draft = write_synthetic_llama(tmp_path / "draft.gguf", TINY, other_vocab(vocab_size), seed=5, name="draft")
+    argv = ["serve", "--model", str(stories_path), "--draft-model", str(draft), "--speculative", "draft",
+            "--port", "0", "--kv-cache-memory", "16MiB"]
+    assert main(argv) == 1
+    line = one_line_error(capsys)
+    assert "vocabulary" in line and str(draft) in line
+
+
+def test_serve_passes_speculative_flags_to_the_engine(stories_path, monkeypatch):
+    seen = {}
+
+    async def fake_run_server(config, telemetry, loaded, draft=None):
+        seen.update(config=config, loaded=loaded, draft=draft)
+
+    monkeypatch.setattr(server, "run_server", fake_run_server)
+    argv = ["serve", "--model", str(stories_path), "--draft-model", str(stories_path), "--speculative", "layer_skip",
+            "--num-speculative-tokens", "6", "--layer-skip-layers", "2", "--speculative-max-batch", "8"]
+    assert main(argv) == 0
+    spec = seen["config"].engine.speculative
+    assert (spec.method, spec.num_tokens, spec.layer_skip_layers, spec.max_batch) == (SpecMethod.LAYER_SKIP, 6, 2, 8)
+    assert seen["draft"].path == stories_path and seen["loaded"][0].path == stories_path
+
+
+@pytest.mark.parametrize("flag,value", [("--num-speculative-tokens", "17"), ("--num-speculative-tokens", "0"),
+                                        ("--speculative", "bogus"), ("--speculative-max-batch", "-1")])
+def test_bad_speculative_flag_is_a_usage_error(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", flag, value])
+    assert exit_.value.code == 2 and flag in capsys.readouterr().err
+
+
+async def test_generate_prints_draft_tokens_in_its_summary(stories, capsys):
+    argv = ["generate", "", "--server", stories.target, "--max-tokens", "200", "--temperature", "0",
+            "--ignore-eos", "--speculative", "ngram", "--num-speculative-tokens", "4"]
+    assert await asyncio.to_thread(main, argv) == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "completion_tokens=200 draft_tokens=" in summary and "accepted=" in summary
+    argv = ["generate", "", "--server", stories.target, "--max-tokens", "5"]
+    assert await asyncio.to_thread(main, argv) == 0
+    assert "draft_tokens" not in capsys.readouterr().err
