@@ -32,7 +32,7 @@ SOURCES = ("qmatmul.c", "attention.c")
 HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "simd.h")
 # No implicit fused multiply-adds: the decoders are bit-exact with ggml's only unfused, and
 # the matmul spells its fma out.
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-psabi")
 
 
 class NativeUnavailable(RuntimeError):

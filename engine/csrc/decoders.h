@@ -102,10 +102,8 @@ DECODER dec_q2_k(const uint8_t *b, float *y) {
     }
 }
 
-/* Q3_K: hmask[32] | qs[64] (low 2 bits) | scales[12] (16 six-bit scales) | d fp16 */
-DECODER dec_q3_k(const uint8_t *b, float *y) {
-    const uint8_t *hm = b, *q = b + 32;
-    const float d_all = fp16_to_fp32(b + 108);
+/* Q3_K's 16 six-bit scales (unbiased: scale - 32 is the factor), unpacked from 12 bytes at 96 */
+static inline void q3_k_scales(const uint8_t *b, int8_t *scales) {
     const uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
     uint32_t aux[4];
     memcpy(aux, b + 96, 12);
@@ -114,7 +112,15 @@ DECODER dec_q3_k(const uint8_t *b, float *y) {
     aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
     aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
     aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
-    const int8_t *scales = (const int8_t *)aux;
+    memcpy(scales, aux, 16);
+}
+
+/* Q3_K: hmask[32] | qs[64] (low 2 bits) | scales[12] (16 six-bit scales) | d fp16 */
+DECODER dec_q3_k(const uint8_t *b, float *y) {
+    const uint8_t *hm = b, *q = b + 32;
+    const float d_all = fp16_to_fp32(b + 108);
+    int8_t scales[16];
+    q3_k_scales(b, scales);
     int is = 0;
     uint8_t m = 1;
     for (int n = 0; n < 256; n += 128) {
@@ -216,4 +222,177 @@ DECODER dec_bf16(const uint8_t *b, float *y) {
     for (int j = 0; j < 32; j++) y[j] = bf16_to_fp32(b + 2 * j);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define REGISTER_DECODERS 1
+/* Register decoders for the matmul's register paths: the values of the block decoders above,
+ * bit for bit, 16 at a time straight into a __m512. For each type T:
+ *   T_BS, T_TS          values and bytes per block;
+ *   T_prep              what one block needs across its groups (level tables, staged values);
+ *   T_prepare(blk, &p)  once per block;
+ *   T_group(blk, &p, g) values 16g .. 16g + 15 of the block.
+ * They compute the decoders' float products in the decoders' order, either per value or once
+ * into a table of a (sub-)block's 16 possible values that vpermps then indexes (it reads the
+ * low 4 bits of each lane), so each value is the very float the decoder writes. */
+#define REGDEC static inline __attribute__((always_inline))
+/* Keep x in memory for the broadcasts that follow: a broadcast from memory costs only a load,
+ * where GCC would otherwise shuffle the lane out of a register on port 5, the port that the
+ * lookups and widening conversions are already queued on. */
+#define IN_MEMORY(x) __asm__("" : "+m"(x))
+
+static inline __m128i load16(const void *p) { return _mm_loadu_si128((const __m128i *)p); }
+static inline __m256i load32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+enum { q8_0_BS = 32, q8_0_TS = 34, q4_0_BS = 32, q4_0_TS = 18 };
+typedef struct { __m512 d; } q8_0_prep;
+typedef struct { __m512 levels; } q4_0_prep;      /* levels[i] = (float)(i - 8) * d */
+
+REGDEC void q8_0_prepare(const uint8_t *b, q8_0_prep *p) { p->d = _mm512_set1_ps(fp16_to_fp32(b)); }
+
+REGDEC __m512 q8_0_group(const uint8_t *b, const q8_0_prep *p, int g) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(b + 2 + 16 * g))), p->d);
+}
+
+REGDEC void q4_0_prepare(const uint8_t *b, q4_0_prep *p) {
+    const __m512 q = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    p->levels = _mm512_mul_ps(q, _mm512_set1_ps(fp16_to_fp32(b)));
+}
+
+REGDEC __m512 q4_0_group(const uint8_t *b, const q4_0_prep *p, int g) {
+    const __m512i q = _mm512_cvtepu8_epi32(load16(b + 2));
+    return _mm512_permutexvar_ps(g == 0 ? q : _mm512_srli_epi32(q, 4), p->levels);
+}
+
+/* Q2_K, Q3_K, Q5_K, Q6_K: the block's integers staged in value order as int8, and the scales
+ * (and mins) of its sub-blocks; value = scale * (float)q (- min), as the decoders compute it. */
+typedef struct { int8_t q[256]; float s[16], m[16]; } staged_prep;
+typedef staged_prep q2_k_prep, q3_k_prep, q5_k_prep, q6_k_prep;
+enum { q2_k_BS = 256, q2_k_TS = 84, q3_k_BS = 256, q3_k_TS = 110, q5_k_BS = 256, q5_k_TS = 176,
+       q6_k_BS = 256, q6_k_TS = 210 };
+
+REGDEC __m512 staged_values(const staged_prep *p, int g) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(p->q + 16 * g)));
+}
+
+/* Q3_K, Q6_K: one scale per 16 values */
+REGDEC __m512 scaled_group(const uint8_t *b, const staged_prep *p, int g) {
+    (void)b;
+    return _mm512_mul_ps(_mm512_set1_ps(p->s[g]), staged_values(p, g));
+}
+
+/* Q2_K: a scale and a min per 16 values */
+REGDEC __m512 affine_group(const uint8_t *b, const staged_prep *p, int g) {
+    (void)b;
+    return _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(p->s[g]), staged_values(p, g)), _mm512_set1_ps(p->m[g]));
+}
+
+/* Q5_K: a scale and a min per 32 values, s[0..7] and s[8..15] */
+REGDEC __m512 q5_k_group(const uint8_t *b, const staged_prep *p, int g) {
+    (void)b;
+    return _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(p->s[g / 2]), staged_values(p, g)), _mm512_set1_ps(p->s[8 + g / 2]));
+}
+#define q2_k_group affine_group
+#define q3_k_group scaled_group
+#define q6_k_group scaled_group
+
+/* Q4_K / Q5_K: s[0..7] = d * sc_j and s[8..15] = dmin * m_j, the fields of scale_min_k4, all
+ * unpacked at once from the 12 bytes u0 u1 u2 as ggml's SIMD kernels do: bytes sc_0..7 are
+ * u0 & k1, (u2 & k2) | (u0 >> 6 & k3) << 4 and mins m_0..7 are u1 & k1, (u2 >> 4 & k2) | (u1 >> 6 & k3) << 4. */
+REGDEC void k4_scales_mins(const uint8_t *b, float *s) {
+    const __m128i u = load16(b + 4);
+    const __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
+    const __m128i top = _mm_srli_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(1, 1, 0, 0)), 2);   /* bits 6-7 at 4-5 */
+    const __m128i f = _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+                                   _mm_and_si128(top, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+    const __m128 d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128((int)u32le(b)));         /* exact widening */
+    const __m512 dd = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                            _mm512_zextps128_ps512(d_dmin));
+    _mm512_storeu_ps(s, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(f))));
+}
+
+/* Q4_K: a sub-block's 16 possible values d * sc * q - dmin * m as a level table, looked up by
+ * the 4-bit q. Group g is half of sub-block j = g / 2: the low (j even) or high nibbles of
+ * qs[32 (j / 2) + 16 (g % 2) ..]. */
+typedef struct { float s[16]; __m512 levels[8]; } q4_k_prep;
+enum { q4_k_BS = 256, q4_k_TS = 144 };
+
+REGDEC void q4_k_prepare(const uint8_t *b, q4_k_prep *p) {
+    const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    k4_scales_mins(b, p->s);
+    IN_MEMORY(p->s);
+    for (int j = 0; j < 8; j++)
+        p->levels[j] = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(p->s[j]), q), _mm512_set1_ps(p->s[8 + j]));
+}
+
+REGDEC __m512 q4_k_group(const uint8_t *b, const q4_k_prep *p, int g) {
+    const int j = g / 2;
+    const __m512i q = _mm512_cvtepu8_epi32(load16(b + 16 + 32 * (j / 2) + 16 * (g % 2)));
+    return _mm512_permutexvar_ps(j % 2 == 0 ? q : _mm512_srli_epi32(q, 4), p->levels[j]);
+}
+
+/* The 2-bit fields at bit 2j of 32 bytes of qs: values 32j .. 32j + 31 of a Q2_K / Q3_K half */
+REGDEC __m256i crumbs(__m256i q, int j) { return _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3)); }
+
+REGDEC void q2_k_prepare(const uint8_t *b, q2_k_prep *p) {
+    const __m512i sc = _mm512_cvtepu8_epi32(load16(b));      /* scale | min << 4 */
+    _mm512_storeu_ps(p->s, _mm512_mul_ps(_mm512_set1_ps(fp16_to_fp32(b + 80)),
+                                         _mm512_cvtepi32_ps(_mm512_and_si512(sc, _mm512_set1_epi32(15)))));
+    _mm512_storeu_ps(p->m, _mm512_mul_ps(_mm512_set1_ps(fp16_to_fp32(b + 82)), _mm512_cvtepi32_ps(_mm512_srli_epi32(sc, 4))));
+    for (int n = 0; n < 2; n++)
+        for (int j = 0; j < 4; j++)
+            _mm256_storeu_si256((__m256i *)(p->q + 128 * n + 32 * j), crumbs(load32(b + 16 + 32 * n), j));
+    IN_MEMORY(*p);
+}
+
+REGDEC void q3_k_prepare(const uint8_t *b, q3_k_prep *p) {
+    int8_t sc[16];
+    q3_k_scales(b, sc);
+    const __m512i s = _mm512_sub_epi32(_mm512_cvtepi8_epi32(load16(sc)), _mm512_set1_epi32(32));
+    _mm512_storeu_ps(p->s, _mm512_mul_ps(_mm512_set1_ps(fp16_to_fp32(b + 108)), _mm512_cvtepi32_ps(s)));
+    const __m256i hm = load32(b);
+    for (int n = 0; n < 2; n++)
+        for (int j = 0; j < 4; j++) {       /* minus 4 where the hmask bit is clear */
+            const __m256i q = crumbs(load32(b + 32 + 32 * n), j);
+            const __mmask32 clear = _mm256_testn_epi8_mask(hm, _mm256_set1_epi8((char)(1 << (4 * n + j))));
+            _mm256_storeu_si256((__m256i *)(p->q + 128 * n + 32 * j), _mm256_mask_sub_epi8(q, clear, q, _mm256_set1_epi8(4)));
+        }
+    IN_MEMORY(*p);
+}
+
+REGDEC void q5_k_prepare(const uint8_t *b, q5_k_prep *p) {
+    k4_scales_mins(b, p->s);
+    const __m256i qh = load32(b + 16), low = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(16);
+    for (int i = 0; i < 4; i++) {           /* plus 16 where the qh bit is set */
+        const __m256i ql = load32(b + 48 + 32 * i);
+        const __m256i lo = _mm256_and_si256(ql, low), hi = _mm256_and_si256(_mm256_srli_epi16(ql, 4), low);
+        const __mmask32 set_lo = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << 2 * i)));
+        const __mmask32 set_hi = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(2 << 2 * i)));
+        _mm256_storeu_si256((__m256i *)(p->q + 64 * i), _mm256_mask_add_epi8(lo, set_lo, lo, bit4));
+        _mm256_storeu_si256((__m256i *)(p->q + 64 * i + 32), _mm256_mask_add_epi8(hi, set_hi, hi, bit4));
+    }
+    IN_MEMORY(*p);
+}
+
+/* Q6_K's 2-bit high part p of a value, as int8 16 p - 32 (so low | high = q - 32), looked up by
+ * vpshufb from 4 bits of qh: 16-byte lanes 0-1 read the pair at bits 0-1, lanes 2-3 bits 2-3. */
+#define Q6_K_PAIR_LO -32, -16, 0, 16, -32, -16, 0, 16, -32, -16, 0, 16, -32, -16, 0, 16
+#define Q6_K_PAIR_HI -32, -32, -32, -32, -16, -16, -16, -16, 0, 0, 0, 0, 16, 16, 16, 16
+static const int8_t q6_k_high[64] __attribute__((aligned(64))) = {Q6_K_PAIR_LO, Q6_K_PAIR_LO, Q6_K_PAIR_HI, Q6_K_PAIR_HI};
+
+REGDEC void q6_k_prepare(const uint8_t *b, q6_k_prep *p) {
+    _mm512_storeu_ps(p->s, _mm512_mul_ps(_mm512_set1_ps(fp16_to_fp32(b + 208)),
+                                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(b + 192)))));
+    const __m512i high = _mm512_load_si512(q6_k_high), low = _mm512_set1_epi8(15);
+    for (int n = 0; n < 2; n++) {
+        /* bytes 0-31 are values l of q1 (q3), bytes 32-63 values l of q2 (q4): ql[l], ql[l + 32] */
+        const __m512i ql = _mm512_loadu_si512(b + 64 * n);
+        const __m512i qh = _mm512_broadcast_i64x4(load32(b + 128 + 32 * n));
+        const __m512i h12 = _mm512_shuffle_epi8(high, _mm512_and_si512(qh, low));
+        const __m512i h34 = _mm512_shuffle_epi8(high, _mm512_and_si512(_mm512_srli_epi16(qh, 4), low));
+        _mm512_storeu_si512(p->q + 128 * n, _mm512_or_si512(_mm512_and_si512(ql, low), h12));
+        _mm512_storeu_si512(p->q + 128 * n + 64, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low), h34));
+    }
+    IN_MEMORY(*p);
+}
+#endif
 #endif

@@ -5,7 +5,9 @@
  * so the weight bytes stream from memory once with no float copy of them. Larger batches
  * decode a tile of rows over all of K once into a per-thread buffer, then run the same
  * micro-kernel over every group of MR activation rows, so decoding is paid once per tile.
- * Either way, output (m, n) is the same sequence of fused multiply-adds: lane l of a
+ * With AVX-512 (F, BW, VL), batches of up to WIDE_MAX_M rows of the quantized types that decoders.h has
+ * register decoders for skip the L1 buffer: 16 weights at a time go straight to a register.
+ * Whatever the path, output (m, n) is the same sequence of fused multiply-adds: lane l of a
  * 16-lane accumulator sums k = l, l + 16, ... in order, then the lanes are added in a fixed
  * tree. So a row's result does not depend on the batch it is in, the tile it falls in or
  * the thread count, which keeps batched and solo generations identical.
@@ -79,51 +81,44 @@ static inline __attribute__((always_inline)) void decode_row(
     for (int64_t b = 0; b < K / bs; b++) dec(row + b * ts, out + b * bs);
 }
 
-/* Dispatch a runtime (mr, nr) to a specialisation with constant sizes; nr is NR or 1. */
-#define SIZES(call, mr, nr)                                                            \
+/* Dispatch a runtime (mr, nr) to call(kernel, MR, NR) with constant sizes; nr is NR or 1. */
+#define SIZES(call, kernel, mr, nr)                                                    \
     switch ((mr) * 8 + (nr)) {                                                         \
-        case 4 * 8 + NR: call(4, NR); break;                                           \
-        case 3 * 8 + NR: call(3, NR); break;                                           \
-        case 2 * 8 + NR: call(2, NR); break;                                           \
-        case 1 * 8 + NR: call(1, NR); break;                                           \
-        case 4 * 8 + 1: call(4, 1); break;                                             \
-        case 3 * 8 + 1: call(3, 1); break;                                             \
-        case 2 * 8 + 1: call(2, 1); break;                                             \
-        default: call(1, 1); break;                                                    \
+        case 4 * 8 + NR: call(kernel, 4, NR); break;                                   \
+        case 3 * 8 + NR: call(kernel, 3, NR); break;                                   \
+        case 2 * 8 + NR: call(kernel, 2, NR); break;                                   \
+        case 1 * 8 + NR: call(kernel, 1, NR); break;                                   \
+        case 4 * 8 + 1: call(kernel, 4, 1); break;                                     \
+        case 3 * 8 + 1: call(kernel, 3, 1); break;                                     \
+        case 2 * 8 + 1: call(kernel, 2, 1); break;                                     \
+        default: call(kernel, 1, 1); break;                                            \
     }
 
-#ifdef __AVX512F__
-/* Register-decoding variants of stream_block for the commonest legacy types: the block's
- * 16-value groups are decoded straight into registers ((float)q * d, as the decoders do)
- * and consumed at once, with the same fma order per output as every other path. */
-static inline __attribute__((always_inline)) __m512 q8_0_group(const uint8_t *blk, __m512 d, int g) {
-    const __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2 + 16 * g));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
-}
-
-static inline __attribute__((always_inline)) __m512 q4_0_group(const uint8_t *blk, __m512 d, int g) {
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
-    const __m512i nib = g == 0 ? _mm512_and_si512(q, _mm512_set1_epi32(0x0F)) : _mm512_srli_epi32(q, 4);
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(nib, _mm512_set1_epi32(8))), d);
-}
-
-#define REGISTER_STREAM(name, GROUP, TS, AMR, ANR)                                              \
+#ifdef REGISTER_DECODERS
+/* Register-decoding variants of stream_block: each block's 16-value groups are decoded
+ * straight into registers by decoders.h's register decoders and consumed at once, with the
+ * same fma order per output as every other path. Every cache line of a block is prefetched
+ * PREFETCH bytes ahead (a K-quant block spans 2 to 4 lines). */
+#define REGISTER_STREAM(name, T, AMR, ANR)                                                     \
 static inline __attribute__((always_inline)) void name(                                          \
         const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t ldx, float *y,    \
         int64_t ldy, const int mr, const int nr) {                                               \
     __m512 acc[AMR][ANR];                                                                        \
     for (int i = 0; i < mr; i++)                                                                 \
         for (int j = 0; j < nr; j++) acc[i][j] = _mm512_setzero_ps();                            \
-    for (int64_t b = 0; b < K / 32; b++) {                                                       \
-        for (int j = 0; j < nr; j++)                                                             \
-            _mm_prefetch((const char *)(w + j * row_bytes + b * TS) + PREFETCH, _MM_HINT_T0);    \
-        for (int g = 0; g < 2; g++) {                                                            \
+    for (int64_t b = 0; b < K / T##_BS; b++) {                                                   \
+        T##_prep p[ANR];                                                                         \
+        for (int j = 0; j < nr; j++) {                                                           \
+            const uint8_t *blk = w + j * row_bytes + b * T##_TS;                                 \
+            for (int o = 0; o < T##_TS; o += 64)                                                 \
+                _mm_prefetch((const char *)blk + PREFETCH + o, _MM_HINT_T0);                     \
+            T##_prepare(blk, &p[j]);                                                             \
+        }                                                                                        \
+        _Pragma("GCC unroll 16")                                                                 \
+        for (int g = 0; g < T##_BS / 16; g++) {                                                  \
             __m512 wv[ANR], xv[AMR];                                                             \
-            for (int j = 0; j < nr; j++) {                                                       \
-                const uint8_t *blk = w + j * row_bytes + b * TS;                                 \
-                wv[j] = GROUP(blk, _mm512_set1_ps(fp16_to_fp32(blk)), g);                        \
-            }                                                                                    \
-            for (int i = 0; i < mr; i++) xv[i] = _mm512_loadu_ps(x + i * ldx + b * 32 + 16 * g); \
+            for (int j = 0; j < nr; j++) wv[j] = T##_group(w + j * row_bytes + b * T##_TS, &p[j], g); \
+            for (int i = 0; i < mr; i++) xv[i] = _mm512_loadu_ps(x + i * ldx + b * T##_BS + 16 * g); \
             for (int i = 0; i < mr; i++)                                                         \
                 for (int j = 0; j < nr; j++) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]); \
         }                                                                                        \
@@ -131,13 +126,9 @@ static inline __attribute__((always_inline)) void name(                         
     for (int i = 0; i < mr; i++)                                                                 \
         for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum((v16)acc[i][j]);                      \
 }
-REGISTER_STREAM(stream_regs_q8_0, q8_0_group, 34, MR, NR)
-REGISTER_STREAM(stream_regs_q4_0, q4_0_group, 18, MR, NR)
 /* Batches of 5-16 rows: 8 activation rows x 2 weight rows of accumulators, re-decoding the
  * weights once per 8 rows (cheaper than the tile path's float round trip through L2). */
 enum { WMR = 8, WNR = 2, WIDE_MAX_M = 16 };
-REGISTER_STREAM(wide_regs_q8_0, q8_0_group, 34, WMR, WNR)
-REGISTER_STREAM(wide_regs_q4_0, q4_0_group, 18, WMR, WNR)
 #endif
 
 /* One matmul call: what every thread's share of the work needs. */
@@ -154,9 +145,9 @@ static inline __attribute__((always_inline)) int stream_range(
     const int mr = (int)jb->M;
     for (int64_t n = lo; n < hi;) {
         const int nr = hi - n >= NR ? NR : 1;
-#define STREAM(MRC, NRC) stream_block(dec, bs, ts, jb->w + n * jb->row_bytes, jb->row_bytes, jb->K, jb->x, \
-                                      jb->ldx, jb->y + n, jb->ldy, MRC, NRC)
-        SIZES(STREAM, mr, nr)
+#define STREAM(kernel, MRC, NRC) kernel(dec, bs, ts, jb->w + n * jb->row_bytes, jb->row_bytes, jb->K, jb->x, \
+                                           jb->ldx, jb->y + n, jb->ldy, MRC, NRC)
+        SIZES(STREAM, stream_block, mr, nr)
 #undef STREAM
         n += nr;
     }
@@ -178,9 +169,9 @@ static inline __attribute__((always_inline)) int tile_range(
             const int mr = M - m0 < MR ? (int)(M - m0) : MR;
             for (int64_t j = 0; j < rows;) {
                 const int nr = rows - j >= NR ? NR : 1;
-#define DECODED(MRC, NRC) decoded_block(wbuf + j * K, K, jb->x + m0 * jb->ldx, jb->ldx, \
-                                        jb->y + m0 * jb->ldy + n0 + j, jb->ldy, MRC, NRC)
-                SIZES(DECODED, mr, nr)
+#define DECODED(kernel, MRC, NRC) kernel(wbuf + j * K, K, jb->x + m0 * jb->ldx, jb->ldx, \
+                                                jb->y + m0 * jb->ldy + n0 + j, jb->ldy, MRC, NRC)
+                SIZES(DECODED, decoded_block, mr, nr)
 #undef DECODED
                 j += nr;
             }
@@ -230,54 +221,52 @@ void lumen_decode_row(int qtype, const uint8_t *row, int64_t k, float *out) {
 #undef DECODE
 }
 
-#ifdef __AVX512F__
-#define REGISTER_RANGE(fn)                                                                      \
-static int stream_regs_range_##fn(const struct job *jb, int64_t lo, int64_t hi) {               \
+#ifdef REGISTER_DECODERS
+#define WIDE_SIZES(call, kernel, mr, nr)                                                        \
+    switch ((mr) * 4 + (nr)) {                                                                   \
+        case 8 * 4 + 2: call(kernel, 8, 2); break; case 7 * 4 + 2: call(kernel, 7, 2); break;    \
+        case 6 * 4 + 2: call(kernel, 6, 2); break; case 5 * 4 + 2: call(kernel, 5, 2); break;    \
+        case 4 * 4 + 2: call(kernel, 4, 2); break; case 3 * 4 + 2: call(kernel, 3, 2); break;    \
+        case 2 * 4 + 2: call(kernel, 2, 2); break; case 1 * 4 + 2: call(kernel, 1, 2); break;    \
+        case 8 * 4 + 1: call(kernel, 8, 1); break; case 7 * 4 + 1: call(kernel, 7, 1); break;    \
+        case 6 * 4 + 1: call(kernel, 6, 1); break; case 5 * 4 + 1: call(kernel, 5, 1); break;    \
+        case 4 * 4 + 1: call(kernel, 4, 1); break; case 3 * 4 + 1: call(kernel, 3, 1); break;    \
+        case 2 * 4 + 1: call(kernel, 2, 1); break; default: call(kernel, 1, 1); break;           \
+    }
+#define REGISTER_CALL(kernel, MRC, NRC) kernel(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K,  \
+        jb->x + m0 * jb->ldx, jb->ldx, jb->y + m0 * jb->ldy + n, jb->ldy, MRC, NRC)
+
+/* For a type T with register decoders: M <= MR streams MR x NR outputs at a time (every row of
+ * the batch), M <= WIDE_MAX_M streams WMR x WNR (the batch in slices of WMR rows). */
+#define REGISTER_PATHS(T)                                                                       \
+REGISTER_STREAM(stream_regs_##T, T, MR, NR)                                                     \
+REGISTER_STREAM(wide_regs_##T, T, WMR, WNR)                                                     \
+static int stream_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {                 \
     const int mr = (int)jb->M;                                                                   \
+    const int64_t m0 = 0;                                                                        \
     for (int64_t n = lo; n < hi;) {                                                              \
         const int nr = hi - n >= NR ? NR : 1;                                                    \
-        SIZES(REGISTER_CALL_##fn, mr, nr)                                                        \
+        SIZES(REGISTER_CALL, stream_regs_##T, mr, nr)                                            \
         n += nr;                                                                                 \
     }                                                                                            \
     return 0;                                                                                    \
-}
-#define REGISTER_CALL_q8_0(MRC, NRC) stream_regs_q8_0(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K, \
-                                                     jb->x, jb->ldx, jb->y + n, jb->ldy, MRC, NRC)
-#define REGISTER_CALL_q4_0(MRC, NRC) stream_regs_q4_0(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K, \
-                                                     jb->x, jb->ldx, jb->y + n, jb->ldy, MRC, NRC)
-REGISTER_RANGE(q8_0)
-REGISTER_RANGE(q4_0)
-
-#define WIDE_SIZES(call, mr, nr)                                                                \
-    switch ((mr) * 4 + (nr)) {                                                                   \
-        case 8 * 4 + 2: call(8, 2); break; case 7 * 4 + 2: call(7, 2); break;                    \
-        case 6 * 4 + 2: call(6, 2); break; case 5 * 4 + 2: call(5, 2); break;                    \
-        case 4 * 4 + 2: call(4, 2); break; case 3 * 4 + 2: call(3, 2); break;                    \
-        case 2 * 4 + 2: call(2, 2); break; case 1 * 4 + 2: call(1, 2); break;                    \
-        case 8 * 4 + 1: call(8, 1); break; case 7 * 4 + 1: call(7, 1); break;                    \
-        case 6 * 4 + 1: call(6, 1); break; case 5 * 4 + 1: call(5, 1); break;                    \
-        case 4 * 4 + 1: call(4, 1); break; case 3 * 4 + 1: call(3, 1); break;                    \
-        case 2 * 4 + 1: call(2, 1); break; default: call(1, 1); break;                           \
-    }
-
-#define WIDE_RANGE(fn)                                                                          \
-static int wide_regs_range_##fn(const struct job *jb, int64_t lo, int64_t hi) {                 \
+}                                                                                                \
+static int wide_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {                   \
     for (int64_t n = lo; n < hi;) {                                                              \
         const int nr = hi - n >= WNR ? WNR : 1;                                                  \
         for (int64_t m0 = 0; m0 < jb->M; m0 += WMR) {                                            \
             const int mr = jb->M - m0 < WMR ? (int)(jb->M - m0) : WMR;                           \
-            WIDE_SIZES(WIDE_CALL_##fn, mr, nr)                                                   \
+            WIDE_SIZES(REGISTER_CALL, wide_regs_##T, mr, nr)                                     \
         }                                                                                        \
         n += nr;                                                                                 \
     }                                                                                            \
     return 0;                                                                                    \
 }
-#define WIDE_CALL_q8_0(MRC, NRC) wide_regs_q8_0(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K,  \
-        jb->x + m0 * jb->ldx, jb->ldx, jb->y + m0 * jb->ldy + n, jb->ldy, MRC, NRC)
-#define WIDE_CALL_q4_0(MRC, NRC) wide_regs_q4_0(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K,  \
-        jb->x + m0 * jb->ldx, jb->ldx, jb->y + m0 * jb->ldy + n, jb->ldy, MRC, NRC)
-WIDE_RANGE(q8_0)
-WIDE_RANGE(q4_0)
+#define REGISTER_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q2_K, q2_k) X(LUMEN_Q3_K, q3_k) \
+    X(LUMEN_Q4_K, q4_k) X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k)
+#define PATHS(id, T) REGISTER_PATHS(T)
+REGISTER_TYPES(PATHS)
+#undef PATHS
 #endif
 
 #define RANGES(id, fn, bs, ts)                                                                         \
@@ -289,11 +278,12 @@ TYPES(RANGES)
 int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
                   const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads) {
     const struct job jb = {w, row_bytes, N, K, M, ldx, ldy, x, y};
-#ifdef __AVX512F__
-    if (M <= MR && qtype == LUMEN_Q8_0) return run_parallel(stream_regs_range_q8_0, &jb, N, NR, nthreads);
-    if (M <= MR && qtype == LUMEN_Q4_0) return run_parallel(stream_regs_range_q4_0, &jb, N, NR, nthreads);
-    if (M <= WIDE_MAX_M && qtype == LUMEN_Q8_0) return run_parallel(wide_regs_range_q8_0, &jb, N, WNR, nthreads);
-    if (M <= WIDE_MAX_M && qtype == LUMEN_Q4_0) return run_parallel(wide_regs_range_q4_0, &jb, N, WNR, nthreads);
+#ifdef REGISTER_DECODERS
+#define REGISTER_MATMUL(id, T)                                                               \
+    if (qtype == id && M <= MR) return run_parallel(stream_regs_range_##T, &jb, N, NR, nthreads); \
+    if (qtype == id && M <= WIDE_MAX_M) return run_parallel(wide_regs_range_##T, &jb, N, WNR, nthreads);
+    REGISTER_TYPES(REGISTER_MATMUL)
+#undef REGISTER_MATMUL
 #endif
 #define MATMUL(id, fn, bs, ts)                                                               \
     if (qtype == id) {                                                                       \

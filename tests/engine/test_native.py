@@ -66,25 +66,56 @@ def test_matmul_matches_float64(qtype, rng):
         assert rel < 1e-6, f"m={m}: relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+# Types with register paths (M <= 16 on AVX-512) and a type without, checked against the tile path (M > 16).
+REGISTER_TYPES = [T.Q8_0, T.Q4_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", REGISTER_TYPES + [T.F16], ids=lambda t: t.name)
 def test_rows_are_batch_invariant(qtype, rng):
     """Each output row is bit-identical whatever the batch it is computed in and the thread count."""
-    n, k = 70, 512
+    n, k = 70, 512                       # n not a multiple of the register paths' 4 or 2 weight rows
     w = random_weight(qtype, rng, n, k)
-    x = torch.randn(23, k)
-    alone = torch.empty(23, n)
-    for i in range(23):
+    x = torch.randn(40, k)
+    alone = torch.empty(40, n)
+    for i in range(40):
         native.qmatmul_into(qtype, w.raw, k, x[i:i + 1], alone[i:i + 1])
     threads = torch.get_num_threads()
     try:
         for t in {1, threads}:
             torch.set_num_threads(t)
-            for m in (2, 4, 5, 16, 23):
+            for m in (2, 3, 4, 5, 9, 16, 17, 23, 40):
                 y = torch.empty(m, n)
                 native.qmatmul_into(qtype, w.raw, k, x[:m], y)
                 assert torch.equal(y, alone[:m]), f"{m} rows on {t} threads differ from rows alone"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("qtype", REGISTER_TYPES, ids=lambda t: t.name)
+def test_register_paths_match_decoded_weights(qtype, rng):
+    """The register paths (1 and 16 rows) give the tile path's bits, and those are the decoded weights'
+    sums in the documented order, on weights over the whole finite fp16 scale range."""
+    n, k = 6, 512
+    w = random_weight(qtype, rng, n, k, max_exp=30)
+    x = torch.randn(17, k) * 1e-3
+    tile = torch.empty(17, n)
+    native.qmatmul_into(qtype, w.raw, k, x, tile)
+    for m in (1, 16):
+        y = torch.empty(m, n)
+        native.qmatmul_into(qtype, w.raw, k, x[:m], y)
+        assert torch.equal(y, tile[:m]), f"{m} rows differ from the tile path"
+    # Reference: lane l sums x[k] * w[k] for k = l, l + 16, ... with one rounding each, then a fixed tree.
+    wd = native.decode_rows(qtype, w.raw, k).double()
+    xd = x.double()
+    acc = torch.zeros(17, n, 16, dtype=torch.float32)
+    for k0 in range(0, k, 16):
+        # float products are exact in float64; the float64 sum then rounds to float32 as fma does
+        # (but for double rounding, which random data essentially never hits)
+        acc = (xd[:, None, k0:k0 + 16] * wd[None, :, k0:k0 + 16] + acc.double()).float()
+    s8 = acc[..., :8] + acc[..., 8:]
+    s4 = s8[..., :4] + s8[..., 4:]
+    ref = (s4[..., 0] + s4[..., 2]) + (s4[..., 1] + s4[..., 3])
+    assert torch.equal(tile, ref), f"{int((tile != ref).sum())} outputs differ from the fma-order reference"
 
 
 def test_output_slices_and_concat(rng):
