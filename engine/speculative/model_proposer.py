@@ -16,6 +16,7 @@ Two kinds, one loop:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from engine.sequence import Sequence
 from engine.speculative.draft import Draft
 
 
-class ModelProposer:
+class ModelProposer(ABC):
     def __init__(self, model: LlamaModel, blocks: BlockManager, num_layers: int | None, context_length: int) -> None:
         self.model = model
         self.blocks = blocks
@@ -84,8 +85,9 @@ class ModelProposer:
         draft.probs.append(q)
 
     # What differs between the two kinds: where a sequence's drafting KV state lives.
+    @abstractmethod
     def _state(self, seq: Sequence):
-        raise NotImplementedError
+        """The sequence's drafting KV state (block_table, num_computed), rolled back to what is valid."""
 
     def _grow(self, state, num_tokens: int) -> bool:
         """Blocks for the first num_tokens positions of the drafting cache, if there are enough."""
