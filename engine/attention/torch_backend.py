@@ -29,12 +29,19 @@ class TorchAttention:
     def __init__(self, use_native: bool | None = None) -> None:
         """use_native: use the C kernel (default: when it builds here), else SDPA per sequence."""
         self.use_native = _native_available() if use_native is None else use_native
+        # The step's (rows, sequences, contexts) for the C kernel: the same for every layer.
+        self._rows: tuple[AttentionMetadata, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q [num_tokens, nh, hd] -> out [num_tokens, nh, hd]."""
         if self.use_native and k_cache.dtype in (torch.float32, torch.bfloat16):
-            return _native_rows(q, k_cache, v_cache, meta, scale)
+            if self._rows is None or self._rows[0] is not meta:
+                self._rows = (meta, _row_contexts(meta))
+            q32 = q.float().contiguous()
+            out = torch.empty_like(q32)
+            native.paged_attention_rows(q32, k_cache, v_cache, meta.block_tables, *self._rows[1], scale, out)
+            return out.to(q.dtype)
         out = torch.empty_like(q)
         bs = meta.block_size
         start = 0
@@ -57,20 +64,15 @@ def _native_available() -> bool:
     return True
 
 
-def _native_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                 scale: float) -> torch.Tensor:
-    """Every row in one C call (float32 arithmetic): row i of sequence s sees its first
-    seq_len - query_len + i + 1 positions."""
+def _row_contexts(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, its sequence, its context length) for every query row: row i of sequence s sees
+    its first seq_len - query_len + i + 1 positions."""
     query_lens = torch.tensor(meta.query_lens_list, dtype=torch.int64)
     seqs = torch.repeat_interleave(torch.arange(len(query_lens), dtype=torch.int32), query_lens)
-    rows = torch.arange(q.shape[0], dtype=torch.int64)
-    # Position of each row + 1: its sequence's context before this step, plus its index in the step.
+    rows = torch.arange(int(query_lens.sum()), dtype=torch.int64)
     past = (meta.seq_lens.long() - query_lens)[seqs.long()]
     ctx = (past + rows - meta.query_start_loc.long()[seqs.long()] + 1).to(torch.int32)
-    q32 = q.float().contiguous()
-    out = torch.empty_like(q32)
-    native.paged_attention_rows(q32, k_cache, v_cache, meta.block_tables, rows, seqs, ctx, scale, out)
-    return out.to(q.dtype)
+    return rows, seqs, ctx
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float) -> torch.Tensor:
