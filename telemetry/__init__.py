@@ -1,9 +1,10 @@
-"""Tracing and metrics for Lumen: the only place OpenTelemetry is configured.
+"""Tracing, metrics and logs for Lumen: the only place OpenTelemetry is configured.
 
 `service` and `engine` both import from here; this package must never import
 either of them.
 """
 
+from telemetry.logs import JsonFormatter, LogSetup, TextFormatter, current_trace_ids, setup_logging
 from telemetry.metrics import EngineMetrics
 from telemetry.step_metrics import StepMetrics
 from telemetry.tracing import (
@@ -17,11 +18,16 @@ from telemetry.tracing import (
 
 __all__ = [
     "EngineMetrics",
+    "JsonFormatter",
+    "LogSetup",
     "StepMetrics",
     "Telemetry",
     "TelemetryConfigError",
+    "TextFormatter",
+    "current_trace_ids",
     "extract_context",
     "format_trace_id",
     "inject_context",
+    "setup_logging",
     "setup_telemetry",
 ]

@@ -1,9 +1,13 @@
 """An in-process OTLP/gRPC receiver, so tests check what really goes over the wire.
 
-Built on opentelemetry-proto's generated servicers: it accepts trace and metric
-exports on 127.0.0.1 at an OS-chosen port, keeps everything it receives, and
+Built on opentelemetry-proto's generated servicers: it accepts trace, metric and
+log exports on 127.0.0.1 at an OS-chosen port, keeps everything it receives, and
 lets a test block until what it expects has arrived. It must never sleep or
 poll: waiting is a `threading.Condition` notified by each export.
+
+It can also play a broken collector for trace and metric exports:
+`fail_with(code)` answers each with a gRPC error, `hang()` holds each until
+`release()`; `faulted_exports()` counts the exports met that way.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -25,6 +31,21 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 class EventRecord:
     name: str
     attributes: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRecord:
+    trace_id: str
+    span_id: str
+    attributes: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ExemplarRecord:
+    """A measurement kept with its trace: ids are lowercase hex ("" when none)."""
+    value: float
+    trace_id: str
+    span_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +64,7 @@ class SpanRecord:
     status_code: str  # "UNSET", "OK" or "ERROR"
     start_ns: int
     end_ns: int
+    links: tuple[LinkRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +77,7 @@ class PointRecord:
     sum: float | None = None
     explicit_bounds: tuple[float, ...] = ()
     bucket_counts: tuple[int, ...] = ()
+    exemplars: tuple[ExemplarRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +90,22 @@ class MetricRecord:
     points: list[PointRecord]
     resource: dict[str, Any]
     scope: str
+    is_monotonic: bool = False  # sums only: a counter (True) or an up-down counter (False)
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One received log record, flattened; ids are lowercase hex, "" outside a span."""
+
+    body: Any
+    severity_text: str  # the SDK writes WARN for WARNING and FATAL for CRITICAL
+    severity_number: int
+    trace_id: str
+    span_id: str
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    scope: str
+    time_ns: int
 
 
 def _value(value: AnyValue) -> Any:
@@ -96,6 +135,8 @@ def _span_record(span: trace_pb2.Span, resource: dict[str, Any], scope: str) -> 
         status_code=trace_pb2.Status.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_"),
         start_ns=span.start_time_unix_nano,
         end_ns=span.end_time_unix_nano,
+        links=tuple(LinkRecord(link.trace_id.hex(), link.span_id.hex(), _attributes(link.attributes))
+                    for link in span.links),
     )
 
 
@@ -108,6 +149,8 @@ def _point_record(point: Any, data_type: str) -> PointRecord:
             sum=point.sum,
             explicit_bounds=tuple(point.explicit_bounds),
             bucket_counts=tuple(point.bucket_counts),
+            exemplars=tuple(ExemplarRecord(getattr(e, e.WhichOneof("value")), e.trace_id.hex(), e.span_id.hex())
+                            for e in point.exemplars),
         )
     if data_type in ("sum", "gauge"):
         return PointRecord(attributes, value=getattr(point, point.WhichOneof("value")))
@@ -124,6 +167,21 @@ def _metric_record(metric: metrics_pb2.Metric, resource: dict[str, Any], scope: 
         points=[_point_record(point, data_type) for point in points],
         resource=resource,
         scope=scope,
+        is_monotonic=data_type == "sum" and metric.sum.is_monotonic,
+    )
+
+
+def _log_record(record: logs_pb2.LogRecord, resource: dict[str, Any], scope: str) -> LogRecord:
+    return LogRecord(
+        body=_value(record.body),
+        severity_text=record.severity_text,
+        severity_number=record.severity_number,
+        trace_id=record.trace_id.hex(),
+        span_id=record.span_id.hex(),
+        attributes=_attributes(record.attributes),
+        resource=resource,
+        scope=scope,
+        time_ns=record.time_unix_nano,
     )
 
 
@@ -132,6 +190,7 @@ class _TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
         self._receiver = receiver
 
     def Export(self, request, context):  # noqa: N802 - name fixed by the generated servicer
+        self._receiver._apply_fault("traces", context)
         self._receiver._add_spans(request.resource_spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -141,8 +200,18 @@ class _MetricsSink(metrics_service_pb2_grpc.MetricsServiceServicer):
         self._receiver = receiver
 
     def Export(self, request, context):  # noqa: N802 - name fixed by the generated servicer
+        self._receiver._apply_fault("metrics", context)
         self._receiver._add_metrics(request.resource_metrics)
         return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+class _LogsSink(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self._receiver = receiver
+
+    def Export(self, request, context):  # noqa: N802 - name fixed by the generated servicer
+        self._receiver._add_logs(request.resource_logs)
+        return logs_service_pb2.ExportLogsServiceResponse()
 
 
 class OtlpReceiver:
@@ -157,6 +226,12 @@ class OtlpReceiver:
         self._resource_metrics: list[metrics_pb2.ResourceMetrics] = []
         self._spans: list[SpanRecord] = []
         self._metrics: list[MetricRecord] = []
+        self._fault: grpc.StatusCode | None = None
+        self._fault_details = ""
+        self._released = threading.Event()
+        self._released.set()
+        self._faulted = {"traces": 0, "metrics": 0}
+        self._logs: list[LogRecord] = []
 
     @property
     def endpoint(self) -> str:
@@ -168,12 +243,14 @@ class OtlpReceiver:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceSink(self), server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsSink(self), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsSink(self), server)
         self._port = server.add_insecure_port(f"{self._host}:0")
         server.start()
         self._server = server
         return self
 
     def stop(self, grace_s: float | None = None) -> None:
+        self.release()  # a held Export would keep its worker thread past the stop
         if self._server is not None:
             self._server.stop(grace_s).wait()
             self._server = None
@@ -183,6 +260,46 @@ class OtlpReceiver:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def fail_with(self, code: grpc.StatusCode | None, details: str = "injected by the test") -> None:
+        """Answer every later trace and metric Export with `code` (None: accept again)."""
+        with self._changed:
+            self._fault = code
+            self._fault_details = details
+
+    def hang(self) -> None:
+        """Hold every later trace and metric Export until `release()`: a collector that never answers."""
+        self._released.clear()
+
+    def release(self) -> None:
+        """End `hang()`: held Exports and later ones go on as usual."""
+        self._released.set()
+
+    def faulted_exports(self) -> dict[str, int]:
+        """Exports answered with `fail_with`'s error or held by `hang()`, by signal ("traces", "metrics")."""
+        with self._changed:
+            return dict(self._faulted)
+
+    def wait_for_faulted_exports(self, traces: int = 0, metrics: int = 0, timeout: float = 10.0) -> dict[str, int]:
+        """Block until at least `traces` span and `metrics` metric exports met the fault."""
+        def reached() -> bool:
+            return self._faulted["traces"] >= traces and self._faulted["metrics"] >= metrics
+        with self._changed:
+            if self._changed.wait_for(reached, timeout):
+                return dict(self._faulted)
+            got = dict(self._faulted)
+        raise TimeoutError(f"faulted exports did not reach traces={traces} metrics={metrics} in {timeout}s; got {got}")
+
+    def _apply_fault(self, signal: str, context: grpc.ServicerContext) -> None:
+        """Hold or refuse one Export as the test asked; returns only to accept it."""
+        with self._changed:
+            code, details = self._fault, self._fault_details
+            if code is not None or not self._released.is_set():
+                self._faulted[signal] += 1
+                self._changed.notify_all()
+        self._released.wait()
+        if code is not None:
+            context.abort(code, details)
 
     def _add_spans(self, batch: Iterable[trace_pb2.ResourceSpans]) -> None:
         with self._changed:
@@ -204,6 +321,15 @@ class OtlpReceiver:
                     self._metrics.extend(_metric_record(m, resource, scope) for m in scope_metrics.metrics)
             self._changed.notify_all()
 
+    def _add_logs(self, batch: Iterable[logs_pb2.ResourceLogs]) -> None:
+        with self._changed:
+            for resource_logs in batch:
+                resource = _attributes(resource_logs.resource.attributes)
+                for scope_logs in resource_logs.scope_logs:
+                    scope = scope_logs.scope.name
+                    self._logs.extend(_log_record(r, resource, scope) for r in scope_logs.log_records)
+            self._changed.notify_all()
+
     @property
     def resource_spans(self) -> list[trace_pb2.ResourceSpans]:
         with self._changed:
@@ -221,6 +347,10 @@ class OtlpReceiver:
     def metrics(self) -> list[MetricRecord]:
         with self._changed:
             return list(self._metrics)
+
+    def logs(self) -> list[LogRecord]:
+        with self._changed:
+            return list(self._logs)
 
     def metric_names(self) -> set[str]:
         with self._changed:
@@ -253,3 +383,11 @@ class OtlpReceiver:
                 return list(self._metrics)
             names = sorted({metric.name for metric in self._metrics})
         raise TimeoutError(f"metrics did not match within {timeout}s; received {names}")
+
+    def wait_for_logs(self, predicate: Callable[[list[LogRecord]], bool], timeout: float = 10.0) -> list[LogRecord]:
+        """Block until `predicate(all log records so far)` holds; return those records."""
+        with self._changed:
+            if self._changed.wait_for(lambda: predicate(list(self._logs)), timeout):
+                return list(self._logs)
+            bodies = [record.body for record in self._logs]
+        raise TimeoutError(f"log records did not match within {timeout}s; received bodies {bodies}")

@@ -1,0 +1,139 @@
+"""OTEL_METRICS_EXPORTER=prometheus: a scrape endpoint per server, read over real HTTP.
+
+Every endpoint binds port 0 (OTEL_EXPORTER_PROMETHEUS_PORT=0) and the test asks
+the Telemetry which port it got, so nothing races for a fixed port.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from lumen.v1 import inference_pb2 as pb
+from telemetry import Telemetry, TelemetryConfigError, setup_telemetry
+from tests.otlp_receiver import OtlpReceiver
+from tests.service.conftest import start_harness
+
+needs_prometheus = pytest.mark.skipif(
+    importlib.util.find_spec("opentelemetry.exporter.prometheus") is None,
+    reason="opentelemetry-exporter-prometheus is not installed (pip install 'lumen[prometheus]')",
+)
+
+
+@pytest.fixture
+def prometheus_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.1")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", "0")
+
+
+def scrape(telemetry: Telemetry) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{telemetry.prometheus_port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the one series `name` whose labels include `labels`."""
+    values = []
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if match and match[1] == name:
+            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match[2] or ""))
+            if labels.items() <= found.items():
+                values.append(float(match[3]))
+    assert len(values) == 1, f"{len(values)} series {name}{labels} in:\n{text}"
+    return values[0]
+
+
+@needs_prometheus
+async def test_scrape_shows_a_requests_metrics(stories_model, prometheus_env):
+    telemetry = setup_telemetry()
+    assert telemetry.metrics_enabled and telemetry.prometheus_port
+    harness = await start_harness(stories_model, telemetry)
+    try:
+        req = pb.GenerateRequest(prompt="Once upon a time")
+        req.sampling.temperature = 0
+        req.stopping.max_new_tokens, req.stopping.ignore_eos = 4, True
+        msgs = [m async for m in harness.stub.Generate(req)]
+        assert msgs[-1].usage.completion_tokens == 4
+        text = scrape(telemetry)
+    finally:
+        await harness.close()
+    assert sample(text, "gen_ai_server_request_duration_seconds_bucket", le="+Inf") == 1
+    assert sample(text, "gen_ai_server_request_duration_seconds_count") == 1
+    assert sample(text, "gen_ai_server_time_to_first_token_seconds_count") == 1
+    assert sample(text, "lumen_requests_total", status="OK") == 1
+    assert sample(text, "lumen_tokens_total", gen_ai_token_type="output") == 4
+    with pytest.raises(urllib.error.URLError):  # shutdown stopped the endpoint
+        scrape(telemetry)
+
+
+@needs_prometheus
+def test_each_server_has_its_own_registry(prometheus_env):
+    from prometheus_client import REGISTRY, generate_latest
+
+    first, second = setup_telemetry(), setup_telemetry()
+    try:
+        assert first.prometheus_port != second.prometheus_port
+        first.meter.create_counter("lumen.test.hits").add(2)
+        second.meter.create_counter("lumen.test.hits").add(5)
+        assert sample(scrape(first), "lumen_test_hits_total") == 2
+        assert sample(scrape(second), "lumen_test_hits_total") == 5
+        assert b"lumen_test_hits" not in generate_latest(REGISTRY)
+    finally:
+        first.shutdown()
+        second.shutdown()
+
+
+@needs_prometheus
+def test_prometheus_alongside_otlp(prometheus_env, monkeypatch):
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp,prometheus")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # only force_flush exports
+        telemetry = setup_telemetry()
+        try:
+            telemetry.meter.create_counter("lumen.test.hits").add(3)
+            assert sample(scrape(telemetry), "lumen_test_hits_total") == 3
+            telemetry.force_flush()
+            assert receiver.latest_metric("lumen.test.hits").points[0].value == 3
+        finally:
+            telemetry.shutdown()
+
+
+@needs_prometheus
+def test_port_in_use_is_a_config_error(prometheus_env, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", str(taken.getsockname()[1]))
+        with pytest.raises(TelemetryConfigError, match="OTEL_EXPORTER_PROMETHEUS_PORT"):
+            setup_telemetry()
+
+
+@needs_prometheus
+@pytest.mark.parametrize("port", ["http", "-1", "70000"])
+def test_bad_port_is_a_config_error(prometheus_env, monkeypatch, port):
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", port)
+    with pytest.raises(TelemetryConfigError, match="not a port"):
+        setup_telemetry()
+
+
+@pytest.mark.parametrize("module", ["opentelemetry.exporter.prometheus", "prometheus_client"])
+def test_missing_package_says_what_to_install(prometheus_env, monkeypatch, module):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if absent
+    with pytest.raises(TelemetryConfigError, match=r"opentelemetry-exporter-prometheus.*lumen\[prometheus\]"):
+        setup_telemetry()
+
+
+def test_prometheus_is_for_metrics_only(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "prometheus")
+    with pytest.raises(TelemetryConfigError, match="OTEL_TRACES_EXPORTER.*prometheus"):
+        setup_telemetry()
