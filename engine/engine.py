@@ -38,12 +38,16 @@ class EngineConfig:
     block_size: int = 16
     prefix_caching: bool = True
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    # At most one engine step per interval becomes an `engine_step` span (0: every step).
+    step_span_interval_s: float = 0.1
 
     def __post_init__(self) -> None:
         if self.default_max_new_tokens < 1:
             raise ValueError(f"default_max_new_tokens must be >= 1, got {self.default_max_new_tokens}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.step_span_interval_s < 0:
+            raise ValueError(f"step_span_interval_s must be >= 0, got {self.step_span_interval_s}")
 
 
 class LLMEngine:
@@ -62,7 +66,7 @@ class LLMEngine:
         self.model = LlamaModel(cfg, model.weights, self.kv, attention)
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         self.tokenizer = model.tokenizer
-        self.spans = SequenceSpans(tracer or trace.NoOpTracer())
+        self.spans = SequenceSpans(tracer or trace.NoOpTracer(), self.config.step_span_interval_s)
         self.speculation = Speculation(self, self.config.speculative, draft, attention, tracer or trace.NoOpTracer())
         self.on_step = on_step
         self.tokens_computed = 0  # all tokens ever run through the model (tests use it)
@@ -112,7 +116,7 @@ class LLMEngine:
         return seq.final_output(FinishReason.ABORTED)
 
     def step(self) -> list[RequestOutput]:
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         self.speculation.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
@@ -122,6 +126,7 @@ class LLMEngine:
             self.spans.admitted(seq)
         if not sched.scheduled:
             return []
+        self.spans.batched(sched)
         verify_started = self.speculation.verify_started(sched.scheduled)
         batch, rows = self._build_batch(sched.scheduled)
         logits = self.model.forward(batch)
@@ -129,6 +134,7 @@ class LLMEngine:
         outputs = [out for item, (first, last) in zip(sched.scheduled, rows)
                    if (out := self._update(item, logits[first:last])) is not None]
         spec = self.speculation.verified(sched.scheduled, verify_started)
+        self.spans.stepped(sched, started_ns)
         if self.on_step is not None:
             self.on_step(StepStats.collect(self, sched, time.perf_counter() - started, spec))
         return outputs

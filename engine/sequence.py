@@ -14,6 +14,7 @@ import time
 import torch
 from opentelemetry import trace
 
+from engine.batch_sizes import BatchSizes
 from engine.detokenizer import IncrementalDetokenizer
 from engine.request import FinishReason, GenerationRequest, RequestOutput
 from engine.sampling import Sampler, TokenLogprob, token_logprobs
@@ -41,6 +42,7 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob] = []
         self.first_scheduled: float | None = None  # monotonic time it left the queue
         self.span: trace.Span | None = None  # the current phase's span: prefill, then decode
+        self.batches = BatchSizes()          # the sizes of the steps the current phase ran in
         self.spec_method = SpecMethod.NONE  # set by the engine from the request and its defaults
         self.spec_tokens = 0                # draft length k the engine asks its proposer for
         self.draft: Draft | None = None     # proposed tokens for the next step, not yet verified

@@ -27,6 +27,7 @@ class StepStats:
     spec_draft_tokens: int = 0   # draft tokens verified
     spec_accepted_tokens: int = 0
     spec_accepted_per_position: tuple[int, ...] = ()  # [i]: drafts whose i-th token was accepted
+    queue_times_s: tuple[float, ...] = ()  # arrival to first admission, of the requests first admitted now
 
     @classmethod
     def collect(cls, engine: "LLMEngine", sched: "SchedulerOutput", duration_s: float,
@@ -42,4 +43,6 @@ class StepStats:
             preemptions=len(sched.preempted), admitted=len(sched.admitted),
             cached_tokens=sched.cached_tokens, prefix_hits=sched.prefix_hits,
             duration_s=duration_s, **spec_fields,
+            queue_times_s=tuple(s.first_scheduled - s.request.arrival_time
+                                for s in sched.admitted if s.num_preemptions == 0),
         )

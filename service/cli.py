@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +15,9 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # engine.speculative.SpecMethod's values, spelled out so that parsing arguments does not import torch.
 SPEC_METHODS = ("none", "ngram", "draft", "layer_skip")
 MAX_SPECULATIVE_TOKENS = 16
+# The variable OpenTelemetry's GenAI instrumentations read for the same opt-in.
+CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+SDK_METRICS_ENV = "OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED"
 
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -40,6 +43,16 @@ def _int_in_range(low: int, high: int | None = None):
             raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
     return parse
+
+
+def _float_at_least_0(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _model_spec(text: str) -> tuple[str | None, Path]:
@@ -69,7 +82,21 @@ def _serve_parser(sub) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_new_tokens of requests that do not set it (clipped to the context)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=["json", "text"], default="json",
+                   help="json: one object per line with trace_id/span_id; text: the classic line")
+    _tracing_options(p)
     _speculative_options(p)
+
+
+def _tracing_options(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("tracing (exporters, endpoints and sampling: the standard OTEL_* variables)")
+    t.add_argument("--trace-content", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() == "true",
+                   help="record prompt and completion text in the text_completion span (off by default: "
+                        f"they may hold personal data; {CAPTURE_CONTENT_ENV}=true also turns it on)")
+    t.add_argument("--step-span-interval", type=_float_at_least_0, default=0.1, metavar="SECONDS",
+                   help="at most one engine step per interval becomes an engine_step span linking the "
+                        "requests it served (0: every step)")
 
 
 def _speculative_options(p: argparse.ArgumentParser) -> None:
@@ -125,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from telemetry import setup_logging
+
+    # The SDK counts the spans it drops (queue full, failed exports) only when asked; a server
+    # should report them, so that is its default here (the user's setting still wins).
+    added = SDK_METRICS_ENV not in os.environ
+    os.environ.setdefault(SDK_METRICS_ENV, "true")
+    logs = setup_logging(args.log_level, args.log_format)
+    try:
+        return _serve(args)
+    finally:
+        logs.shutdown()  # exports records still queued for OTLP, and gives the root logger back
+        if added:  # the process may go on (tests call main()): leave its environment as it was
+            del os.environ[SDK_METRICS_ENV]
+
+
+def _serve(args: argparse.Namespace) -> int:
     import torch
 
     from engine.engine import EngineConfig
@@ -134,7 +177,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import ServerConfig, ServerConfigError, run_server
     from telemetry import setup_telemetry
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.speculative == "draft" and args.draft_model is None:  # refused before any model is loaded
         raise ServerConfigError("--speculative draft needs a draft model: add --draft-model PATH "
                                 "(a small GGUF with the served model's vocabulary)")
@@ -146,11 +188,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
                                       max_waiting=args.max_waiting),
             default_max_new_tokens=args.default_max_tokens, kv_cache_bytes=args.kv_cache_memory,
+            step_span_interval_s=args.step_span_interval,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
             speculative=SpeculativeConfig(
                 method=SpecMethod(args.speculative), num_tokens=args.num_speculative_tokens,
                 layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch)),
-        draft_model=args.draft_model)
+        draft_model=args.draft_model, capture_content=args.trace_content)
     loaded = load_models(config.models, config.dtype)
     draft = load_with_progress(config.draft_model, config.dtype) if config.draft_model else None
     asyncio.run(run_server(config, setup_telemetry(), loaded, draft))
@@ -159,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lumen.v1 import inference_pb2 as pb
-    from service.client import connect, stream_generate
+    from service.client import traced_generate
 
     req = pb.GenerateRequest(model=args.model, prompt=args.prompt)
     if args.no_special_tokens:
@@ -183,7 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    summary = stream_generate(connect(args.server), req, on_text=show, timeout=args.timeout)
+    summary = traced_generate(args.server, req, on_text=show, timeout=args.timeout)
     sys.stdout.write("\n")
     sys.stdout.flush()
     print(f"[{summary.line()}]", file=sys.stderr)
@@ -226,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a clear one-line error for the CLI user, never a traceback dump
         from engine.errors import LumenError
-        if isinstance(exc, (LumenError, OSError)):
+        from telemetry import TelemetryConfigError
+        if isinstance(exc, (LumenError, OSError, TelemetryConfigError)):
             print(f"lumen: {exc}", file=sys.stderr)
             return 1
         raise

@@ -6,9 +6,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import grpc
+from opentelemetry import trace
 
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
+from telemetry import inject_context
+from telemetry.client import client_telemetry
+
+GENERATE_METHOD = "lumen.v1.Inference/Generate"
 
 
 @dataclass(slots=True)
@@ -68,6 +73,29 @@ def stream_generate(stub: pb_grpc.InferenceStub, request: pb.GenerateRequest,
     summary.total_seconds = end - start
     summary.decode_seconds = end - first if first is not None else 0.0
     return summary
+
+
+def traced_generate(target: str, request: pb.GenerateRequest, on_text: Callable[[str], None] = lambda _: None,
+                    timeout: float | None = None) -> GenerateSummary:
+    """stream_generate under a CLIENT span whose W3C trace context the call carries, so one trace
+    covers client and server; exported as the OTEL_* variables say (nowhere by default)."""
+    telemetry, tracer = client_telemetry()
+    host, _, port = target.rpartition(":")
+    attributes = {"rpc.system.name": "grpc", "rpc.method": GENERATE_METHOD, "server.address": host or target}
+    if port.isdigit():
+        attributes["server.port"] = int(port)
+    try:
+        with tracer.start_as_current_span(GENERATE_METHOD, kind=trace.SpanKind.CLIENT,
+                                          attributes=attributes) as span:
+            try:
+                summary = stream_generate(connect(target), request, on_text, timeout, inject_context())
+            except grpc.RpcError as err:
+                span.set_attributes({"rpc.response.status_code": err.code().name, "error.type": err.code().name})
+                raise
+            span.set_attribute("rpc.response.status_code", "OK")
+            return summary
+    finally:
+        telemetry.shutdown()
 
 
 def connect(target: str) -> pb_grpc.InferenceStub:

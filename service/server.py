@@ -36,6 +36,7 @@ class ServerConfig:
     dtype: torch.dtype = torch.float32
     engine: EngineConfig = field(default_factory=EngineConfig)
     draft_model: Path | None = None  # speculative draft for the default model
+    capture_content: bool = False    # record prompt and completion text in the spans (opt-in)
 
 
 class ServerConfigError(LumenError):
@@ -79,13 +80,15 @@ def _without_draft(config: EngineConfig, name: str) -> EngineConfig:
 class LumenServer:
     """A started server; `port` is the bound port (useful with port 0 in tests)."""
 
-    def __init__(self, registry: ModelRegistry, telemetry: Telemetry, engine_config: EngineConfig) -> None:
+    def __init__(self, registry: ModelRegistry, telemetry: Telemetry, engine_config: EngineConfig,
+                 capture_content: bool = False) -> None:
         self.registry = registry
         self.telemetry = telemetry
         self.server = grpc.aio.server()
         self.health = health.aio.HealthServicer()
         pb_grpc.add_InferenceServicer_to_server(
-            InferenceService(registry, telemetry, engine_config.default_max_new_tokens), self.server)
+            InferenceService(registry, telemetry, engine_config.default_max_new_tokens, capture_content),
+            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -105,13 +108,13 @@ class LumenServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await asyncio.to_thread(self.registry.shutdown)
-        self.telemetry.shutdown()
+        await asyncio.to_thread(self.telemetry.shutdown)  # bounded (about 5 s) even with a dead collector
 
 
 async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel],
                      draft: LoadedModel | None = None) -> None:
     registry = build_registry(loaded, config.engine, telemetry, draft)
-    server = LumenServer(registry, telemetry, config.engine)
+    server = LumenServer(registry, telemetry, config.engine, config.capture_content)
     port = await server.start(config.host, config.port)
     names = ", ".join(rt.name for rt in registry)
     log.info("serving %s on %s:%d", names, config.host, port)

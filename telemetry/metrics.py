@@ -9,6 +9,7 @@ records anything per token (one call per request phase, not per step).
 
 from __future__ import annotations
 
+from opentelemetry.context import Context
 from opentelemetry.metrics import Meter
 
 # Explicit bucket boundaries from the GenAI semantic conventions
@@ -77,9 +78,12 @@ class EngineMetrics:
             "lumen.requests.active", unit="{request}", description="Requests accepted and not yet finished."
         )
 
-    def record_first_token(self, seconds: float, model: str) -> None:
-        """Time from receiving the request to its first generated token."""
-        self._ttft.record(seconds, _model_attributes(model))
+    def record_first_token(self, seconds: float, model: str, context: Context | None = None) -> None:
+        """Time from receiving the request to its first generated token.
+
+        `context` (the request's span) makes a sampled request's trace an exemplar of the point.
+        """
+        self._ttft.record(seconds, _model_attributes(model), context=context)
 
     def record_finished(
         self,
@@ -90,6 +94,7 @@ class EngineMetrics:
         completion_tokens: int,
         duration_s: float,
         ttft_s: float | None,
+        context: Context | None = None,
     ) -> None:
         """Everything known once a request ends, however it ended.
 
@@ -100,9 +105,9 @@ class EngineMetrics:
         duration_attributes = dict(attributes)
         if status != STATUS_OK:
             duration_attributes[ATTR_ERROR_TYPE] = status
-        self._duration.record(duration_s, duration_attributes)
+        self._duration.record(duration_s, duration_attributes, context=context)
         if ttft_s is not None and completion_tokens > 1:
-            self._tpot.record((duration_s - ttft_s) / (completion_tokens - 1), attributes)
+            self._tpot.record((duration_s - ttft_s) / (completion_tokens - 1), attributes, context=context)
         self._tokens.add(prompt_tokens, {**attributes, ATTR_TOKEN_TYPE: "input"})
         self._tokens.add(completion_tokens, {**attributes, ATTR_TOKEN_TYPE: "output"})
         self._requests.add(1, {**attributes, ATTR_FINISH_REASON: finish_reason, ATTR_STATUS: status})

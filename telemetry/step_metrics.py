@@ -1,4 +1,4 @@
-"""Engine-step metrics: batch composition, queue depth, KV cache use, preemptions, prefix-cache hits,
+"""Engine-step metrics: batch composition, queue depth and time, KV cache use, preemptions, prefix-cache hits,
 speculative drafts and how many of their tokens were accepted.
 
 Recorded once per engine step from the engine's step statistics (any object with
@@ -13,6 +13,9 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# The request-duration buckets of the GenAI conventions, from 1 ms: a queue wait is a part of a request.
+QUEUE_TIME_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                        40.96, 81.92)
 STEP_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -48,6 +51,13 @@ class StepMetrics:
         meter.create_observable_gauge(
             "lumen.engine.requests", callbacks=[self._observe_requests], unit="{request}",
             description="Requests in the engine by state (running, waiting).")
+        self._queue_time = meter.create_histogram(
+            "lumen.request.queue_time", unit="s",
+            description="Time from a request's arrival (after tokenization) to its first admission into a batch.",
+            explicit_bucket_boundaries_advisory=QUEUE_TIME_BUCKETS_S)
+        meter.create_observable_gauge(
+            "lumen.kv_cache.usage", callbacks=[self._observe_usage], unit="1",
+            description="Fraction of the KV cache blocks in use (free cached blocks count as free).")
         meter.create_observable_gauge(
             "lumen.kv_cache.blocks", callbacks=[self._observe_blocks], unit="{block}",
             description="KV cache blocks by state (used, free).")
@@ -65,6 +75,8 @@ class StepMetrics:
             self._hits.add(stats.prefix_hits, self.attributes)
         if stats.spec_drafts:
             self._observe_speculation(stats)
+        for seconds in stats.queue_times_s:
+            self._queue_time.record(seconds, self.attributes)
 
     def _observe_speculation(self, stats: Any) -> None:
         self._spec_drafts.add(stats.spec_drafts, self.attributes)
@@ -81,6 +93,11 @@ class StepMetrics:
             return []
         return [Observation(s.num_running, {**self.attributes, "state": "running"}),
                 Observation(s.num_waiting, {**self.attributes, "state": "waiting"})]
+
+    def _observe_usage(self, options: CallbackOptions) -> Iterable[Observation]:
+        s = self.latest
+        total = s.kv_blocks_used + s.kv_blocks_free if s is not None else 0
+        return [Observation(s.kv_blocks_used / total, self.attributes)] if total else []
 
     def _observe_blocks(self, options: CallbackOptions) -> Iterable[Observation]:
         s = self.latest

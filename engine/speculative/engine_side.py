@@ -6,10 +6,12 @@ verified tokens reach their clients before the next drafts are computed. Under l
 decoding requests than `max_batch`) a step drafts nothing: a large batch already uses the
 hardware well, and verifying drafts would cost more than it saves.
 
-Spans: `draft` and `verify` are one span each per speculative step (not per request or
-token), with a link to every request's current span carrying its proposed and accepted
-counts, so their cost stays flat as load grows. Each request's `decode` span also gets
-its totals (see engine.tracing).
+Spans: each speculative step gives every request it drafted for a `draft` span (the
+proposer's time, the tokens proposed) and a `verify` span (the target's forward, the tokens
+proposed and accepted), children of the request's span, created only for requests whose
+trace is sampled. Their number is bounded: at most `max_batch` requests speculate in a
+step, and each step verifies several tokens. Each request's `decode` span also gets its
+totals (see engine.tracing).
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 
 from engine.errors import InvalidRequestError
 from engine.loader import LoadedModel
@@ -85,8 +86,8 @@ class Speculation:
                 groups.setdefault(seq.spec_method, []).append((seq, k))
         if not groups:
             return
-        started = time.time_ns()
         for method, items in groups.items():
+            started = time.time_ns()
             if method is SpecMethod.NGRAM:
                 for seq, k in items:
                     tokens = propose_ngram(seq.token_ids, k, self.config.ngram_max, self.config.ngram_min)
@@ -95,15 +96,20 @@ class Speculation:
                 self.layer_skip.propose(items)
             else:
                 self.draft.propose(items)
-        seqs = [seq for items in groups.values() for seq, _ in items]
-        links = [_link(seq, {"lumen.speculative.proposed_tokens": len(seq.draft.tokens) if seq.draft else 0})
-                 for seq in seqs]
-        span = self.tracer.start_span("draft", context=Context(), start_time=started, links=links, attributes={
-            "lumen.speculative.methods": sorted(m.value for m in groups),
-            "lumen.speculative.requests": len(seqs),
-            "lumen.speculative.proposed_tokens": sum(len(s.draft.tokens) for s in seqs if s.draft),
-        })
-        span.end()
+            ended = time.time_ns()
+            for seq, _ in items:
+                if seq.draft is not None:  # an n-gram lookup that found nothing took microseconds: no span
+                    self._span(seq, "draft", started, ended, {
+                        "lumen.speculative.method": method.value,
+                        "lumen.speculative.proposed_tokens": len(seq.draft.tokens),
+                        "lumen.speculative.batch_size": len(items)})
+
+    def _span(self, seq: Sequence, name: str, started: int, ended: int, attributes: dict) -> None:
+        """A child of the request's span, if its trace is sampled."""
+        if trace.get_current_span(seq.request.trace_context).is_recording():
+            span = self.tracer.start_span(name, context=seq.request.trace_context, start_time=started,
+                                          attributes=attributes)
+            span.end(end_time=ended)
 
     @staticmethod
     def verify_started(scheduled: list[ScheduledSeq]) -> int | None:
@@ -111,7 +117,7 @@ class Speculation:
         return time.time_ns() if any(item.seq.draft is not None for item in scheduled) else None
 
     def verified(self, scheduled: list[ScheduledSeq], started: int | None) -> SpecStepStats | None:
-        """Collect what this step's verifications accepted; emit the step's `verify` span."""
+        """Collect what this step's verifications accepted; emit each request's `verify` span."""
         if started is None:
             return None
         results = []
@@ -126,15 +132,11 @@ class Speculation:
                 per_position[i] += 1
         stats = SpecStepStats(len(results), sum(p for _, p, _ in results), sum(a for _, _, a in results),
                               tuple(per_position))
-        links = [_link(seq, {"lumen.speculative.proposed_tokens": proposed,
-                             "lumen.speculative.accepted_tokens": accepted}) for seq, proposed, accepted in results]
-        span = self.tracer.start_span("verify", context=Context(), start_time=started, links=links, attributes={
-            "lumen.engine.batch_size": len(scheduled),
-            "lumen.speculative.requests": stats.drafts,
-            "lumen.speculative.proposed_tokens": stats.draft_tokens,
-            "lumen.speculative.accepted_tokens": stats.accepted_tokens,
-        })
-        span.end()
+        ended = time.time_ns()
+        for seq, proposed, accepted in results:
+            self._span(seq, "verify", started, ended, {
+                "lumen.speculative.proposed_tokens": proposed, "lumen.speculative.accepted_tokens": accepted,
+                "lumen.engine.batch_size": len(scheduled)})
         return stats
 
     def release(self, seq: Sequence) -> None:
@@ -146,7 +148,3 @@ class Speculation:
         if self.draft is not None:
             self.draft.check_invariants(seqs)
 
-
-def _link(seq: Sequence, attributes: dict) -> trace.Link:
-    context = seq.span.get_span_context() if seq.span is not None else trace.INVALID_SPAN_CONTEXT
-    return trace.Link(context, attributes)

@@ -70,11 +70,11 @@ async def read_rest(call) -> list:
 
 
 async def start_harness(model, telemetry: Telemetry | None = None, config: EngineConfig | None = None,
-                        draft=None) -> Harness:
+                        draft=None, capture_content: bool = False) -> Harness:
     telemetry = telemetry or setup_telemetry()
     config = config or EngineConfig()
     runtime = start_runtime(model, config, telemetry, draft)
-    server = LumenServer(ModelRegistry([runtime]), telemetry, config)
+    server = LumenServer(ModelRegistry([runtime]), telemetry, config, capture_content)
     port = await server.start("127.0.0.1", 0)
     target = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(target)

@@ -1,4 +1,5 @@
-"""A Generate's span tree arrives over real OTLP/gRPC, continuing the client's traceparent."""
+"""Metrics (and the prefix-cache and speculative spans) arrive over real OTLP/gRPC, with the
+units and bucket boundaries of the GenAI conventions. The span tree: test_trace_tree.py."""
 from __future__ import annotations
 
 import asyncio
@@ -8,31 +9,24 @@ import pytest
 
 from lumen.v1 import inference_pb2 as pb
 from telemetry import setup_telemetry
+from telemetry.metrics import REQUEST_DURATION_BUCKETS_S, TPOT_BUCKETS_S, TTFT_BUCKETS_S
+from telemetry.step_metrics import QUEUE_TIME_BUCKETS_S
 from tests.otlp_receiver import OtlpReceiver
 from tests.service.conftest import start_harness
 
-CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
-CLIENT_SPAN = "b7ad6b7169203331"
 
 
-async def test_generate_span_tree_over_otlp(stories_model, monkeypatch):
+async def test_request_metrics_over_otlp(stories_model, monkeypatch):
     with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
-        monkeypatch.setenv("OTEL_SERVICE_NAME", "lumen-test")
         telemetry = setup_telemetry()
         harness = await start_harness(stories_model, telemetry)
         try:
             req = pb.GenerateRequest(prompt="Once upon a time")
             req.sampling.temperature = 0
             req.stopping.max_new_tokens = 8
-            metadata = (("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"),)
-            msgs = [m async for m in harness.stub.Generate(req, metadata=metadata)]
-            assert msgs[-1].trace_id == CLIENT_TRACE
-            await asyncio.to_thread(telemetry.force_flush)
-            spans = await asyncio.to_thread(
-                receiver.wait_for_spans, lambda s: {"decode", "prefill", "tokenize"} <= {x.name for x in s}
-                and any(x.kind == "SERVER" for x in s))
+            [m async for m in harness.stub.Generate(req)]
             bad = pb.GenerateRequest(prompt="x")
             bad.sampling.top_p = 2.0
             with pytest.raises(grpc.aio.AioRpcError):
@@ -42,25 +36,29 @@ async def test_generate_span_tree_over_otlp(stories_model, monkeypatch):
             metrics = await asyncio.to_thread(receiver.wait_for_metrics, lambda m: requests_counted(m) >= 2)
         finally:
             await harness.close()
-    by_name = {s.name: s for s in spans}
-    root = by_name["lumen.v1.Inference/Generate"]
-    assert root.kind == "SERVER"
-    assert root.trace_id == CLIENT_TRACE and root.parent_span_id == CLIENT_SPAN
-    assert root.resource["service.name"] == "lumen-test"
-    for child in ("tokenize", "prefill", "decode"):
-        assert by_name[child].parent_span_id == root.span_id, child
-        assert by_name[child].trace_id == CLIENT_TRACE
-    assert by_name["decode"].attributes["lumen.completion_tokens"] == 8
-    assert by_name["prefill"].end_ns <= by_name["decode"].start_ns
-    assert root.attributes["lumen.usage.completion_tokens"] == 8
     latest = {m.name: m for m in metrics}
-    for name in ("gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token",
-                 "gen_ai.server.request.duration"):
-        assert latest[name].unit == "s" and latest[name].points[0].count >= 1, name
+    buckets = {"gen_ai.server.time_to_first_token": TTFT_BUCKETS_S,
+               "gen_ai.server.time_per_output_token": TPOT_BUCKETS_S,
+               "gen_ai.server.request.duration": REQUEST_DURATION_BUCKETS_S,
+               "lumen.request.queue_time": QUEUE_TIME_BUCKETS_S}
+    for name, bounds in buckets.items():
+        metric = latest[name]
+        assert metric.unit == "s" and metric.data_type == "histogram", name
+        assert all(p.explicit_bounds == bounds for p in metric.points) and metric.points[0].count >= 1, name
+    # The conventions' boundaries, spelled out here independently of the code.
+    assert latest["gen_ai.server.time_to_first_token"].points[0].explicit_bounds[:3] == (0.001, 0.005, 0.01)
+    assert latest["gen_ai.server.request.duration"].points[0].explicit_bounds[-1] == 81.92
+    assert latest["gen_ai.server.time_per_output_token"].points[0].explicit_bounds[-1] == 2.5
+    durations = {p.attributes.get("error.type", "OK"): p.count for p in latest["gen_ai.server.request.duration"].points}
+    assert durations == {"OK": 1, "INVALID_ARGUMENT": 1}
     by_status = {p.attributes["status"]: p.value for p in latest["lumen.requests"].points}
     assert by_status == {"OK": 1, "INVALID_ARGUMENT": 1}
     tokens = {p.attributes["gen_ai.token.type"]: p.value for p in latest["lumen.tokens"].points}
     assert tokens["output"] == 8
+    assert latest["lumen.requests"].is_monotonic and latest["lumen.tokens"].unit == "{token}"
+    (usage,) = latest["lumen.kv_cache.usage"].points
+    assert latest["lumen.kv_cache.usage"].unit == "1" and 0 <= usage.value < 1
+    assert latest["lumen.kv_cache.usage"].data_type == "gauge"
 
 
 def requests_counted(metrics) -> int:
@@ -94,9 +92,11 @@ async def test_prefix_cache_hit_reported_in_usage_spans_and_metrics(stories_mode
     assert [u.prompt_tokens for u in usages] == [515, 514]
     prefills = sorted((s for s in spans if s.name == "prefill"), key=lambda s: s.start_ns)
     assert [p.attributes["lumen.cached_tokens"] for p in prefills] == [0, 512]
-    roots = {s.span_id for s in spans if s.kind == "SERVER"}
+    completions = {s.span_id: s for s in spans if s.name.startswith("text_completion")}
     queues = [s for s in spans if s.name == "queue"]
-    assert len(queues) == 2 and all(q.parent_span_id in roots for q in queues)
+    assert len(queues) == 2 and all(q.parent_span_id in completions for q in queues)
+    cached = sorted(c.attributes["gen_ai.usage.cache_read.input_tokens"] for c in completions.values())
+    assert cached == [0, 512]
     hit_tokens = [m for m in metrics if m.name == "lumen.prefix_cache.hit_tokens"][-1]
     assert sum(p.value for p in hit_tokens.points) == 512
     names = {m.name for m in metrics}
@@ -137,7 +137,7 @@ async def test_speculative_spans_and_metrics_over_otlp(stories_model, monkeypatc
         return int(sum(p.value for p in latest[name].points))
 
     verifies = [s for s in spans if s.name == "verify"]
-    assert total("lumen.speculative.drafts") == sum(s.attributes["lumen.speculative.requests"] for s in verifies)
+    assert total("lumen.speculative.drafts") == len(verifies)
     assert total("lumen.speculative.draft_tokens") == usage.draft_tokens
     assert total("lumen.speculative.accepted_tokens") == usage.accepted_draft_tokens
     # A draft with a accepted tokens counts once at each position 0..a-1.
