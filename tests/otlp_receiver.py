@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import threading
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
@@ -391,3 +392,12 @@ class OtlpReceiver:
                 return list(self._logs)
             bodies = [record.body for record in self._logs]
         raise TimeoutError(f"log records did not match within {timeout}s; received bodies {bodies}")
+
+
+@contextmanager
+def exporting_to_receiver(monkeypatch) -> Iterator[OtlpReceiver]:
+    """A started receiver, with the OTLP exporters' environment (for the test) pointing at it."""
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        yield receiver

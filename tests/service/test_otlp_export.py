@@ -11,15 +11,13 @@ from lumen.v1 import inference_pb2 as pb
 from telemetry import setup_telemetry
 from telemetry.metrics import REQUEST_DURATION_BUCKETS_S, TPOT_BUCKETS_S, TTFT_BUCKETS_S
 from telemetry.step_metrics import QUEUE_TIME_BUCKETS_S
-from tests.otlp_receiver import OtlpReceiver
+from tests.otlp_receiver import exporting_to_receiver
 from tests.service.conftest import start_harness
 
 
 
 async def test_request_metrics_over_otlp(stories_model, monkeypatch):
-    with OtlpReceiver() as receiver:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    with exporting_to_receiver(monkeypatch) as receiver:
         telemetry = setup_telemetry()
         harness = await start_harness(stories_model, telemetry)
         try:
@@ -69,9 +67,7 @@ def requests_counted(metrics) -> int:
 
 async def test_prefix_cache_hit_reported_in_usage_spans_and_metrics(stories_model, monkeypatch):
     prefix = [1] + [(7 * i) % 500 + 3 for i in range(511)]  # 512 tokens = 32 full blocks of 16
-    with OtlpReceiver() as receiver:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    with exporting_to_receiver(monkeypatch) as receiver:
         telemetry = setup_telemetry()
         harness = await start_harness(stories_model, telemetry)
         try:
@@ -110,9 +106,7 @@ SPEC_COUNTERS = {"lumen.speculative.drafts": "{draft}", "lumen.speculative.draft
 
 
 async def test_speculative_spans_and_metrics_over_otlp(stories_model, monkeypatch):
-    with OtlpReceiver() as receiver:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    with exporting_to_receiver(monkeypatch) as receiver:
         telemetry = setup_telemetry()
         harness = await start_harness(stories_model, telemetry)
         try:

@@ -17,7 +17,7 @@ from engine.engine import EngineConfig
 from lumen.v1 import inference_pb2 as pb
 from service.client import traced_generate
 from telemetry import setup_telemetry
-from tests.otlp_receiver import OtlpReceiver
+from tests.otlp_receiver import exporting_to_receiver
 from tests.service.conftest import start_harness
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -28,9 +28,7 @@ EVERY_STEP = EngineConfig(step_span_interval_s=0.0)
 
 @pytest.fixture
 def receiver(monkeypatch):
-    with OtlpReceiver() as r:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    with exporting_to_receiver(monkeypatch) as r:
         monkeypatch.setenv("OTEL_SERVICE_NAME", "lumen-test")
         yield r
 

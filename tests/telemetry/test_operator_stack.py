@@ -20,7 +20,7 @@ import yaml
 
 from lumen.v1 import inference_pb2 as pb
 from telemetry import setup_telemetry
-from tests.otlp_receiver import MetricRecord, OtlpReceiver
+from tests.otlp_receiver import MetricRecord, exporting_to_receiver
 from tests.service.conftest import start_harness
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -284,9 +284,7 @@ def all_requests_exported(metrics: list[MetricRecord]) -> bool:
 
 
 async def test_dashboard_queries_name_series_and_labels_lumen_exports(stories_model, monkeypatch):
-    with OtlpReceiver() as receiver:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    with exporting_to_receiver(monkeypatch) as receiver:
         telemetry = setup_telemetry()
         harness = await start_harness(stories_model, telemetry)
         try:
