@@ -55,16 +55,14 @@ class RequestTrace:
         self.started = time.monotonic()
         self.server = tracer.start_span(GENERATE_METHOD, context=parent, kind=trace.SpanKind.SERVER, attributes={
             "rpc.system.name": "grpc", "rpc.method": GENERATE_METHOD, **peer_attributes(peer)})
+        # Sent in every streamed message: formatted once, not per message.
+        self.trace_id = format(self.server.get_span_context().trace_id, "032x")
         self.completion: trace.Span | None = None
         self.model = ""
         self.request_id = ""
         self.ttft: float | None = None
         self.last: RequestOutput | None = None
         self.text: list[str] = []
-
-    @property
-    def trace_id(self) -> str:
-        return format(self.server.get_span_context().trace_id, "032x")
 
     @property
     def span(self) -> trace.Span:

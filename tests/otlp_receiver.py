@@ -15,175 +15,17 @@ from __future__ import annotations
 import threading
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-
-@dataclass(frozen=True, slots=True)
-class EventRecord:
-    name: str
-    attributes: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class LinkRecord:
-    trace_id: str
-    span_id: str
-    attributes: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class ExemplarRecord:
-    """A measurement kept with its trace: ids are lowercase hex ("" when none)."""
-    value: float
-    trace_id: str
-    span_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class SpanRecord:
-    """One received span, flattened; ids are lowercase hex, "" for no parent."""
-
-    name: str
-    kind: str  # "SERVER", "CLIENT", "INTERNAL", ...: compare with SpanKind.X.name
-    trace_id: str
-    span_id: str
-    parent_span_id: str
-    attributes: dict[str, Any]
-    events: list[EventRecord]
-    resource: dict[str, Any]
-    scope: str
-    status_code: str  # "UNSET", "OK" or "ERROR"
-    start_ns: int
-    end_ns: int
-    links: tuple[LinkRecord, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class PointRecord:
-    """One data point: `value` for sums and gauges, the rest for histograms."""
-
-    attributes: dict[str, Any]
-    value: float | None = None
-    count: int | None = None
-    sum: float | None = None
-    explicit_bounds: tuple[float, ...] = ()
-    bucket_counts: tuple[int, ...] = ()
-    exemplars: tuple[ExemplarRecord, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class MetricRecord:
-    """One metric from one export; cumulative metrics recur in every export."""
-
-    name: str
-    unit: str
-    data_type: str  # "sum", "gauge", "histogram", ...: the proto's oneof name
-    points: list[PointRecord]
-    resource: dict[str, Any]
-    scope: str
-    is_monotonic: bool = False  # sums only: a counter (True) or an up-down counter (False)
-
-
-@dataclass(frozen=True, slots=True)
-class LogRecord:
-    """One received log record, flattened; ids are lowercase hex, "" outside a span."""
-
-    body: Any
-    severity_text: str  # the SDK writes WARN for WARNING and FATAL for CRITICAL
-    severity_number: int
-    trace_id: str
-    span_id: str
-    attributes: dict[str, Any]
-    resource: dict[str, Any]
-    scope: str
-    time_ns: int
-
-
-def _value(value: AnyValue) -> Any:
-    kind = value.WhichOneof("value")
-    if kind == "array_value":
-        return [_value(item) for item in value.array_value.values]
-    if kind == "kvlist_value":
-        return _attributes(value.kvlist_value.values)
-    return None if kind is None else getattr(value, kind)
-
-
-def _attributes(pairs: Iterable[KeyValue]) -> dict[str, Any]:
-    return {pair.key: _value(pair.value) for pair in pairs}
-
-
-def _span_record(span: trace_pb2.Span, resource: dict[str, Any], scope: str) -> SpanRecord:
-    return SpanRecord(
-        name=span.name,
-        kind=trace_pb2.Span.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_"),
-        trace_id=span.trace_id.hex(),
-        span_id=span.span_id.hex(),
-        parent_span_id=span.parent_span_id.hex(),
-        attributes=_attributes(span.attributes),
-        events=[EventRecord(event.name, _attributes(event.attributes)) for event in span.events],
-        resource=resource,
-        scope=scope,
-        status_code=trace_pb2.Status.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_"),
-        start_ns=span.start_time_unix_nano,
-        end_ns=span.end_time_unix_nano,
-        links=tuple(LinkRecord(link.trace_id.hex(), link.span_id.hex(), _attributes(link.attributes))
-                    for link in span.links),
-    )
-
-
-def _point_record(point: Any, data_type: str) -> PointRecord:
-    attributes = _attributes(point.attributes)
-    if data_type == "histogram":
-        return PointRecord(
-            attributes,
-            count=point.count,
-            sum=point.sum,
-            explicit_bounds=tuple(point.explicit_bounds),
-            bucket_counts=tuple(point.bucket_counts),
-            exemplars=tuple(ExemplarRecord(getattr(e, e.WhichOneof("value")), e.trace_id.hex(), e.span_id.hex())
-                            for e in point.exemplars),
-        )
-    if data_type in ("sum", "gauge"):
-        return PointRecord(attributes, value=getattr(point, point.WhichOneof("value")))
-    return PointRecord(attributes)  # exponential histograms, summaries: not used by Lumen
-
-
-def _metric_record(metric: metrics_pb2.Metric, resource: dict[str, Any], scope: str) -> MetricRecord:
-    data_type = metric.WhichOneof("data") or ""
-    points = getattr(metric, data_type).data_points if data_type else []
-    return MetricRecord(
-        name=metric.name,
-        unit=metric.unit,
-        data_type=data_type,
-        points=[_point_record(point, data_type) for point in points],
-        resource=resource,
-        scope=scope,
-        is_monotonic=data_type == "sum" and metric.sum.is_monotonic,
-    )
-
-
-def _log_record(record: logs_pb2.LogRecord, resource: dict[str, Any], scope: str) -> LogRecord:
-    return LogRecord(
-        body=_value(record.body),
-        severity_text=record.severity_text,
-        severity_number=record.severity_number,
-        trace_id=record.trace_id.hex(),
-        span_id=record.span_id.hex(),
-        attributes=_attributes(record.attributes),
-        resource=resource,
-        scope=scope,
-        time_ns=record.time_unix_nano,
-    )
+from tests.otlp_records import LogRecord, MetricRecord, SpanRecord, attributes_of, log_record, metric_record, span_record
 
 
 class _TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
@@ -306,29 +148,29 @@ class OtlpReceiver:
         with self._changed:
             for resource_spans in batch:
                 self._resource_spans.append(resource_spans)
-                resource = _attributes(resource_spans.resource.attributes)
+                resource = attributes_of(resource_spans.resource.attributes)
                 for scope_spans in resource_spans.scope_spans:
                     scope = scope_spans.scope.name
-                    self._spans.extend(_span_record(span, resource, scope) for span in scope_spans.spans)
+                    self._spans.extend(span_record(span, resource, scope) for span in scope_spans.spans)
             self._changed.notify_all()
 
     def _add_metrics(self, batch: Iterable[metrics_pb2.ResourceMetrics]) -> None:
         with self._changed:
             for resource_metrics in batch:
                 self._resource_metrics.append(resource_metrics)
-                resource = _attributes(resource_metrics.resource.attributes)
+                resource = attributes_of(resource_metrics.resource.attributes)
                 for scope_metrics in resource_metrics.scope_metrics:
                     scope = scope_metrics.scope.name
-                    self._metrics.extend(_metric_record(m, resource, scope) for m in scope_metrics.metrics)
+                    self._metrics.extend(metric_record(m, resource, scope) for m in scope_metrics.metrics)
             self._changed.notify_all()
 
     def _add_logs(self, batch: Iterable[logs_pb2.ResourceLogs]) -> None:
         with self._changed:
             for resource_logs in batch:
-                resource = _attributes(resource_logs.resource.attributes)
+                resource = attributes_of(resource_logs.resource.attributes)
                 for scope_logs in resource_logs.scope_logs:
                     scope = scope_logs.scope.name
-                    self._logs.extend(_log_record(r, resource, scope) for r in scope_logs.log_records)
+                    self._logs.extend(log_record(r, resource, scope) for r in scope_logs.log_records)
             self._changed.notify_all()
 
     @property

@@ -6,7 +6,7 @@ out, so a rendering can be compared with the README whatever the machine's speed
 """
 from __future__ import annotations
 
-from tests.otlp_receiver import SpanRecord
+from tests.otlp_records import SpanRecord
 
 # Attributes worth a reader's eye, per span name (everything else is in the trace).
 SHOWN = {

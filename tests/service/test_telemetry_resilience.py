@@ -23,7 +23,8 @@ import pytest
 from lumen.v1 import inference_pb2 as pb
 from telemetry import setup_telemetry
 from telemetry.tracing import SHUTDOWN_TIMEOUT_S
-from tests.otlp_receiver import MetricRecord, OtlpReceiver
+from tests.otlp_receiver import OtlpReceiver
+from tests.otlp_records import MetricRecord
 from tests.service.conftest import Harness, start_harness
 
 REQUESTS = 8

@@ -11,7 +11,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 import re
 from typing import Iterator
 
@@ -22,7 +21,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from service import cli
 from telemetry import LogSetup, TelemetryConfigError, setup_logging, setup_telemetry
 from telemetry.logs import LOG_FORMATS, JsonFormatter
-from tests.otlp_receiver import LogRecord, OtlpReceiver
+from tests.otlp_receiver import OtlpReceiver
+from tests.otlp_records import LogRecord
 
 RFC3339_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 log = logging.getLogger("lumen.test.logs")

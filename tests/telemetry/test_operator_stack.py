@@ -20,7 +20,8 @@ import yaml
 
 from lumen.v1 import inference_pb2 as pb
 from telemetry import setup_telemetry
-from tests.otlp_receiver import MetricRecord, exporting_to_receiver
+from tests.otlp_receiver import exporting_to_receiver
+from tests.otlp_records import MetricRecord
 from tests.service.conftest import start_harness
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,6 @@ the Telemetry which port it got, so nothing races for a fixed port.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import socket
 import sys

@@ -8,7 +8,6 @@ receiver's condition-based waits; nothing sleeps.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from typing import Iterator
 
@@ -26,7 +25,8 @@ from telemetry import (
     setup_telemetry,
 )
 from telemetry.metrics import REQUEST_DURATION_BUCKETS_S, TPOT_BUCKETS_S, TTFT_BUCKETS_S
-from tests.otlp_receiver import MetricRecord, OtlpReceiver, SpanRecord
+from tests.otlp_receiver import OtlpReceiver
+from tests.otlp_records import MetricRecord, SpanRecord
 
 PARENT_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN_ID = "b7ad6b7169203331"
