@@ -86,6 +86,10 @@ class _BlockLinear(ABC):
         self.out_features, self.in_features = weight.out_features, weight.in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32:      # the decode path: no reshapes or casts
+            y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+            self.matmul_into(x, y)
+            return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
@@ -104,7 +108,8 @@ class NativeQuantLinear(_BlockLinear):
 
     def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
-        x = x.to(torch.float32).contiguous()
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
         native.qmatmul_into(self.weight.qtype, self.weight.raw, self.in_features, x, y)
 
 
@@ -130,18 +135,19 @@ class ConcatLinear:
         self.parts = parts
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
+        self.blocks = all(hasattr(p, "matmul_into") for p in parts)
+        ends = [sum(p.out_features for p in parts[:i + 1]) for i in range(len(parts))]
+        self.columns = [slice(end - p.out_features, end) for p, end in zip(parts, ends)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if all(hasattr(p, "matmul_into") for p in self.parts):
+        if self.blocks:
             y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
-            x32 = x2.to(torch.float32).contiguous()
-            col = 0
-            for p in self.parts:
-                p.matmul_into(x32, y[:, col:col + p.out_features])
-                col += p.out_features
-            return y.to(x.dtype).reshape(*lead, self.out_features)
+            x32 = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.to(torch.float32).contiguous()
+            for p, cols in zip(self.parts, self.columns):
+                p.matmul_into(x32, y[:, cols])
+            return y if x.dim() == 2 and x.dtype == torch.float32 else y.to(x.dtype).reshape(*lead, self.out_features)
         return torch.cat([p(x2) for p in self.parts], dim=-1).reshape(*lead, self.out_features)
 
 

@@ -1,7 +1,8 @@
 """Load a Llama GGUF file into torch weights, its config and its tokenizer.
 
-Reads with gguf-py's memory-mapped reader. Weight matrices of every type `engine.quant`
-registers stay as the file's blocks, viewed in place in the mapping (no copy, so resident
+Reads the header with gguf-py's memory-mapped reader. Weight matrices of every type
+`engine.quant` registers stay as the file's blocks, read once into huge-page anonymous memory
+(`engine.resident`: same bytes as the file, streamed faster than page-cache pages; resident
 memory follows the file size); `engine.linear` multiplies by them. Float32 matrices become
 dense (prepacked) linears as before, and small vectors (norms) are decoded to float32. A
 tensor of an unregistered type, a missing tensor, a wrong shape or too few bytes fails the
@@ -10,6 +11,7 @@ load with a `ModelLoadError` naming the tensor.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from engine.linear import (ConcatLinear, DenseEmbedding, DenseLinear, GGUFWeight
                            make_quant_linear)
 from engine.model import LayerWeights, LlamaWeights
 from engine.quant import QUANT_TYPES, dequantize
+from engine.resident import ResidentArena
 from engine.tokenizer import Tokenizer
 
 SUPPORTED_TYPES = tuple(QUANT_TYPES)
@@ -65,15 +68,17 @@ def _file_type_name(meta: dict, reader: GGUFReader) -> str:
 class _TensorSource:
     """Looks up tensors by name, checking type, shape and size, and wraps their bytes."""
 
-    def __init__(self, reader: GGUFReader, dtype: torch.dtype) -> None:
+    def __init__(self, reader: GGUFReader, dtype: torch.dtype, fd: int) -> None:
         self.tensors = {t.name: t for t in reader.tensors}
         self.dtype = dtype
+        self.fd = fd
+        self.arena = ResidentArena()
 
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def weight(self, name: str, shape: tuple[int, ...]) -> GGUFWeight:
-        """The tensor's blocks, checked, as uint8 rows viewed in the file mapping."""
+    def _checked(self, name: str, shape: tuple[int, ...]):
+        """(tensor, rows, row_bytes) once its type, shape and size are checked."""
         t = self.tensors.get(name)
         if t is None:
             raise ModelLoadError(f"tensor {name!r} is missing")
@@ -91,32 +96,44 @@ class _TensorSource:
             raise ModelLoadError(f"tensor {name!r}: row length {cols} is not a multiple of "
                                  f"{t.tensor_type.name}'s block size {unit.block_size}")
         row_bytes = cols // unit.block_size * unit.type_size
-        data = np.asarray(t.data)
-        if data.nbytes != rows * row_bytes:
-            raise ModelLoadError(f"tensor {name!r} has {data.nbytes} bytes, {t.tensor_type.name} {list(shape)} "
+        nbytes = np.asarray(t.data).nbytes     # the mapping's view: no page is touched
+        if nbytes != rows * row_bytes:
+            raise ModelLoadError(f"tensor {name!r} has {nbytes} bytes, {t.tensor_type.name} {list(shape)} "
                                  f"needs {rows * row_bytes}; is the file truncated?")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)   # read-only mapping: we never write to it
-            raw = torch.from_numpy(data.reshape(-1).view(np.uint8)).reshape(rows, row_bytes)
-        return GGUFWeight(raw, int(t.tensor_type), rows, cols)
+        return t, rows, row_bytes
+
+    def qtype(self, name: str, shape: tuple[int, ...]) -> int:
+        return int(self._checked(name, shape)[0].tensor_type)
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> GGUFWeight:
+        """The tensor's blocks, checked, read into the resident huge-page arena (engine.resident)."""
+        t, rows, row_bytes = self._checked(name, shape)
+        try:
+            raw = self.arena.read(self.fd, t.data_offset, rows * row_bytes)
+        except OSError as exc:
+            raise ModelLoadError(f"tensor {name!r} could not be read ({exc}); is the file truncated?") from exc
+        return GGUFWeight(raw.reshape(rows, row_bytes), int(t.tensor_type), rows, shape[-1])
 
     def dense(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor decoded to `dtype` (the compute dtype by default)."""
-        w = self.weight(name, shape)
+        """The tensor decoded to `dtype` (the compute dtype by default), from the file mapping."""
+        t, rows, row_bytes = self._checked(name, shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # read-only mapping: we never write to it
+            raw = torch.from_numpy(np.asarray(t.data).reshape(-1).view(np.uint8)).reshape(rows, row_bytes)
         try:
-            values = dequantize(w.raw, w.qtype, (w.out_features, w.in_features))
+            values = dequantize(raw, int(t.tensor_type), (rows, shape[-1]))
         except ValueError as exc:
             raise ModelLoadError(f"tensor {name!r}: data is unreadable ({exc})") from exc
         return values.reshape(shape).to(dtype or self.dtype)
 
     def linear(self, *names_and_rows: tuple[str, int], cols: int):
         """One linear over the named matrices' rows stacked in order (q/k/v, gate/up)."""
-        weights = [self.weight(name, (rows, cols)) for name, rows in names_and_rows]
-        if all(w.qtype == F32 for w in weights):
-            dense = [self.dense(name, (rows, cols)) for name, rows in names_and_rows]
+        shapes = [(name, (rows, cols)) for name, rows in names_and_rows]
+        if all(self.qtype(name, shape) == F32 for name, shape in shapes):
+            dense = [self.dense(name, shape) for name, shape in shapes]
             return make_linear(dense[0] if len(dense) == 1 else torch.cat(dense))
-        parts = [make_quant_linear(w) if w.qtype != F32 else make_linear(self.dense(name, (w.out_features, cols)))
-                 for w, (name, _) in zip(weights, names_and_rows)]
+        parts = [make_linear(self.dense(name, shape)) if self.qtype(name, shape) == F32
+                 else make_quant_linear(self.weight(name, shape)) for name, shape in shapes]
         return parts[0] if len(parts) == 1 else ConcatLinear(parts)
 
 
@@ -135,19 +152,15 @@ def _load_weights(src: _TensorSource, cfg: ModelConfig, progress: Callable[[int]
             w_down=src.linear((p + "ffn_down.weight", dim), cols=cfg.ffn_dim),
         ))
         progress(i + 1)
-    embed_weight = src.weight("token_embd.weight", (cfg.vocab_size, dim))
-    if embed_weight.qtype == F32:
-        dense_embed = src.dense("token_embd.weight", (cfg.vocab_size, dim))
-        embed = DenseEmbedding(dense_embed)
+    embed_shape = (cfg.vocab_size, dim)
+    if src.qtype("token_embd.weight", embed_shape) == F32:
+        dense_embed = src.dense("token_embd.weight", embed_shape)
+        embed, tied = DenseEmbedding(dense_embed), DenseLinear(dense_embed)
     else:
-        embed = QuantEmbedding(embed_weight, src.dtype)
+        embed_weight = src.weight("token_embd.weight", embed_shape)
+        embed, tied = QuantEmbedding(embed_weight, src.dtype), make_quant_linear(embed_weight)
     # A missing output matrix means the embedding is tied to it (shared, not packed: no second copy).
-    if src.has("output.weight"):
-        output = src.linear(("output.weight", cfg.vocab_size), cols=dim)
-    elif embed_weight.qtype == F32:
-        output = DenseLinear(dense_embed)
-    else:
-        output = make_quant_linear(embed_weight)
+    output = src.linear(("output.weight", cfg.vocab_size), cols=dim) if src.has("output.weight") else tied
     return LlamaWeights(embed=embed, layers=layers, norm=src.dense("output_norm.weight", (dim,), torch.float32),
                         output=output, dtype=src.dtype)
 
@@ -161,6 +174,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, name: str | 
     try:
         # Copy-on-write: torch can wrap the pages without a copy and without warnings.
         reader = GGUFReader(path, "c")
+        fd = os.open(path, os.O_RDONLY)
     except (ValueError, IndexError, OSError) as exc:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
     try:
@@ -169,12 +183,14 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, name: str | 
         cfg = ModelConfig.from_metadata(meta, tokenizer.vocab_size)
         if cfg.vocab_size != tokenizer.vocab_size:
             raise ModelLoadError(f"vocab size {cfg.vocab_size} differs from the tokenizer's {tokenizer.vocab_size}")
-        src = _TensorSource(reader, dtype)
+        src = _TensorSource(reader, dtype, fd)
         weights = _load_weights(src, cfg, lambda done: progress and progress(done, cfg.n_layers))
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
+    finally:
+        os.close(fd)
     return LoadedModel(
         name=name or path.stem,
         path=path,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine import native
 from engine.attention import AttentionMetadata, write_kv
 from engine.config import ModelConfig
 from engine.kv_cache import KVCachePool
@@ -112,11 +113,17 @@ class LlamaModel:
         self.rope = RotaryEmbedding(cfg)
         self.dtype = weights.dtype
         self.scale = cfg.head_dim ** -0.5
+        # Float32 on CPU with the C kernels: the row-wise work between matmuls runs in glue.c,
+        # a few calls per layer instead of dozens of small torch operations (BENCHMARKS.md).
+        self.native_glue = (self.dtype == torch.float32 and weights.norm.device.type == "cpu"
+                            and all(k.dtype == torch.float32 for k in kv.keys) and native.available())
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
         """Run one step; returns fp32 logits [num_logits, vocab]. With num_layers, only the first
         layers run before the final norm and output head (the layer-skip draft)."""
+        if self.native_glue:
+            return self._forward_glued(batch, num_layers)
         x = self.w.embed(batch.token_ids)  # [num_tokens, dim]
         for index, layer in enumerate(self.w.layers[:num_layers]):
             x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), batch)
@@ -139,3 +146,29 @@ class LlamaModel:
         out = self.attention.forward(q, k_cache, v_cache, batch.attn, self.scale)
         return layer.wo(out.reshape(-1, nh * hd))
 
+
+    def _forward_glued(self, batch: ForwardBatch, num_layers: int | None) -> torch.Tensor:
+        """forward() with glue.c between the matmuls: the residual stream x is updated in place
+        and each residual add is fused with the norm that follows it."""
+        cfg, eps = self.cfg, self.cfg.rms_eps
+        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        layers = self.w.layers[:num_layers]
+        x = self.w.embed(batch.token_ids).contiguous()   # [num_tokens, dim], the residual stream
+        h = torch.empty_like(x)                           # normed input of the next matmul
+        slots = batch.attn.slot_mapping
+        native.check_positions_slots(batch.positions, slots, self.rope.cos.shape[0],
+                                     self.kv.keys[0].numel() // (nkv * hd))
+        norms = [layer.attn_norm for layer in layers] + [self.w.norm]
+        native.add_rms_norm(x, None, norms[0], eps, h)
+        for index, layer in enumerate(layers):
+            qkv = layer.wqkv(h)
+            native.rope_store(qkv, nh, nkv, hd, self.rope.rope_dim, batch.positions, self.rope.cos,
+                              self.rope.sin, self.kv.keys[index], self.kv.values[index], slots)
+            q = qkv.view(-1, nh + 2 * nkv, hd)[:, :nh]
+            out = self.attention.forward(q, self.kv.keys[index], self.kv.values[index], batch.attn, self.scale)
+            native.add_rms_norm(x, layer.wo(out.reshape(-1, nh * hd)), layer.ffn_norm, eps, h)
+            gate_up = layer.w_gate_up(h)
+            act = torch.empty((x.shape[0], gate_up.shape[1] // 2), dtype=torch.float32)
+            native.silu_mul(gate_up, act)
+            native.add_rms_norm(x, layer.w_down(act), norms[index + 1], eps, h)
+        return self.w.output(h[batch.logits_indices]).float()

@@ -2,7 +2,9 @@
 
 `engine/csrc/` holds the sources: per-format block decoders (bit-exact with ggml), a
 batch-invariant matmul that decodes a tile of weight rows once and multiplies it by every
-activation row (see qmatmul.c), and the decode attention over the paged KV cache (attention.c). They are built for the machine they run on (`-march=native`)
+activation row (see qmatmul.c), the decode attention over the paged KV cache (attention.c),
+and the row-wise work between a layer's matmuls (glue.c: RMSNorm, RoPE with the KV store,
+SiLU gating). They are built for the machine they run on (`-march=native`)
 into the cache directory (`$LUMEN_CACHE_DIR`, else `$XDG_CACHE_HOME/lumen`, else
 `~/.cache/lumen`), named by a digest of the sources, flags, compiler and CPU, so a stale or
 foreign build is never loaded. Building takes about a second with the system C compiler
@@ -28,8 +30,8 @@ import torch
 from engine.demo_model import default_cache_dir
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("qmatmul.c", "attention.c")
-HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "simd.h")
+SOURCES = ("qmatmul.c", "attention.c", "glue.c")
+HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "glue.h", "simd.h")
 # No implicit fused multiply-adds: the decoders are bit-exact with ggml's only unfused, and
 # the matmul spells its fma out.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-psabi")
@@ -102,6 +104,13 @@ def library() -> ctypes.CDLL:
     lib.lumen_paged_attention_rows.argtypes = [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, ptr, i64,
                                                i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
     lib.lumen_paged_attention_rows.restype = i32
+    f32 = ctypes.c_float
+    lib.lumen_add_rms_norm.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, f32, ptr, i64]
+    lib.lumen_add_rms_norm.restype = None
+    lib.lumen_rope_store.argtypes = [ptr, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.lumen_rope_store.restype = None
+    lib.lumen_silu_mul.argtypes = [ptr, i64, i64, i64, ptr, i64]
+    lib.lumen_silu_mul.restype = None
     return lib
 
 
@@ -182,3 +191,54 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         rows.numel(), nh, nkv, hd, block_size, scale, out.data_ptr(), out.stride(0), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("lumen_paged_attention_rows could not allocate its score buffers")
+
+
+# The layer glue (glue.c). Callers (engine.model's native path) pass float32 tensors whose rows
+# are contiguous; the checks below are the ones that keep the C code inside its buffers.
+
+def _rows_ok(t: torch.Tensor, width: int) -> bool:
+    return t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] >= width and t.stride(1) == 1
+
+
+def add_rms_norm(x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor) -> None:
+    """out = rms_norm(x (+= dx, in place, when dx is given)) * weight; all float32 [rows, dim]."""
+    rows, dim = x.shape
+    assert _rows_ok(x, dim) and _rows_ok(out, dim) and out.shape[0] == rows and weight.numel() == dim
+    assert dx is None or (_rows_ok(dx, dim) and dx.shape[0] == rows)
+    library().lumen_add_rms_norm(x.data_ptr(), x.stride(0), None if dx is None else dx.data_ptr(),
+                                 0 if dx is None else dx.stride(0), rows, dim, weight.data_ptr(), eps,
+                                 out.data_ptr(), out.stride(0))
+
+
+def rope_store(qkv: torch.Tensor, nq: int, nkv: int, hd: int, rope_dim: int, positions: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               slots: torch.Tensor) -> None:
+    """RoPE on qkv's query and key heads in place, then its keys and values into cache slots.
+    `positions` and `slots` must have passed `check_positions_slots` for these tables and caches
+    (once per step: every layer uses the same)."""
+    rows = qkv.shape[0]
+    assert _rows_ok(qkv, (nq + 2 * nkv) * hd) and positions.dtype == slots.dtype == torch.int64
+    assert positions.numel() == slots.numel() == rows and positions.is_contiguous() and slots.is_contiguous()
+    assert k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert cos.shape == sin.shape and cos.shape[1] == rope_dim // 2 and cos.is_contiguous() and sin.is_contiguous()
+    assert k_cache.shape[-2:] == (nkv, hd) and k_cache.shape == v_cache.shape
+    library().lumen_rope_store(qkv.data_ptr(), qkv.stride(0), rows, nq, nkv, hd, rope_dim, positions.data_ptr(),
+                               cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                               slots.data_ptr())
+
+
+def check_positions_slots(positions: torch.Tensor, slots: torch.Tensor, table_rows: int, cache_rows: int) -> None:
+    """Refuse positions beyond the RoPE table or KV slots outside a cache of `cache_rows` rows."""
+    if positions.numel():
+        if not (0 <= int(positions.min()) and int(positions.max()) < table_rows):
+            raise ValueError(f"position outside the RoPE table of {table_rows} positions")
+        if not (0 <= int(slots.min()) and int(slots.max()) < cache_rows):
+            raise ValueError(f"KV slot outside the cache's {cache_rows} slots")
+
+
+def silu_mul(h: torch.Tensor, out: torch.Tensor) -> None:
+    """out = silu(h[:, :ffn]) * h[:, ffn:], ffn = out's width."""
+    rows, ffn = out.shape
+    assert _rows_ok(h, 2 * ffn) and _rows_ok(out, ffn) and h.shape[0] == rows
+    library().lumen_silu_mul(h.data_ptr(), h.stride(0), rows, ffn, out.data_ptr(), out.stride(0))

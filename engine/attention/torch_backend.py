@@ -38,10 +38,11 @@ class TorchAttention:
         if self.use_native and k_cache.dtype in (torch.float32, torch.bfloat16):
             if self._rows is None or self._rows[0] is not meta:
                 self._rows = (meta, _row_contexts(meta))
-            q32 = q.float().contiguous()
-            out = torch.empty_like(q32)
+            # A view of the qkv rows is fine as it is: the kernel takes the row stride.
+            q32 = q if q.dtype == torch.float32 and q.stride()[1:] == (q.shape[2], 1) else q.float().contiguous()
+            out = torch.empty(q32.shape, dtype=torch.float32)
             native.paged_attention_rows(q32, k_cache, v_cache, meta.block_tables, *self._rows[1], scale, out)
-            return out.to(q.dtype)
+            return out if q.dtype == torch.float32 else out.to(q.dtype)
         out = torch.empty_like(q)
         bs = meta.block_size
         start = 0

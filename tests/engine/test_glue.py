@@ -1,0 +1,69 @@
+"""glue.c, the row-wise work between a layer's matmuls, against torch's operations."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import native
+from engine.config import ModelConfig
+from engine.model import RotaryEmbedding
+from tests.engine.test_model_reference import PROMPT, engine_logits
+
+if not native.available():
+    pytest.skip("no C compiler here: the C kernels cannot be built", allow_module_level=True)
+
+
+def test_add_rms_norm_matches_torch_and_updates_the_residual():
+    g = torch.Generator().manual_seed(0)
+    x, dx = torch.randn(5, 2051, generator=g), torch.randn(5, 2051, generator=g)
+    w = torch.randn(2051, generator=g)
+    expected_x = x + dx
+    out = torch.empty_like(x)
+    native.add_rms_norm(x, dx, w, 1e-5, out)
+    assert torch.equal(x, expected_x)
+    torch.testing.assert_close(out, F.rms_norm(expected_x, w.shape, w, 1e-5), rtol=2e-6, atol=1e-6)
+    alone = torch.empty_like(x)
+    native.add_rms_norm(x[2:3].clone(), None, w, 1e-5, alone[:1])
+    assert torch.equal(alone[0], out[2]), "a row's norm must not depend on its batch"
+
+
+def test_rope_store_gives_torch_rope_bits_and_fills_the_cache():
+    cfg = ModelConfig.__new__(ModelConfig)
+    object.__setattr__(cfg, "rope_base", 10000.0)
+    object.__setattr__(cfg, "rope_dim", 48)
+    object.__setattr__(cfg, "context_length", 64)
+    rope = RotaryEmbedding(cfg)
+    nq, nkv, hd, rows = 4, 2, 64, 3
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(rows, (nq + 2 * nkv) * hd, generator=g)
+    positions, slots = torch.tensor([0, 17, 63]), torch.tensor([5, 0, 9])
+    expected = rope(qkv.view(rows, -1, hd)[:, :nq + nkv], positions)
+    k_cache, v_cache = torch.zeros(10, nkv, hd), torch.zeros(10, nkv, hd)
+    values = qkv.view(rows, -1, hd)[:, nq + nkv:].clone()
+    native.check_positions_slots(positions, slots, rope.cos.shape[0], 10)
+    native.rope_store(qkv, nq, nkv, hd, 48, positions, rope.cos, rope.sin, k_cache, v_cache, slots)
+    assert torch.equal(qkv.view(rows, -1, hd)[:, :nq + nkv], expected)
+    assert torch.equal(k_cache[slots], expected[:, nq:])
+    assert torch.equal(v_cache[slots], values)
+
+
+def test_positions_and_slots_outside_their_tables_are_refused():
+    with pytest.raises(ValueError, match="RoPE table"):
+        native.check_positions_slots(torch.tensor([3, 64]), torch.tensor([0, 1]), 64, 10)
+    with pytest.raises(ValueError, match="outside the cache"):
+        native.check_positions_slots(torch.tensor([3, 4]), torch.tensor([0, 10]), 64, 10)
+
+
+def test_silu_mul_matches_torch():
+    h = torch.randn(4, 2 * 300, generator=torch.Generator().manual_seed(2)) * 6
+    out = torch.empty(4, 300)
+    native.silu_mul(h, out)
+    torch.testing.assert_close(out, F.silu(h[:, :300]) * h[:, 300:], rtol=2e-6, atol=1e-6)
+
+
+def test_glued_forward_matches_the_torch_forward(stories_model, monkeypatch):
+    glued = engine_logits(stories_model, PROMPT)
+    monkeypatch.setattr("engine.model.native.available", lambda: False)
+    plain = engine_logits(stories_model, PROMPT)
+    torch.testing.assert_close(glued, plain, rtol=1e-5, atol=1e-5)
