@@ -5,8 +5,8 @@ for oneDNN once at load: on CPU its GEMM stays efficient for the small batches o
 decode steps (measured 1.7x MKL's at 16 rows, BENCHMARKS.md), which is what makes
 batching pay off in float32.
 
-GGUF weights stay in their file's blocks (`GGUFWeight`, usually a view of the memory-mapped
-file, so no copy at all). `NativeQuantLinear` multiplies by them with the C kernels of
+GGUF weights stay in their file's blocks (`GGUFWeight`: the file's bytes, read once into
+huge-page memory by `engine.resident`; never a float copy). `NativeQuantLinear` multiplies by them with the C kernels of
 `engine.native` (decoded a block at a time inside the matmul, batch invariant);
 `ChunkedQuantLinear` is the general path for types those kernels lack, or for machines
 without a C compiler: it decodes a few rows at a time into a small buffer with
@@ -106,11 +106,23 @@ class NativeQuantLinear(_BlockLinear):
 
     kind = "gguf-native"
 
+    def __init__(self, weight: GGUFWeight) -> None:
+        super().__init__(weight)
+        raw = weight.raw
+        assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride() == (raw.shape[1], 1), \
+            "GGUF rows must be contiguous uint8"
+        self._raw = (raw.data_ptr(), raw.shape[1])   # checked once: every call reuses them
+
     def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
-        native.qmatmul_into(self.weight.qtype, self.weight.raw, self.in_features, x, y)
+        if x.shape[1] != self.in_features or y.shape != (x.shape[0], self.out_features) or y.stride(1) != 1 \
+                or y.dtype != torch.float32:
+            raise ValueError(f"matmul of {tuple(x.shape)} into {tuple(y.shape)} {y.dtype} over "
+                             f"[{self.out_features}, {self.in_features}]")
+        if x.shape[0]:
+            native._qmatmul(self.weight.qtype, *self._raw, self.out_features, self.in_features, x, y)
 
 
 class ChunkedQuantLinear(_BlockLinear):

@@ -76,10 +76,18 @@ int lumen_paged_attention_rows(const float *q, int64_t ldq, const void *k_cache,
             for (int h = 0; h < group; h++) {
                 float *s = scores + h * max_ctx, top = -INFINITY, sum = 0.0f;
                 for (int64_t j = 0; j < ctx; j++) top = s[j] > top ? s[j] : top;
-                for (int64_t j = 0; j < ctx; j++) {
-                    s[j] = expf(s[j] - top);
-                    sum += s[j];
+                int64_t j = 0;
+#ifdef __AVX512F__
+                for (; j + 16 <= ctx; j += 16)      /* the same exponential whatever the context */
+                    _mm512_storeu_ps(s + j, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(top))));
+                for (; j < ctx; j++) {
+                    const __mmask16 one = 1;
+                    _mm512_mask_storeu_ps(s + j, one, exp16(_mm512_set1_ps(s[j] - top)));
                 }
+#else
+                for (; j < ctx; j++) s[j] = expf(s[j] - top);
+#endif
+                for (j = 0; j < ctx; j++) sum += s[j];
                 inv_sum[h] = 1.0f / sum;
             }
             memset(acc, 0, sizeof(float) * (size_t)hd * group);

@@ -51,10 +51,20 @@ void lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, 
     }
 }
 
+
 void lumen_silu_mul(const float *h, int64_t ldh, int64_t rows, int64_t ffn, float *out, int64_t ldo) {
     for (int64_t r = 0; r < rows; r++) {
         const float *g = h + r * ldh, *u = g + ffn;
         float *o = out + r * ldo;
-        for (int64_t j = 0; j < ffn; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        int64_t j = 0;
+#ifdef __AVX512F__
+        for (; j + 16 <= ffn; j += 16) {
+            const __m512 gv = _mm512_loadu_ps(g + j);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            _mm512_storeu_ps(o + j, _mm512_mul_ps(silu, _mm512_loadu_ps(u + j)));
+        }
+#endif
+        for (; j < ffn; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     }
 }

@@ -1,6 +1,7 @@
 /* 16-lane float vectors shared by the CPU kernels: an unaligned load, an explicit fma (one
  * rounding on every target, since the library is built with -ffp-contract=off) and a
- * horizontal sum in one fixed tree, so every reduction has a single, batch-independent order. */
+ * horizontal sum in one fixed tree, so every reduction has a single, batch-independent order;
+ * and a 16-lane exponential, so that a value's e^x does not depend on its lane or neighbours. */
 #ifndef LUMEN_SIMD_H
 #define LUMEN_SIMD_H
 #include <math.h>
@@ -30,4 +31,23 @@ static inline float hsum(v16 v) {
     for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
+#ifdef __AVX512F__
+/* e^x for 16 lanes, |x| clamped to 88: x = n ln2 + r (ln2 in two parts), e^r by Cephes'
+ * expf polynomial on |r| <= ln2 / 2, then scaled by 2^n. Within 2 ulp of expf. */
+static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
 #endif

@@ -67,3 +67,11 @@ def test_glued_forward_matches_the_torch_forward(stories_model, monkeypatch):
     monkeypatch.setattr("engine.model.native.available", lambda: False)
     plain = engine_logits(stories_model, PROMPT)
     torch.testing.assert_close(glued, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul_over_the_whole_float_range():
+    g = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.5, -88.5, 300, -300])])
+    h = torch.cat([g, torch.ones_like(g)]).view(1, -1)
+    out = torch.empty(1, g.numel())
+    native.silu_mul(h, out)
+    torch.testing.assert_close(out[0], F.silu(g), rtol=3e-7, atol=1e-30)
