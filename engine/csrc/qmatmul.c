@@ -25,9 +25,6 @@
 #include "simd.h"
 
 enum { MR = 4, NR = 4, MAX_BLOCK = 256 };
-/* Bytes ahead of the current block that the register paths prefetch in each weight row: the
- * hardware prefetcher alone leaves one thread at about 7 GB/s on a 5632 x 2048 Q8_0 weight. */
-enum { PREFETCH = 512 };
 
 typedef void (*block_decoder)(const uint8_t *, float *);
 
@@ -97,8 +94,10 @@ static inline __attribute__((always_inline)) void decode_row(
 #ifdef REGISTER_DECODERS
 /* Register-decoding variants of stream_block: each block's 16-value groups are decoded
  * straight into registers by decoders.h's register decoders and consumed at once, with the
- * same fma order per output as every other path. Every cache line of a block is prefetched
- * PREFETCH bytes ahead (a K-quant block spans 2 to 4 lines). */
+ * same fma order per output as every other path. Each cache line of a block is prefetched
+ * into L2 from the same place in the next group of rows (ANR rows further): the hardware
+ * prefetchers alone left one thread at about 7 GB/s, and a fixed distance of 512 bytes at
+ * 13 GB/s for Q8_0 on two; one group ahead streams at 25 GB/s (BENCHMARKS.md). */
 #define REGISTER_STREAM(name, T, AMR, ANR)                                                     \
 static inline __attribute__((always_inline)) void name(                                          \
         const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t ldx, float *y,    \
@@ -111,7 +110,7 @@ static inline __attribute__((always_inline)) void name(                         
         for (int j = 0; j < nr; j++) {                                                           \
             const uint8_t *blk = w + j * row_bytes + b * T##_TS;                                 \
             for (int o = 0; o < T##_TS; o += 64)                                                 \
-                _mm_prefetch((const char *)blk + PREFETCH + o, _MM_HINT_T0);                     \
+                _mm_prefetch((const char *)blk + ANR * row_bytes + o, _MM_HINT_T1);                   \
             T##_prepare(blk, &p[j]);                                                             \
         }                                                                                        \
         _Pragma("GCC unroll 16")                                                                 \
