@@ -117,11 +117,15 @@ class LlamaModel:
         # a few calls per layer instead of dozens of small torch operations (BENCHMARKS.md).
         self.native_glue = (self.dtype == torch.float32 and weights.norm.device.type == "cpu"
                             and all(k.dtype == torch.float32 for k in kv.keys) and native.available())
+        # When every matmul has a C kernel and attention is the C one, each layer is one C call.
+        self.layer_structs = _layer_structs(weights, kv, attention) if self.native_glue else None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
         """Run one step; returns fp32 logits [num_logits, vocab]. With num_layers, only the first
         layers run before the final norm and output head (the layer-skip draft)."""
+        if self.layer_structs is not None:
+            return self._forward_fused(batch, num_layers)
         if self.native_glue:
             return self._forward_glued(batch, num_layers)
         x = self.w.embed(batch.token_ids)  # [num_tokens, dim]
@@ -172,3 +176,60 @@ class LlamaModel:
             native.silu_mul(gate_up, act)
             native.add_rms_norm(x, layer.w_down(act), norms[index + 1], eps, h)
         return self.w.output(h[batch.logits_indices]).float()
+
+    def _forward_fused(self, batch: ForwardBatch, num_layers: int | None) -> torch.Tensor:
+        """_forward_glued with each layer in one C call (layer.c): the same kernels in the same
+        order, so the same bits, without Python between them."""
+        cfg, eps = self.cfg, self.cfg.rms_eps
+        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        layers = self.layer_structs[:num_layers]
+        x = self.w.embed(batch.token_ids).contiguous()
+        rows = x.shape[0]
+        h = torch.empty_like(x)
+        native.check_positions_slots(batch.positions, batch.attn.slot_mapping, self.rope.cos.shape[0],
+                                     self.kv.keys[0].numel() // (nkv * hd))
+        norms = [layer.attn_norm for layer in self.w.layers[:len(layers)]] + [self.w.norm]
+        native.add_rms_norm(x, None, norms[0], eps, h)
+        attn_rows, attn_seqs, attn_ctx = self.attention.row_contexts(batch.attn)
+        block_tables = batch.attn.block_tables
+        assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+        buffers = {"qkv": (nh + 2 * nkv) * hd, "attn": nh * hd, "out": cfg.dim, "gate_up": 2 * cfg.ffn_dim,
+                   "act": cfg.ffn_dim}
+        scratch = {name: torch.empty((rows, width), dtype=torch.float32) for name, width in buffers.items()}
+        tensors = scratch | {"x": x, "h": h, "positions": batch.positions, "slots": batch.attn.slot_mapping,
+                             "cos": self.rope.cos, "sin": self.rope.sin, "block_tables": block_tables,
+                             "attn_rows": attn_rows, "attn_seqs": attn_seqs, "attn_ctx": attn_ctx}
+        step = native.StepStruct(rows=rows, dim=cfg.dim, ffn=cfg.ffn_dim, nq=nh, nkv=nkv, hd=hd,
+                                 rope_dim=self.rope.rope_dim, block_size=self.kv.keys[0].shape[1],
+                                 nthreads=torch.get_num_threads(), eps=eps, scale=self.scale,
+                                 ldbt=block_tables.stride(0), **{k: t.data_ptr() for k, t in tensors.items()})
+        for index, layer in enumerate(layers):
+            native.layer_forward(layer, step, norms[index + 1])
+        return self.w.output(h[batch.logits_indices]).float()
+
+
+def _native_parts(linear) -> list | None:
+    """[(qtype, raw)] of a linear whose matmuls all run in the C kernels, else None."""
+    parts = linear.parts if isinstance(linear, ConcatLinear) else [linear]
+    if len(parts) > 3 or not all(isinstance(p, NativeQuantLinear) for p in parts):
+        return None
+    return [(p.weight.qtype, p.weight.raw) for p in parts]
+
+
+def _layer_structs(weights: LlamaWeights, kv: KVCachePool, attention) -> list | None:
+    """One native.LayerStruct per layer when the whole layer can run as one C call, else None."""
+    if getattr(attention, "name", None) != "torch" or not getattr(attention, "use_native", False):
+        return None
+    if not all(k.is_contiguous() for k in kv.keys + kv.values):
+        return None
+    structs = []
+    for layer, k_cache, v_cache in zip(weights.layers, kv.keys, kv.values):
+        linears = [_native_parts(getattr(layer, name)) for name in ("wqkv", "wo", "w_gate_up", "w_down")]
+        if any(parts is None for parts in linears):
+            return None
+        structs.append(native.LayerStruct(
+            attn_norm=layer.attn_norm.data_ptr(), ffn_norm=layer.ffn_norm.data_ptr(),
+            qkv=native.linear_struct(linears[0]), wo=native.linear_struct(linears[1]),
+            gate_up=native.linear_struct(linears[2]), down=native.linear_struct(linears[3]),
+            k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr()))
+    return structs

@@ -4,7 +4,7 @@
 batch-invariant matmul that decodes a tile of weight rows once and multiplies it by every
 activation row (see qmatmul.c), the decode attention over the paged KV cache (attention.c),
 and the row-wise work between a layer's matmuls (glue.c: RMSNorm, RoPE with the KV store,
-SiLU gating). They are built for the machine they run on (`-march=native`)
+SiLU gating), and a whole decoder layer chaining them in one call (layer.c). They are built for the machine they run on (`-march=native`)
 into the cache directory (`$LUMEN_CACHE_DIR`, else `$XDG_CACHE_HOME/lumen`, else
 `~/.cache/lumen`), named by a digest of the sources, flags, compiler and CPU, so a stale or
 foreign build is never loaded. Building takes about a second with the system C compiler
@@ -30,8 +30,8 @@ import torch
 from engine.demo_model import default_cache_dir
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("qmatmul.c", "attention.c", "glue.c")
-HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "glue.h", "simd.h")
+SOURCES = ("qmatmul.c", "attention.c", "glue.c", "layer.c")
+HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "glue.h", "layer.h", "simd.h")
 # No implicit fused multiply-adds: the decoders are bit-exact with ggml's only unfused, and
 # the matmul spells its fma out.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-psabi")
@@ -111,6 +111,8 @@ def library() -> ctypes.CDLL:
     lib.lumen_rope_store.restype = None
     lib.lumen_silu_mul.argtypes = [ptr, i64, i64, i64, ptr, i64]
     lib.lumen_silu_mul.restype = None
+    lib.lumen_layer_forward.argtypes = [ctypes.POINTER(LayerStruct), ctypes.POINTER(StepStruct), ptr]
+    lib.lumen_layer_forward.restype = i32
     return lib
 
 
@@ -247,3 +249,46 @@ def silu_mul(h: torch.Tensor, out: torch.Tensor) -> None:
     rows, ffn = out.shape
     assert _rows_ok(h, 2 * ffn) and _rows_ok(out, ffn) and h.shape[0] == rows
     library().lumen_silu_mul(h.data_ptr(), h.stride(0), rows, ffn, out.data_ptr(), out.stride(0))
+
+
+# A whole decoder layer in one call (layer.c). The structures mirror layer.h field for field.
+_i64, _i32, _f32p = ctypes.c_int64, ctypes.c_int32, ctypes.POINTER(ctypes.c_float)
+
+
+class LinearStruct(ctypes.Structure):
+    _fields_ = [("parts", _i32), ("qtype", _i32 * 3), ("w", ctypes.c_void_p * 3), ("row_bytes", _i64 * 3),
+                ("n", _i64 * 3)]
+
+
+class LayerStruct(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("qkv", LinearStruct),
+                ("wo", LinearStruct), ("gate_up", LinearStruct), ("down", LinearStruct),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class StepStruct(ctypes.Structure):
+    _fields_ = [("rows", _i64), ("dim", _i64), ("ffn", _i64), ("nq", _i32), ("nkv", _i32), ("hd", _i32),
+                ("rope_dim", _i32), ("block_size", _i32), ("nthreads", _i32), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float)] + [(name, ctypes.c_void_p) for name in (
+                    "x", "h", "qkv", "attn", "out", "gate_up", "act", "positions", "slots", "cos", "sin",
+                    "block_tables")] + [("ldbt", _i64)] + [(name, ctypes.c_void_p) for name in (
+                        "attn_rows", "attn_seqs", "attn_ctx")]
+
+
+def linear_struct(parts: list[tuple[int, torch.Tensor]]) -> LinearStruct:
+    """[(qtype, raw uint8 rows)] stacked by rows, each checked as qmatmul_into checks it."""
+    assert 1 <= len(parts) <= 3
+    st = LinearStruct(parts=len(parts))
+    for i, (qtype, raw) in enumerate(parts):
+        assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride() == (raw.shape[1], 1)
+        st.qtype[i], st.w[i], st.row_bytes[i], st.n[i] = int(qtype), raw.data_ptr(), raw.shape[1], raw.shape[0]
+    return st
+
+
+def layer_forward(layer: LayerStruct, step: StepStruct, next_norm: torch.Tensor) -> None:
+    """Run one decoder layer (layer.h); the caller built both structures from checked tensors."""
+    rc = library().lumen_layer_forward(ctypes.byref(layer), ctypes.byref(step), next_norm.data_ptr())
+    if rc == -2:
+        raise MemoryError("lumen_layer_forward could not allocate its buffers")
+    if rc != 0:
+        raise ValueError("lumen_layer_forward met a weight type its matmul cannot decode")

@@ -36,12 +36,10 @@ class TorchAttention:
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q [num_tokens, nh, hd] -> out [num_tokens, nh, hd]."""
         if self.use_native and k_cache.dtype in (torch.float32, torch.bfloat16):
-            if self._rows is None or self._rows[0] is not meta:
-                self._rows = (meta, _row_contexts(meta))
             # A view of the qkv rows is fine as it is: the kernel takes the row stride.
             q32 = q if q.dtype == torch.float32 and q.stride()[1:] == (q.shape[2], 1) else q.float().contiguous()
             out = torch.empty(q32.shape, dtype=torch.float32)
-            native.paged_attention_rows(q32, k_cache, v_cache, meta.block_tables, *self._rows[1], scale, out)
+            native.paged_attention_rows(q32, k_cache, v_cache, meta.block_tables, *self.row_contexts(meta), scale, out)
             return out if q.dtype == torch.float32 else out.to(q.dtype)
         out = torch.empty_like(q)
         bs = meta.block_size
@@ -54,6 +52,12 @@ class TorchAttention:
             out[rows] = _causal_sdpa(q[rows], keys.to(q.dtype), values.to(q.dtype), seq_len - q_len, scale)
             start += q_len
         return out
+
+    def row_contexts(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The C kernel's (rows, sequences, context lengths) for this step, computed once per step."""
+        if self._rows is None or self._rows[0] is not meta:
+            self._rows = (meta, _row_contexts(meta))
+        return self._rows[1]
 
 
 def _native_available() -> bool:

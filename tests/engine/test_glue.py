@@ -75,3 +75,31 @@ def test_silu_mul_over_the_whole_float_range():
     out = torch.empty(1, g.numel())
     native.silu_mul(h, out)
     torch.testing.assert_close(out[0], F.silu(g), rtol=3e-7, atol=1e-30)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F16"])  # what the synthetic writer makes
+def test_one_call_layers_give_the_glued_forwards_bits(qtype, tmp_path, monkeypatch):
+    from gguf import GGMLQuantizationType
+    from engine.demo_model import DEMO_SHAPE, demo_vocab
+    from engine.loader import load_gguf
+    from engine.synthetic import write_synthetic_llama
+    from tests.engine.test_model_reference import paged_model
+    path = write_synthetic_llama(tmp_path / "m.gguf", DEMO_SHAPE, demo_vocab(),
+                                 qtype=GGMLQuantizationType[qtype], seed=3, name="m")
+    loaded = load_gguf(path)
+    assert paged_model(loaded).layer_structs is not None, "every matmul of this file has a C kernel"
+    fused = engine_logits(loaded, PROMPT)
+    monkeypatch.setattr("engine.model._layer_structs", lambda *args: None)
+    assert paged_model(loaded).layer_structs is None
+    assert torch.equal(engine_logits(loaded, PROMPT), fused)
+    monkeypatch.setattr("engine.model.native.available", lambda: False)
+    torch.testing.assert_close(engine_logits(loaded, PROMPT), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_with_a_matmul_outside_the_c_kernels_stays_glued():
+    from engine.loader import load_gguf
+    from tests.conftest import shared_file
+    from tests.engine.test_model_reference import paged_model
+    # ffn_down is F16 with rows of 172 values: the chunked torch path, so no one-call layers.
+    model = paged_model(load_gguf(shared_file("quant", "stories260K-Q4_0.gguf")))
+    assert model.native_glue and model.layer_structs is None
