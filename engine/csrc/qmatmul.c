@@ -95,9 +95,9 @@ static inline __attribute__((always_inline)) void decode_row(
 /* Register-decoding variants of stream_block: each block's 16-value groups are decoded
  * straight into registers by decoders.h's register decoders and consumed at once, with the
  * same fma order per output as every other path. Each cache line of a block is prefetched
- * into L2 from the same place in the next group of rows (ANR rows further): the hardware
- * prefetchers alone left one thread at about 7 GB/s, and a fixed distance of 512 bytes at
- * 13 GB/s for Q8_0 on two; one group ahead streams at 25 GB/s (BENCHMARKS.md). */
+ * into L2 from the same place in the next group of rows (ANR rows further). For Q8_0 on two
+ * threads a fixed 512 bytes ahead streamed 18 GB/s, one group ahead 24 GB/s (BENCHMARKS.md,
+ * "Where the weights live"). */
 #define REGISTER_STREAM(name, T, AMR, ANR)                                                     \
 static inline __attribute__((always_inline)) void name(                                          \
         const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t ldx, float *y,    \
