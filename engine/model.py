@@ -3,6 +3,11 @@
 All sequences' new tokens are concatenated into one [num_tokens] batch: every
 matmul runs once for the whole step, and only attention looks at each
 sequence's own blocks of the paged KV pool. No padding to the longest sequence, ever.
+
+Three forms of one computation: torch operations (GPU, bfloat16, or no C compiler); on CPU in
+float32, the C glue of engine/csrc/glue.c between the matmuls; and, when every matmul of a
+layer has a C kernel too, each layer as one C call (layer.c), which gives the glued form's
+bits exactly (tests/engine/test_glue.py).
 """
 from __future__ import annotations
 
