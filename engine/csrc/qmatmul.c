@@ -125,9 +125,11 @@ static inline __attribute__((always_inline)) void name(                         
     for (int i = 0; i < mr; i++)                                                                 \
         for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum((v16)acc[i][j]);                      \
 }
-/* Batches of 5-16 rows: 8 activation rows x 2 weight rows of accumulators, re-decoding the
- * weights once per 8 rows (cheaper than the tile path's float round trip through L2). */
-enum { WMR = 8, WNR = 2, WIDE_MAX_M = 16 };
+/* Batches of 5-16 rows: up to 8 activation rows x 3 weight rows of accumulators, re-decoding
+ * the weights once per slice of the batch (cheaper than the tile path's float round trip
+ * through L2). Slices are even (9 rows: 5 + 4), and 3 weight rows per pass measured 11%
+ * faster than 2 at 5 rows, the rows of a k = 4 speculative verify. */
+enum { WMR = 8, WNR = 3, WIDE_MAX_M = 16 };
 #endif
 
 /* One matmul call: what every thread's share of the work needs. */
@@ -231,6 +233,10 @@ void lumen_decode_row(int qtype, const uint8_t *row, int64_t k, float *out) {
         case 6 * 4 + 1: call(kernel, 6, 1); break; case 5 * 4 + 1: call(kernel, 5, 1); break;    \
         case 4 * 4 + 1: call(kernel, 4, 1); break; case 3 * 4 + 1: call(kernel, 3, 1); break;    \
         case 2 * 4 + 1: call(kernel, 2, 1); break; default: call(kernel, 1, 1); break;           \
+        case 8 * 4 + 3: call(kernel, 8, 3); break; case 7 * 4 + 3: call(kernel, 7, 3); break;    \
+        case 6 * 4 + 3: call(kernel, 6, 3); break; case 5 * 4 + 3: call(kernel, 5, 3); break;    \
+        case 4 * 4 + 3: call(kernel, 4, 3); break; case 3 * 4 + 3: call(kernel, 3, 3); break;    \
+        case 2 * 4 + 3: call(kernel, 2, 3); break; case 1 * 4 + 3: call(kernel, 1, 3); break;    \
     }
 #define REGISTER_CALL(kernel, MRC, NRC) kernel(jb->w + n * jb->row_bytes, jb->row_bytes, jb->K,  \
         jb->x + m0 * jb->ldx, jb->ldx, jb->y + m0 * jb->ldy + n, jb->ldy, MRC, NRC)
@@ -251,10 +257,12 @@ static int stream_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {
     return 0;                                                                                    \
 }                                                                                                \
 static int wide_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {                   \
+    const int64_t slices = (jb->M + WMR - 1) / WMR;     /* even slices: 9 rows are 5 + 4, not 8 + 1 */ \
     for (int64_t n = lo; n < hi;) {                                                              \
         const int nr = hi - n >= WNR ? WNR : 1;                                                  \
-        for (int64_t m0 = 0; m0 < jb->M; m0 += WMR) {                                            \
-            const int mr = jb->M - m0 < WMR ? (int)(jb->M - m0) : WMR;                           \
+        for (int64_t s = 0; s < slices; s++) {                                                   \
+            const int64_t m0 = jb->M * s / slices;                                               \
+            const int mr = (int)(jb->M * (s + 1) / slices - m0);                                 \
             WIDE_SIZES(REGISTER_CALL, wide_regs_##T, mr, nr)                                     \
         }                                                                                        \
         n += nr;                                                                                 \

@@ -73,7 +73,7 @@ REGISTER_TYPES = [T.Q8_0, T.Q4_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 @pytest.mark.parametrize("qtype", REGISTER_TYPES + [T.F16], ids=lambda t: t.name)
 def test_rows_are_batch_invariant(qtype, rng):
     """Each output row is bit-identical whatever the batch it is computed in and the thread count."""
-    n, k = 70, 512                       # n not a multiple of the register paths' 4 or 2 weight rows
+    n, k = 70, 512                       # n not a multiple of the register paths' 4 or 3 weight rows
     w = random_weight(qtype, rng, n, k)
     x = torch.randn(40, k)
     alone = torch.empty(40, n)
