@@ -8,7 +8,8 @@ tinyllama: the synthetic TinyLlama-shaped Q8_0 model (random weights), layer-ski
 side by side. Decode tok/s counts the tokens after each request's first over the steps that
 admitted nothing (drafting, verification and plain decode steps), so prefill does not blur it.
 Speculation is forced on at every batch size here (max_batch = streams); the row "auto"
-at 8 streams uses the server default (off above 4 decoding requests).
+at 8 streams uses the server default (off above 4 decoding requests). With --adaptive, each
+method also runs with the adaptive draft length (SpeculativeConfig.adaptive).
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ from engine.scheduler import SchedulerConfig
 from engine.speculative import SpecMethod, SpeculativeConfig, SpeculativeParams
 
 
-def run(target, draft, prompts: list[list[int]], tokens: int, method: SpecMethod, k: int, max_batch: int) -> dict:
+def run(target, draft, prompts: list[list[int]], tokens: int, method: SpecMethod, k: int, max_batch: int,
+        adaptive: bool = False) -> dict:
     steps = []
     config = EngineConfig(scheduler=SchedulerConfig(max_running=max(len(prompts), 1), max_tokens_per_step=2048),
-                          speculative=SpeculativeConfig(method=method, num_tokens=k, max_batch=max_batch))
+                          speculative=SpeculativeConfig(method=method, num_tokens=k, max_batch=max_batch,
+                                                        adaptive=adaptive))
     engine = LLMEngine(target, config, on_step=steps.append, draft=draft)
     for i, prompt in enumerate(prompts):
         engine.add_request(GenerationRequest(str(i), prompt, tokens, SamplingParams(temperature=0), ignore_eos=True,
@@ -81,6 +84,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--adaptive", action="store_true",
+                   help="also run every method with the adaptive draft length (rows marked 'adaptive k')")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -92,9 +97,11 @@ def main() -> None:
         for n in args.streams:
             prompts = make_prompts(n)
             base = run(target, draft, prompts, args.tokens, SpecMethod.NONE, args.k, n)
-            cases = [(m, n) for m in methods] + ([(m, 4) for m in methods] if n > 4 else [])
-            results = [(base, "none")] + [(run(target, draft, prompts, args.tokens, m, args.k, mb),
-                                          m.value + (" (auto: off above 4)" if mb < n else "")) for m, mb in cases]
+            cases = [(m, n, False) for m in methods] + ([(m, n, True) for m in methods] if args.adaptive else []) \
+                + ([(m, 4, False) for m in methods] if n > 4 else [])
+            results = [(base, "none")] + [(run(target, draft, prompts, args.tokens, m, args.k, mb, adaptive),
+                                          m.value + (" (adaptive k)" if adaptive else "")
+                                          + (" (auto: off above 4)" if mb < n else "")) for m, mb, adaptive in cases]
             for r, label in results:
                 same = r["outputs"] == base["outputs"]
                 print(f"| {name} | {n} | {label} | {r['decode_tok_s']:.1f} | "

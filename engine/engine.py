@@ -104,6 +104,7 @@ class LLMEngine:
         self.validate(req)
         seq = Sequence(req, self.tokenizer)
         seq.spec_method, seq.spec_tokens = self.speculation.resolve(req)
+        seq.spec_k = seq.spec_tokens
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

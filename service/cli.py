@@ -112,6 +112,9 @@ def _speculative_options(p: argparse.ArgumentParser) -> None:
                    help="layers of the 'layer_skip' draft (default: a quarter of the model)")
     s.add_argument("--speculative-max-batch", type=_int_in_range(0), default=4, metavar="N",
                    help="no speculation in steps with more decoding requests than this")
+    s.add_argument("--adaptive-speculative-tokens", action="store_true",
+                   help="adapt each request's draft length to its acceptance: 2 more after a fully accepted "
+                        "draft, 1 fewer otherwise, between 1 and its K")
 
 
 def _client_parsers(sub) -> None:
@@ -192,7 +195,8 @@ def _serve(args: argparse.Namespace) -> int:
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
             speculative=SpeculativeConfig(
                 method=SpecMethod(args.speculative), num_tokens=args.num_speculative_tokens,
-                layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch)),
+                layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch,
+                adaptive=args.adaptive_speculative_tokens)),
         draft_model=args.draft_model, capture_content=args.trace_content)
     loaded = load_models(config.models, config.dtype)
     draft = load_with_progress(config.draft_model, config.dtype) if config.draft_model else None

@@ -36,6 +36,15 @@ class SpeculativeParams:
                                       f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_tokens}")
 
 
+def adapt_draft_length(k: int, proposed: int, accepted: int, k_max: int) -> int:
+    """The next draft length after a verification: 2 more when every proposed token was
+    accepted, 1 fewer otherwise, within [1, k_max] (the "heuristic" schedule of Hugging Face
+    transformers' assisted generation). A request whose drafts keep failing thus verifies
+    2 rows a step instead of k + 1, and one whose drafts keep succeeding returns to k_max."""
+    k = k + 2 if accepted == proposed else k - 1
+    return max(1, min(k_max, k))
+
+
 @dataclass(slots=True)
 class SpeculativeConfig:
     """The engine's speculative decoding settings (`lumen serve --speculative ...`)."""
@@ -45,6 +54,7 @@ class SpeculativeConfig:
     ngram_min: int = 1
     layer_skip_layers: int | None = None   # draft layers for LAYER_SKIP (default: a quarter of the model)
     max_batch: int = 4                     # no speculation in steps with more decoding requests than this
+    adaptive: bool = False                 # adapt each request's k to its acceptance (adapt_draft_length)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:

@@ -4,7 +4,8 @@ and what verification did (spans, step statistics) after it.
 Drafting happens at the start of a step, for requests that are decoding, so that a step's
 verified tokens reach their clients before the next drafts are computed. Under load (more
 decoding requests than `max_batch`) a step drafts nothing: a large batch already uses the
-hardware well, and verifying drafts would cost more than it saves.
+hardware well, and verifying drafts would cost more than it saves. With `adaptive`, each
+request's draft length follows its acceptance (config.adapt_draft_length).
 
 Spans: each speculative step gives every request it drafted for a `draft` span (the
 proposer's time, the tokens proposed) and a `verify` span (the target's forward, the tokens
@@ -25,7 +26,7 @@ from engine.loader import LoadedModel
 from engine.request import GenerationRequest
 from engine.scheduler import ScheduledSeq
 from engine.sequence import Sequence
-from engine.speculative.config import SpecMethod, SpeculativeConfig
+from engine.speculative.config import SpecMethod, SpeculativeConfig, adapt_draft_length
 from engine.speculative.draft import Draft
 from engine.speculative.model_proposer import DraftModelProposer, LayerSkipProposer
 from engine.speculative.ngram import propose_ngram
@@ -80,7 +81,7 @@ class Speculation:
             return
         groups: dict[SpecMethod, list[tuple[Sequence, int]]] = {}
         for seq in decoding:
-            k = min(seq.spec_tokens, seq.request.max_new_tokens - seq.num_output - 1,
+            k = min(seq.spec_k, seq.request.max_new_tokens - seq.num_output - 1,
                     self.context_length - len(seq.token_ids))
             if seq.spec_method is not SpecMethod.NONE and seq.draft is None and k >= 1:
                 groups.setdefault(seq.spec_method, []).append((seq, k))
@@ -132,6 +133,9 @@ class Speculation:
                 per_position[i] += 1
         stats = SpecStepStats(len(results), sum(p for _, p, _ in results), sum(a for _, _, a in results),
                               tuple(per_position))
+        if self.config.adaptive:
+            for seq, proposed, accepted in results:
+                seq.spec_k = adapt_draft_length(seq.spec_k, proposed, accepted, seq.spec_tokens)
         ended = time.time_ns()
         for seq, proposed, accepted in results:
             self._span(seq, "verify", started, ended, {

@@ -316,3 +316,32 @@ def test_speculation_turns_off_in_large_batches(stories_model):
     assert all(f.draft_tokens == 0 for f in finals.values())
     _, finals = run_all(LLMEngine(stories_model, config), reqs[:1])
     assert finals["0"].draft_tokens > 0
+
+
+def test_adaptive_draft_length_schedule():
+    from engine.speculative.config import adapt_draft_length
+    assert adapt_draft_length(2, proposed=2, accepted=2, k_max=4) == 4      # all accepted: 2 more
+    assert adapt_draft_length(4, proposed=4, accepted=4, k_max=4) == 4      # never above the request's k
+    assert adapt_draft_length(4, proposed=4, accepted=3, k_max=4) == 3      # a rejection: 1 fewer
+    assert adapt_draft_length(1, proposed=1, accepted=0, k_max=4) == 1      # never below 1
+    assert adapt_draft_length(3, proposed=2, accepted=2, k_max=8) == 5      # a short n-gram draft, all taken
+
+
+@pytest.mark.parametrize("method", [SpecMethod.NGRAM, SpecMethod.DRAFT], ids=lambda m: m.value)
+def test_adaptive_draft_length_keeps_greedy_outputs_and_follows_acceptance(stories_model, draft_model,
+                                                                           stories_greedy, method):
+    ids, _ = stories_greedy
+    config = EngineConfig(scheduler=SchedulerConfig(max_running=16),
+                          speculative=SpeculativeConfig(num_tokens=6, max_batch=64, adaptive=True))
+    engine = LLMEngine(stories_model, config, draft=draft_model)
+    lengths: list[int] = []
+    original = engine.speculation.propose
+
+    def spy(running):
+        original(running)
+        lengths.extend(len(s.draft.tokens) for s in running if s.draft is not None)
+    engine.speculation.propose = spy
+    outputs, finals = run_all(engine, [request("r", [stories_model.tokenizer.bos_id], 200, method)])
+    assert outputs["r"] == ids[:200]
+    assert finals["r"].draft_tokens == sum(lengths) and set(lengths) - {1, 2, 3, 4, 5, 6} == set()
+    assert len(set(lengths)) > 1, "the draft length never moved"

@@ -64,10 +64,12 @@ def test_serve_passes_speculative_flags_to_the_engine(stories_path, monkeypatch)
 
     monkeypatch.setattr(server, "run_server", fake_run_server)
     argv = ["serve", "--model", str(stories_path), "--draft-model", str(stories_path), "--speculative", "layer_skip",
-            "--num-speculative-tokens", "6", "--layer-skip-layers", "2", "--speculative-max-batch", "8"]
+            "--num-speculative-tokens", "6", "--layer-skip-layers", "2", "--speculative-max-batch", "8",
+            "--adaptive-speculative-tokens"]
     assert main(argv) == 0
     spec = seen["config"].engine.speculative
-    assert (spec.method, spec.num_tokens, spec.layer_skip_layers, spec.max_batch) == (SpecMethod.LAYER_SKIP, 6, 2, 8)
+    assert (spec.method, spec.num_tokens, spec.layer_skip_layers, spec.max_batch, spec.adaptive) == (
+        SpecMethod.LAYER_SKIP, 6, 2, 8, True)
     assert seen["draft"].path == stories_path and seen["loaded"][0].path == stories_path
 
 
