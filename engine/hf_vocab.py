@@ -24,7 +24,8 @@ from typing import Any
 from gguf import TokenType
 
 from engine.errors import ModelLoadError
-from engine.tokenizer import _BPE_PRE, _GPT2, GGUFVocab
+from engine.bpe_pretokenizers import BPE_PRE, GPT2
+from engine.tokenizer import GGUFVocab
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +161,15 @@ class _HFVocabReader:
                     or "Regex" not in step.get("pattern", {}):
                 raise ModelLoadError(f"pre_tokenizer step {json.dumps(step)[:200]} is not supported "
                                      "(only Split(Regex, 'Isolated') before ByteLevel)")
-        regexes = [s["pattern"]["Regex"] for s in splits] + ([_GPT2] if last.get("use_regex", True) else [])
+        regexes = [s["pattern"]["Regex"] for s in splits] + ([GPT2] if last.get("use_regex", True) else [])
         if len(regexes) == 1 and regexes[0] in _HF_REGEXES:
             return _HF_REGEXES[regexes[0]]
         ignore_merges = bool(self.model.get("ignore_merges", False))
-        names = [name for name, (known, _, _) in _BPE_PRE.items() if known == regexes]
+        names = [name for name, (known, _, _) in BPE_PRE.items() if known == regexes]
         if not names:
             raise ModelLoadError(f"the pre-tokenizer regexes {regexes} are not ones llama.cpp knows, so its "
                                  "tokenization cannot be reproduced")
-        return next((n for n in names if _BPE_PRE[n][1] == ignore_merges), names[0])
+        return next((n for n in names if BPE_PRE[n][1] == ignore_merges), names[0])
 
     def _unk_piece(self) -> str | None:
         return self.model.get("unk_token") or _content(self.config.get("unk_token"))
