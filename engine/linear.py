@@ -6,8 +6,9 @@ decode steps (measured 1.7x MKL's at 16 rows, BENCHMARKS.md), which is what make
 batching pay off in float32.
 
 GGUF weights stay in their file's blocks (`GGUFWeight`: the file's bytes, read once into
-huge-page memory by `engine.resident`; never a float copy). `NativeQuantLinear` multiplies by them with the C kernels of
-`engine.native` (decoded a block at a time inside the matmul, batch invariant);
+huge-page memory by `engine.resident`; never a float copy). `NativeQuantLinear` multiplies
+by them with the C kernels of `engine.native` (decoded a block at a time inside the matmul,
+batch invariant);
 `ChunkedQuantLinear` is the general path for types those kernels lack, or for machines
 without a C compiler: it decodes a few rows at a time into a small buffer with
 `engine.quant`. `ConcatLinear` runs several weights as one (q/k/v, gate/up) without
@@ -122,7 +123,7 @@ class NativeQuantLinear(_BlockLinear):
             raise ValueError(f"matmul of {tuple(x.shape)} into {tuple(y.shape)} {y.dtype} over "
                              f"[{self.out_features}, {self.in_features}]")
         if x.shape[0]:
-            native._qmatmul(self.weight.qtype, *self._raw, self.out_features, self.in_features, x, y)
+            native.qmatmul_checked_weight(self.weight.qtype, *self._raw, self.out_features, self.in_features, x, y)
 
 
 class ChunkedQuantLinear(_BlockLinear):

@@ -155,6 +155,17 @@ class LlamaModel:
         out = self.attention.forward(q, k_cache, v_cache, batch.attn, self.scale)
         return layer.wo(out.reshape(-1, nh * hd))
 
+    def _glued_start(self, batch: ForwardBatch, num_layers: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(residual stream x, its first norm h, the norm after each layer) for the C paths,
+        once this step's positions and KV slots are checked against the tables they index."""
+        cfg = self.cfg
+        native.check_positions_slots(batch.positions, batch.attn.slot_mapping, self.rope.cos.shape[0],
+                                     self.kv.keys[0].numel() // (cfg.n_kv_heads * cfg.head_dim))
+        x = self.w.embed(batch.token_ids).contiguous()   # [num_tokens, dim]
+        h = torch.empty_like(x)                           # normed input of the next matmul
+        norms = [layer.attn_norm for layer in self.w.layers[:num_layers]] + [self.w.norm]
+        native.add_rms_norm(x, None, norms[0], cfg.rms_eps, h)
+        return x, h, norms
 
     def _forward_glued(self, batch: ForwardBatch, num_layers: int | None) -> torch.Tensor:
         """forward() with glue.c between the matmuls: the residual stream x is updated in place
@@ -162,13 +173,8 @@ class LlamaModel:
         cfg, eps = self.cfg, self.cfg.rms_eps
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         layers = self.w.layers[:num_layers]
-        x = self.w.embed(batch.token_ids).contiguous()   # [num_tokens, dim], the residual stream
-        h = torch.empty_like(x)                           # normed input of the next matmul
+        x, h, norms = self._glued_start(batch, len(layers))
         slots = batch.attn.slot_mapping
-        native.check_positions_slots(batch.positions, slots, self.rope.cos.shape[0],
-                                     self.kv.keys[0].numel() // (nkv * hd))
-        norms = [layer.attn_norm for layer in layers] + [self.w.norm]
-        native.add_rms_norm(x, None, norms[0], eps, h)
         for index, layer in enumerate(layers):
             qkv = layer.wqkv(h)
             native.rope_store(qkv, nh, nkv, hd, self.rope.rope_dim, batch.positions, self.rope.cos,
@@ -188,13 +194,8 @@ class LlamaModel:
         cfg, eps = self.cfg, self.cfg.rms_eps
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         layers = self.layer_structs[:num_layers]
-        x = self.w.embed(batch.token_ids).contiguous()
+        x, h, norms = self._glued_start(batch, len(layers))
         rows = x.shape[0]
-        h = torch.empty_like(x)
-        native.check_positions_slots(batch.positions, batch.attn.slot_mapping, self.rope.cos.shape[0],
-                                     self.kv.keys[0].numel() // (nkv * hd))
-        norms = [layer.attn_norm for layer in self.w.layers[:len(layers)]] + [self.w.norm]
-        native.add_rms_norm(x, None, norms[0], eps, h)
         attn_rows, attn_seqs, attn_ctx = self.attention.row_contexts(batch.attn)
         block_tables = batch.attn.block_tables
         assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1

@@ -146,11 +146,13 @@ def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torc
         f"y must be float32 [{m}, {n}] with contiguous rows, got {y.dtype} {tuple(y.shape)}"
     if m == 0 or n == 0:
         return
-    _qmatmul(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y)
+    qmatmul_checked_weight(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y)
 
 
-def _qmatmul(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
-    """qmatmul_into for callers that checked the weight once and made x and y themselves."""
+def qmatmul_checked_weight(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: int, x: torch.Tensor,
+                           y: torch.Tensor) -> None:
+    """qmatmul_into over a weight checked once by the caller (its address and row length), for
+    x and y of the right shapes: the per-call path of engine.linear.NativeQuantLinear."""
     rc = library().lumen_qmatmul(qtype, raw_ptr, row_bytes, n, k, x.data_ptr(), x.shape[0], x.stride(0),
                                  y.data_ptr(), y.stride(0), torch.get_num_threads())
     if rc == -2:
