@@ -60,3 +60,16 @@ def test_loaded_quantized_weights_hold_the_file_bytes():
     for part, name in zip(layer.wqkv.parts, ("attn_q", "attn_k", "attn_v")):
         expected = bytes(tensors[f"blk.0.{name}.weight"].data.reshape(-1).view("uint8"))
         assert bytes(part.weight.raw.reshape(-1).numpy()) == expected
+
+
+def test_a_read_that_fails_while_loading_names_the_tensor(monkeypatch):
+    """A file cut short after its header was read (or any read error) fails the load cleanly."""
+    from engine.errors import ModelLoadError
+    from engine.loader import load_gguf
+    from tests.conftest import shared_file
+
+    def short(self, fd, offset, nbytes):
+        raise TruncatedRead(f"file ends {nbytes} bytes short of a tensor at offset {offset}")
+    monkeypatch.setattr(ResidentArena, "read", short)
+    with pytest.raises(ModelLoadError, match=r"tensor 'blk\.0\.\w+\.weight' could not be read .*short.*truncated"):
+        load_gguf(shared_file("quant", "stories260K-Q4_0.gguf"))
