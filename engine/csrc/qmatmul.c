@@ -115,11 +115,12 @@ static inline __attribute__((always_inline)) void name(                         
         }                                                                                        \
         _Pragma("GCC unroll 16")                                                                 \
         for (int g = 0; g < T##_BS / 16; g++) {                                                  \
-            __m512 wv[ANR], xv[AMR];                                                             \
+            __m512 wv[ANR];                                                                      \
             for (int j = 0; j < nr; j++) wv[j] = T##_group(w + j * row_bytes + b * T##_TS, &p[j], g); \
-            for (int i = 0; i < mr; i++) xv[i] = _mm512_loadu_ps(x + i * ldx + b * T##_BS + 16 * g); \
-            for (int i = 0; i < mr; i++)                                                         \
-                for (int j = 0; j < nr; j++) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]); \
+            for (int i = 0; i < mr; i++) {          /* one activation register at a time */     \
+                const __m512 xv = _mm512_loadu_ps(x + i * ldx + b * T##_BS + 16 * g);            \
+                for (int j = 0; j < nr; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);  \
+            }                                                                                    \
         }                                                                                        \
     }                                                                                            \
     for (int i = 0; i < mr; i++)                                                                 \
