@@ -3,12 +3,12 @@
 `engine/csrc/` holds the sources: per-format block decoders (bit-exact with ggml), a
 batch-invariant matmul that decodes a tile of weight rows once and multiplies it by every
 activation row (see qmatmul.c), the decode attention over the paged KV cache (attention.c),
-and the row-wise work between a layer's matmuls (glue.c: RMSNorm, RoPE with the KV store,
-SiLU gating), and a whole decoder layer chaining them in one call (layer.c). They are built for the machine they run on (`-march=native`)
-into the cache directory (`$LUMEN_CACHE_DIR`, else `$XDG_CACHE_HOME/lumen`, else
-`~/.cache/lumen`), named by a digest of the sources, flags, compiler and CPU, so a stale or
-foreign build is never loaded. Building takes about a second with the system C compiler
-(`$CC`, else `cc`). Without a compiler `library()` raises `NativeUnavailable` and callers
+the row-wise work between a layer's matmuls (glue.c: RMSNorm, RoPE with the KV store, SiLU
+gating), and a whole decoder layer chaining them in one call (layer.c). They are built for
+the machine they run on (`-march=native`) into the cache directory (`$LUMEN_CACHE_DIR`, else
+`$XDG_CACHE_HOME/lumen`, else `~/.cache/lumen`), named by a digest of the sources, flags,
+compiler and CPU, so a stale or foreign build is never loaded. Building takes about a second
+with the system C compiler (`$CC`, else `cc`). Without a compiler `library()` raises `NativeUnavailable` and callers
 use their torch path.
 
 The library is linked with -fopenmp and resolves `libgomp.so.1` to the copy torch has
@@ -254,7 +254,7 @@ def silu_mul(h: torch.Tensor, out: torch.Tensor) -> None:
 
 
 # A whole decoder layer in one call (layer.c). The structures mirror layer.h field for field.
-_i64, _i32, _f32p = ctypes.c_int64, ctypes.c_int32, ctypes.POINTER(ctypes.c_float)
+_i64, _i32 = ctypes.c_int64, ctypes.c_int32
 
 
 class LinearStruct(ctypes.Structure):

@@ -60,12 +60,13 @@ class ResidentArena:
     def read(self, fd: int, file_offset: int, nbytes: int) -> torch.Tensor:
         """The file's bytes [file_offset, file_offset + nbytes) as a uint8 tensor in the arena."""
         chunk, offset = self.take(nbytes)
-        view = memoryview(chunk)[offset:offset + nbytes]
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], file_offset + done)
-            if got == 0:
-                raise TruncatedRead(f"file ends {nbytes - done} bytes short of a tensor at offset {file_offset}")
-            done += got
-        view.release()
+        with memoryview(chunk) as whole:       # released even when a read fails
+            view = whole[offset:offset + nbytes]
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], file_offset + done)
+                if got == 0:
+                    raise TruncatedRead(f"file ends {nbytes - done} bytes short of a tensor at offset {file_offset}")
+                done += got
+            view.release()
         return torch.frombuffer(chunk, dtype=torch.uint8, count=nbytes, offset=offset)

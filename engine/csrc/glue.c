@@ -51,7 +51,6 @@ void lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, 
     }
 }
 
-
 void lumen_silu_mul(const float *h, int64_t ldh, int64_t rows, int64_t ffn, float *out, int64_t ldo) {
     for (int64_t r = 0; r < rows; r++) {
         const float *g = h + r * ldh, *u = g + ffn;
