@@ -67,13 +67,15 @@ def _digest(cc: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _build(target: Path, cc: str) -> None:
+def _build(target: Path, cc: str, source_dir: Path = SOURCE_DIR) -> None:
+    """Compile SOURCES from source_dir into the shared library `target` (bench/kernel_ab.py
+    also builds an older revision's sources with it)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         objects = []
         for name in SOURCES:
             obj = Path(tmp) / (name + ".o")
-            _run([cc, *FLAGS, "-c", str(SOURCE_DIR / name), "-o", str(obj)])
+            _run([cc, *FLAGS, "-c", str(source_dir / name), "-o", str(obj)])
             objects.append(str(obj))
         out = Path(tmp) / target.name
         _run([cc, "-shared", "-fopenmp", *objects, "-o", str(out), "-lm"])

@@ -1,0 +1,126 @@
+"""A/B speed of the C matmul kernels: this tree's sources against a git revision's, in one process.
+
+    cd bench && ../.venv/bin/python kernel_ab.py [--base HEAD] [--types Q8_0 Q4_0 Q4_K Q6_K]
+                                                 [--rows 1 4 8 16 64] [--rounds 15] [--mib 512]
+
+This machine's speed drifts by 30% from minute to minute (other tenants), so two builds timed
+in separate runs cannot be compared. Here both libraries are built with engine.native's flags
+(the base from `git show BASE:engine/csrc/...`), loaded side by side, and timed in alternating
+rounds (base, new, new, base, ...): each round is one pass of every weight copy through
+lumen_qmatmul. Weights: --mib of TinyLlama's 5632 x 2048 FFN matrices (random quants, fp16
+scales of 0.01, so no subnormal products), enough copies that they stream from memory. Reported
+per type and batch rows: median ms per matmul for each build and the median of the per-round
+time ratios base / new (above 1: the new build is faster), with its range.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import REPO  # noqa: E402  (sets sys.path)
+from engine import native  # noqa: E402
+
+TYPES = {"Q8_0": (8, 0), "Q4_0": (2, 0), "Q4_K": (12, 0, 2), "Q6_K": (14, 208), "Q5_K": (13, 0, 2),
+         "Q3_K": (11, 108), "Q2_K": (10, 80, 82), "F16": (1,), "BF16": (30,), "F32": (0,)}   # GGML type id, fp16 scale offsets
+N, K = 5632, 2048
+FLOATS = {1: lambda v: v.astype(np.float16).view(np.uint8), 0: lambda v: v.view(np.uint8),
+          30: lambda v: (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)}   # F16, F32, BF16 bytes
+
+
+def build(source_dir: Path, out: Path) -> ctypes.CDLL:
+    native._build(out, native._compiler(), source_dir)
+    lib = ctypes.CDLL(str(out))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.lumen_qmatmul.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
+    lib.lumen_qmatmul.restype = i32
+    return lib
+
+
+def base_sources(rev: str, dest: Path) -> Path:
+    for name in native.SOURCES + native.HEADERS:
+        text = subprocess.run(["git", "show", f"{rev}:engine/csrc/{name}"], cwd=REPO, check=True,
+                              capture_output=True).stdout
+        (dest / name).write_bytes(text)
+    return dest
+
+
+def weights(type_name: str, mib: int, rng: np.random.Generator) -> tuple[int, list[torch.Tensor]]:
+    qtype, *fp16 = TYPES[type_name]
+    block_size, type_size = native.block_layout(qtype)
+    row_bytes = K // block_size * type_size
+    copies = max(1, mib * 2**20 // (N * row_bytes))
+    out = []
+    for _ in range(copies):
+        raw = rng.integers(0, 256, (N, K // block_size, type_size), dtype=np.uint8)
+        for off in fp16:
+            raw[:, :, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        if qtype in FLOATS:                          # float rows: every value a small normal number
+            raw = FLOATS[qtype](np.full((N, K), 0.01, np.float32)).reshape(N, K // block_size, type_size)
+        out.append(torch.from_numpy(raw.reshape(N, row_bytes)))
+    return qtype, out
+
+
+def one_pass(lib: ctypes.CDLL, qtype: int, ws: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    for w in ws:
+        rc = lib.lumen_qmatmul(qtype, w.data_ptr(), w.shape[1], N, K, x.data_ptr(), x.shape[0], K,
+                               y.data_ptr(), N, threads)
+        assert rc == 0, f"lumen_qmatmul returned {rc}"
+    return (time.perf_counter() - start) / len(ws)
+
+
+def compare(libs: dict[str, ctypes.CDLL], qtype: int, ws: list[torch.Tensor], rows: int, rounds: int) -> dict:
+    x = torch.randn(rows, K)
+    ys = {name: torch.empty(rows, N) for name in libs}
+    times: dict[str, list[float]] = {name: [] for name in libs}
+    for name, lib in libs.items():                   # warm-up, and the two builds must agree exactly
+        one_pass(lib, qtype, ws[:1], x, ys[name])
+    assert torch.equal(ys["base"], ys["new"]), "the two builds give different bits"
+    for r in range(rounds):
+        order = ("base", "new") if r % 2 == 0 else ("new", "base")
+        for name in order:
+            times[name].append(one_pass(libs[name], qtype, ws, x, ys[name]))
+    ratios = sorted(b / n for b, n in zip(times["base"], times["new"]))
+    return {"base_ms": 1e3 * statistics.median(times["base"]), "new_ms": 1e3 * statistics.median(times["new"]),
+            "ratio": statistics.median(ratios), "low": ratios[0], "high": ratios[-1]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="HEAD", help="git revision whose engine/csrc is the baseline")
+    p.add_argument("--types", nargs="+", default=["Q8_0", "Q4_0", "Q4_K", "Q6_K"], choices=sorted(TYPES))
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 64])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--mib", type=int, default=512, help="weight bytes per type, spread over copies")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="kernel-ab-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "base").mkdir()
+        libs = {"base": build(base_sources(args.base, tmp / "base"), tmp / "base.so"),
+                "new": build(native.SOURCE_DIR, tmp / "new.so")}
+        print(f"base: {args.base}; new: the working tree. {args.threads} threads, {args.rounds} rounds, "
+              f"{N} x {K} weights.")
+        print("| type | rows | base ms | new ms | base / new (median) | range |")
+        print("|---|---|---|---|---|---|")
+        for type_name in args.types:
+            qtype, ws = weights(type_name, args.mib, rng)
+            for rows in args.rows:
+                r = compare(libs, qtype, ws, rows, args.rounds)
+                print(f"| {type_name} | {rows} | {r['base_ms']:.3f} | {r['new_ms']:.3f} | {r['ratio']:.2f}x | "
+                      f"{r['low']:.2f}-{r['high']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
