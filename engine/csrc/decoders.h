@@ -214,6 +214,25 @@ DECODER dec_q6_k(const uint8_t *b, float *y) {
 
 DECODER dec_f32(const uint8_t *b, float *y) { memcpy(y, b, 32 * sizeof(float)); }
 
+/* F16 and BF16 widen exactly; with AVX-512 16 values an instruction (GCC turned the scalar
+ * loops into one conversion per value, 2.4 GB/s for an F16 matrix). */
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline __m512 f16x16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline __m512 bf16x16(const uint8_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+DECODER dec_f16(const uint8_t *b, float *y) {
+    _mm512_storeu_ps(y, f16x16(b));
+    _mm512_storeu_ps(y + 16, f16x16(b + 32));
+}
+
+DECODER dec_bf16(const uint8_t *b, float *y) {
+    _mm512_storeu_ps(y, bf16x16(b));
+    _mm512_storeu_ps(y + 16, bf16x16(b + 32));
+}
+#else
 DECODER dec_f16(const uint8_t *b, float *y) {
     for (int j = 0; j < 32; j++) y[j] = fp16_to_fp32(b + 2 * j);
 }
@@ -221,6 +240,7 @@ DECODER dec_f16(const uint8_t *b, float *y) {
 DECODER dec_bf16(const uint8_t *b, float *y) {
     for (int j = 0; j < 32; j++) y[j] = bf16_to_fp32(b + 2 * j);
 }
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -252,6 +272,15 @@ REGDEC void q8_0_prepare(const uint8_t *b, q8_0_prep *p) { p->d = _mm512_set1_ps
 REGDEC __m512 q8_0_group(const uint8_t *b, const q8_0_prep *p, int g) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(b + 2 + 16 * g))), p->d);
 }
+
+/* F16, BF16: rows of plain 16-bit floats, widened 16 at a time (blocks of 32 as in TYPES) */
+enum { f16_BS = 32, f16_TS = 64, bf16_BS = 32, bf16_TS = 64 };
+typedef struct { char none; } f16_prep, bf16_prep;       /* nothing per block */
+
+REGDEC void f16_prepare(const uint8_t *b, f16_prep *p) { (void)b; (void)p; }
+REGDEC void bf16_prepare(const uint8_t *b, bf16_prep *p) { (void)b; (void)p; }
+REGDEC __m512 f16_group(const uint8_t *b, const f16_prep *p, int g) { (void)p; return f16x16(b + 32 * g); }
+REGDEC __m512 bf16_group(const uint8_t *b, const bf16_prep *p, int g) { (void)p; return bf16x16(b + 32 * g); }
 
 REGDEC void q4_0_prepare(const uint8_t *b, q4_0_prep *p) {
     const __m512 q = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);

@@ -282,7 +282,7 @@ static int wide_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {  
     return 0;                                                                                    \
 }
 #define REGISTER_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q2_K, q2_k) X(LUMEN_Q3_K, q3_k) \
-    X(LUMEN_Q4_K, q4_k) X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k)
+    X(LUMEN_Q4_K, q4_k) X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k) X(LUMEN_F16, f16) X(LUMEN_BF16, bf16)
 #define PATHS(id, T) REGISTER_PATHS(T)
 REGISTER_TYPES(PATHS)
 #undef PATHS

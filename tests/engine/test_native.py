@@ -67,10 +67,10 @@ def test_matmul_matches_float64(qtype, rng):
 
 
 # Types with register paths (M <= 16 on AVX-512) and a type without, checked against the tile path (M > 16).
-REGISTER_TYPES = [T.Q8_0, T.Q4_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+REGISTER_TYPES = [T.Q8_0, T.Q4_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.F16, T.BF16]
 
 
-@pytest.mark.parametrize("qtype", REGISTER_TYPES + [T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", REGISTER_TYPES + [T.Q5_0], ids=lambda t: t.name)
 def test_rows_are_batch_invariant(qtype, rng):
     """Each output row is bit-identical whatever the batch it is computed in and the thread count."""
     n, k = 70, 512                       # n not a multiple of the register paths' 4 or 3 weight rows
