@@ -7,9 +7,11 @@ the row-wise work between a layer's matmuls (glue.c: RMSNorm, RoPE with the KV s
 gating), and a whole decoder layer chaining them in one call (layer.c). They are built for
 the machine they run on (`-march=native`) into the cache directory (`$LUMEN_CACHE_DIR`, else
 `$XDG_CACHE_HOME/lumen`, else `~/.cache/lumen`), named by a digest of the sources, flags,
-compiler and CPU, so a stale or foreign build is never loaded. Building takes about a second
-with the system C compiler (`$CC`, else `cc`). Without a compiler `library()` raises `NativeUnavailable` and callers
-use their torch path.
+compiler and CPU, so a stale or foreign build is never loaded. Building with the system C
+compiler (`$CC`, else `cc`) takes about 45 seconds on a 2-core machine (qmatmul.c instantiates
+its kernels for every type and batch shape), once per machine and source version; it is
+logged. Without a compiler `library()` raises `NativeUnavailable` and callers use their torch
+path.
 
 The library is linked with -fopenmp and resolves `libgomp.so.1` to the copy torch has
 already loaded, so it shares torch's thread pool instead of starting a second one.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import subprocess
@@ -28,6 +31,8 @@ from pathlib import Path
 import torch
 
 from engine.demo_model import default_cache_dir
+
+log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("qmatmul.c", "attention.c", "glue.c", "layer.c")
@@ -94,6 +99,8 @@ def library() -> ctypes.CDLL:
     cc = _compiler()
     target = default_cache_dir() / "native" / f"liblumen_cpu-{_digest(cc)}.so"
     if not target.exists():
+        log.warning("building the C kernels into %s (once for this machine and source version, "
+                    "about a minute)", target.parent)
         _build(target, cc)
     lib = ctypes.CDLL(str(target))
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p

@@ -66,7 +66,7 @@ def test_matmul_matches_float64(qtype, rng):
         assert rel < 1e-6, f"m={m}: relative error {rel:.2e}"
 
 
-# Types with register paths (M <= 16 on AVX-512) and a type without, checked against the tile path (M > 16).
+# Types with register paths (M <= 20 on AVX-512) and a type without, checked against the tile path (M > 20).
 REGISTER_TYPES = [T.Q8_0, T.Q4_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.F16, T.BF16]
 
 
@@ -83,7 +83,7 @@ def test_rows_are_batch_invariant(qtype, rng):
     try:
         for t in {1, threads}:
             torch.set_num_threads(t)
-            for m in (2, 3, 4, 5, 9, 16, 17, 23, 40):
+            for m in (2, 3, 4, 5, 9, 16, 17, 20, 21, 23, 40):
                 y = torch.empty(m, n)
                 native.qmatmul_into(qtype, w.raw, k, x[:m], y)
                 assert torch.equal(y, alone[:m]), f"{m} rows on {t} threads differ from rows alone"
@@ -93,21 +93,21 @@ def test_rows_are_batch_invariant(qtype, rng):
 
 @pytest.mark.parametrize("qtype", REGISTER_TYPES, ids=lambda t: t.name)
 def test_register_paths_match_decoded_weights(qtype, rng):
-    """The register paths (1 and 16 rows) give the tile path's bits, and those are the decoded weights'
-    sums in the documented order, on weights over the whole finite fp16 scale range."""
+    """The register paths (1, 16 and 20 rows) give the tile path's bits (25 rows), and those are the
+    decoded weights' sums in the documented order, on weights over the whole finite fp16 scale range."""
     n, k = 6, 512
     w = random_weight(qtype, rng, n, k, max_exp=30)
-    x = torch.randn(17, k) * 1e-3
-    tile = torch.empty(17, n)
+    x = torch.randn(25, k) * 1e-3
+    tile = torch.empty(25, n)
     native.qmatmul_into(qtype, w.raw, k, x, tile)
-    for m in (1, 16):
+    for m in (1, 16, 20):
         y = torch.empty(m, n)
         native.qmatmul_into(qtype, w.raw, k, x[:m], y)
         assert torch.equal(y, tile[:m]), f"{m} rows differ from the tile path"
     # Reference: lane l sums x[k] * w[k] for k = l, l + 16, ... with one rounding each, then a fixed tree.
     wd = native.decode_rows(qtype, w.raw, k).double()
     xd = x.double()
-    acc = torch.zeros(17, n, 16, dtype=torch.float32)
+    acc = torch.zeros(25, n, 16, dtype=torch.float32)
     for k0 in range(0, k, 16):
         # float products are exact in float64; the float64 sum then rounds to float32 as fma does
         # (but for double rounding, which random data essentially never hits)
