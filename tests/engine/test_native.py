@@ -7,6 +7,7 @@ decoding is checked over the whole fp16 range.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,22 @@ def test_build_failure_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(native.NativeUnavailable, match="no-such-compiler"):
         native._digest(native._compiler())
+
+
+def test_first_build_is_logged(monkeypatch, tmp_path, caplog):
+    """Building takes most of a minute, so the first use says so instead of looking hung."""
+    built = Path(native.library()._name)
+
+    def copy_build(target: Path, cc: str) -> None:   # the real build, copied instead of rebuilt
+        target.parent.mkdir(parents=True)
+        target.write_bytes(built.read_bytes())
+
+    monkeypatch.setenv("LUMEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_build", copy_build)
+    native.library.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="engine.native"):
+            native.library()
+        assert "building the C kernels" in caplog.text and str(tmp_path) in caplog.text
+    finally:
+        native.library.cache_clear()
