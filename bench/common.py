@@ -13,13 +13,17 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def ensure_tinyllama(vocab: Path = SHARED / "vocab" / "ggml-vocab-llama-spm.gguf") -> Path:
-    """dim 2048, 22 layers, 32/4 heads, ffn 5632, the Llama 2 vocabulary, random Q8_0 weights."""
-    path = RESULTS / "tinyllama-synthetic-q8_0.gguf"
+def ensure_tinyllama(vocab: Path = SHARED / "vocab" / "ggml-vocab-llama-spm.gguf", qtype: str = "Q8_0") -> Path:
+    """dim 2048, 22 layers, 32/4 heads, ffn 5632, the Llama 2 vocabulary, random weights stored as
+    `qtype` (a type engine.synthetic writes: Q8_0, F16, BF16, ...)."""
+    path = RESULTS / f"tinyllama-synthetic-{qtype.lower()}.gguf"
     if not path.exists():
+        from gguf import GGMLQuantizationType
+
         from engine.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
         RESULTS.mkdir(parents=True, exist_ok=True)
-        write_synthetic_llama(path, TINYLLAMA, VocabMetadata.from_gguf(vocab), seed=0, name="tinyllama-synthetic")
+        write_synthetic_llama(path, TINYLLAMA, VocabMetadata.from_gguf(vocab), qtype=GGMLQuantizationType[qtype],
+                              seed=0, name="tinyllama-synthetic")
     return path
 
 

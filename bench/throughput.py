@@ -1,6 +1,7 @@
 """Aggregate decode throughput of continuous batching at 1..32 concurrent streams (engine, in-process).
 
-    .venv/bin/python bench/throughput.py [--model PATH] [--streams 1 2 4 8 16 32] [--tokens 32] [--threads 2]
+    .venv/bin/python bench/throughput.py [--model PATH | --synthetic-type F16] [--streams 1 2 4 8 16 32]
+                                         [--tokens 32] [--threads 2]
 
 Each run submits N greedy requests (different 32-token prompts) at once and measures
 decode tokens/s over the steps in which every running request decodes one token (pure
@@ -43,14 +44,15 @@ def run(loaded, streams: int, tokens: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="GGUF file (default: the synthetic TinyLlama-shaped Q8_0)")
+    p.add_argument("--model", default=None, help="GGUF file (default: the synthetic TinyLlama-shaped model)")
+    p.add_argument("--synthetic-type", default="Q8_0", help="weight type of the synthetic model (Q8_0, F16, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_gguf(args.model or ensure_tinyllama(), dtype=getattr(torch, args.dtype))
+    loaded = load_gguf(args.model or ensure_tinyllama(qtype=args.synthetic_type), dtype=getattr(torch, args.dtype))
     run(loaded, 2, 4)  # warm-up
     rows = [run(loaded, n, args.tokens) for n in args.streams]
     single = rows[0]["decode_tok_s"] if args.streams[0] == 1 else None
