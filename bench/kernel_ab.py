@@ -37,11 +37,7 @@ FLOATS = {1: lambda v: v.astype(np.float16).view(np.uint8), 0: lambda v: v.view(
 
 def build(source_dir: Path, out: Path) -> ctypes.CDLL:
     native._build(out, native._compiler(), source_dir)
-    lib = ctypes.CDLL(str(out))
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.lumen_qmatmul.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
-    lib.lumen_qmatmul.restype = i32
-    return lib
+    return native.load(out)
 
 
 def base_sources(rev: str, dest: Path) -> Path:
@@ -59,11 +55,12 @@ def weights(type_name: str, mib: int, rng: np.random.Generator) -> tuple[int, li
     copies = max(1, mib * 2**20 // (N * row_bytes))
     out = []
     for _ in range(copies):
-        raw = rng.integers(0, 256, (N, K // block_size, type_size), dtype=np.uint8)
-        for off in fp16:
-            raw[:, :, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
         if qtype in FLOATS:                          # float rows: every value a small normal number
-            raw = FLOATS[qtype](np.full((N, K), 0.01, np.float32)).reshape(N, K // block_size, type_size)
+            raw = FLOATS[qtype](np.full((N, K), 0.01, np.float32))
+        else:
+            raw = rng.integers(0, 256, (N, K // block_size, type_size), dtype=np.uint8)
+            for off in fp16:
+                raw[:, :, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
         out.append(torch.from_numpy(raw.reshape(N, row_bytes)))
     return qtype, out
 

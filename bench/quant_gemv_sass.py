@@ -5,7 +5,7 @@
 The device that can time the kernels is lent to few sessions, so this counts what the GEMV
 asks of an H100/H200 (sm_90) instead: it compiles `quant_matmul._gemv_kernel` exactly as a
 launch with M = 1 and an [N, K] weight would (the launch's constexprs, tile sizes and
-warps from `_gemv_config`, the same integer specialisation: 16-divisible arguments get
+warps from `quant_matmul.gemv_plan`, the same integer specialisation: 16-divisible arguments get
 Triton's divisibility hint), with this machine's Triton and the ptxas it ships, disassembles
 the cubin with its nvdisasm, and reports the main loop: instructions, the 10 commonest
 opcodes, and instructions per weight per thread. At 70% of an H200's measured copy
@@ -51,12 +51,8 @@ def compile_gemv(qtype: int, n: int, k: int, ptx: bool):
     w = pack(raw, qtype, n, k)
     planes = list(w.planes) + [w.planes[0]] * (qm.MAX_PLANES - len(w.planes))
     strides = [p.stride(0) for p in w.planes] + [0] * (qm.MAX_PLANES - len(w.planes))
-    block_n, block_k, num_warps, num_stages, split_k = qm._gemv_config(qtype, n, k)
-    block_g = qm._groups_per_tile(lay, block_k)
+    block_n, block_g, num_warps, num_stages, split_k, per_split = qm.gemv_plan(lay, n, k)
     n_groups = k // lay.group
-    tiles = triton.cdiv(n_groups, block_g)
-    per_split = triton.cdiv(tiles, max(1, min(split_k, tiles)))
-    split_k = triton.cdiv(tiles, per_split)
     ints = {"M": 1, "N": n, "K": k, "stride_xm": k, "stride_om": n, "n_groups": n_groups, "tiles_per_split": per_split}
     sig = {"x_ptr": "*fp16", "out_ptr": "*fp16", "part_ptr": "*fp32"}
     sig.update({f"p{i}": TORCH_TO_TRITON[p.dtype] for i, p in enumerate(planes)})

@@ -102,7 +102,13 @@ def library() -> ctypes.CDLL:
         log.warning("building the C kernels into %s (once for this machine and source version, "
                     "about a minute)", target.parent)
         _build(target, cc)
-    lib = ctypes.CDLL(str(target))
+    return load(target)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built kernel library with its functions' C signatures declared (bench/kernel_ab.py loads
+    an older revision's build with it too)."""
+    lib = ctypes.CDLL(str(path))
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.lumen_block_layout.argtypes = [i32, ctypes.POINTER(i32), ctypes.POINTER(i32)]
     lib.lumen_block_layout.restype = i32

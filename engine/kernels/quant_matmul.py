@@ -125,13 +125,20 @@ def quant_matmul(x: torch.Tensor, weight: PackedQuantWeight, out: torch.Tensor |
     return out
 
 
-def _launch_gemv(x, out, lay: Layout, planes, strides, n: int, k: int, n_groups: int) -> None:
-    m = x.shape[0]
+def gemv_plan(lay: Layout, n: int, k: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_G, num_warps, num_stages, SPLIT_K, tiles per split) of the GEMV for an
+    [n, k] weight (bench/quant_gemv_sass.py compiles the kernel with the same plan)."""
     block_n, block_k, num_warps, num_stages, split_k = _gemv_config(lay.type_id, n, k)
     block_g = _groups_per_tile(lay, block_k)
-    tiles = triton.cdiv(n_groups, block_g)
+    tiles = triton.cdiv(k // lay.group, block_g)
     per_split = triton.cdiv(tiles, max(1, min(split_k, tiles)))
     split_k = triton.cdiv(tiles, per_split)            # no split is left without a tile
+    return block_n, block_g, num_warps, num_stages, split_k, per_split
+
+
+def _launch_gemv(x, out, lay: Layout, planes, strides, n: int, k: int, n_groups: int) -> None:
+    m = x.shape[0]
+    block_n, block_g, num_warps, num_stages, split_k, per_split = gemv_plan(lay, n, k)
     part = torch.empty((split_k, m, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     _gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
         x, out, part, *planes, *strides, m, n, k, x.stride(0), out.stride(0), n_groups, per_split,
