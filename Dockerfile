@@ -24,7 +24,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# A C compiler: engine/native.py builds the CPU kernels for quantized weights on first use,
+# A C compiler: lumen.engine.native builds the CPU kernels for quantized weights on first use,
 # for the CPU it runs on (-march=native).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -32,16 +32,11 @@ RUN apt-get update \
 
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-# Stubs are generated in the image, not copied: lumen/ is in .dockerignore.
-RUN pip install "grpcio-tools>=1.66"
+# Copied after the slow layers above so a source edit rebuilds only this part. The build
+# generates the gRPC stubs (lumen/v1) from proto/; lumen/v1 is in .dockerignore.
+COPY pyproject.toml setup.py MANIFEST.in ./
 COPY proto/ proto/
-RUN mkdir -p lumen/v1 \
- && python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
-        proto/lumen/v1/inference.proto \
- && touch lumen/__init__.py lumen/v1/__init__.py
-
-# Copied after the slow layers above so a source edit rebuilds only this part.
-COPY pyproject.toml ./
+COPY lumen/__init__.py lumen/__init__.py
 COPY engine/ engine/
 COPY service/ service/
 COPY telemetry/ telemetry/
@@ -50,7 +45,7 @@ COPY load/ load/
 # The check runs isolated (-I: no /app on sys.path) to prove the installed
 # package, stubs included, imports, and that the entry point script exists.
 RUN pip install . \
- && python -I -c "import lumen.v1.inference_pb2_grpc, service.cli" \
+ && python -I -c "import lumen.v1.inference_pb2_grpc, lumen.service.cli" \
  && command -v lumen
 
 RUN useradd --system --create-home --uid 10001 --shell /usr/sbin/nologin lumen \
@@ -60,7 +55,7 @@ ENV LUMEN_CACHE_DIR=/var/cache/lumen
 USER lumen
 # Build the CPU kernels now (a host with another CPU rebuilds them at first use: the build is
 # keyed by the CPU's flags).
-RUN python -c "from engine import native; native.library()"
+RUN python -I -c "from lumen.engine.native import library; library.library()"
 WORKDIR /home/lumen
 
 EXPOSE 50051

@@ -1,6 +1,7 @@
 # Two entry points for a new user: `make serve` and `make test`.
-# Both create .venv (torch==2.13.0 first, so nothing pulls a CUDA build),
-# generate the gRPC stubs and install the project with its `lumen` script.
+# Both create .venv (torch==2.13.0 first, so nothing pulls a CUDA build) and
+# install the project with its `lumen` script; the install generates the gRPC
+# stubs (lumen/v1) from proto/ (setup.py).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ PORT   ?= 50051
 MODEL_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test setup setup-test proto bench clean
+.PHONY: serve test setup setup-test bench clean
 
 serve: setup
 	$(BIN)/lumen serve --host $(HOST) --port $(PORT) $(MODEL_ARGS)
@@ -27,15 +28,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 
-lumen/v1/inference_pb2.py: $(PROTO) $(BIN)/python
-	$(BIN)/python -m pip install --quiet "grpcio-tools>=1.66"
-	mkdir -p lumen/v1
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
-	touch lumen/__init__.py lumen/v1/__init__.py
-
-proto: lumen/v1/inference_pb2.py
-
-$(VENV)/.runtime: pyproject.toml lumen/v1/inference_pb2.py
+$(VENV)/.runtime: pyproject.toml setup.py $(PROTO) $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
@@ -49,4 +42,4 @@ bench: setup
 	$(BIN)/python bench/baseline.py
 
 clean:
-	rm -rf $(VENV) lumen build *.egg-info
+	rm -rf $(VENV) lumen/v1 build *.egg-info

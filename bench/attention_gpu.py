@@ -21,8 +21,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.attention.metadata import AttentionMetadata  # noqa: E402
-from engine.attention.torch_backend import TorchAttention  # noqa: E402
+from lumen.engine.model.attention.metadata import AttentionMetadata  # noqa: E402
+from lumen.engine.model.attention.torch_backend import TorchAttention  # noqa: E402
 
 BLOCK_SIZE = 16
 
@@ -50,7 +50,7 @@ def sweep(args: argparse.Namespace, device: torch.device, bench) -> None:
 
     The launchers read their tiles from `_decode_config` / `_prefill_config`; this replaces them
     for a moment, so the numbers are those of the shipped launch path."""
-    from engine.kernels import paged_attention as pa
+    from lumen.engine.triton_kernels import paged_attention as pa
     nh, nkv, hd, scale = args.heads, args.kv_heads, args.head_dim, args.head_dim ** -0.5
     q, kc, vc, meta = paged_inputs([1] * args.batch, [args.context] * args.batch, nh, nkv, hd, device)
     moved = 2 * args.batch * args.context * nkv * hd * kc.element_size() + 2 * q.nbytes
@@ -104,7 +104,11 @@ def triton_next_pow2(n: int) -> int:
 
 def run(args: argparse.Namespace, device: torch.device, bench, num_sms: int) -> list[tuple[str, str, str, str]]:
     """Check, then time every case; one Markdown row (kernel, time, achieved, vs reference) each."""
-    from engine.kernels.paged_attention import choose_num_splits, paged_decode_attention, paged_prefill_attention
+    from lumen.engine.triton_kernels.paged_attention import (
+        choose_num_splits,
+        paged_decode_attention,
+        paged_prefill_attention,
+    )
 
     copy_gbs = copy_bandwidth(bench, device, args.copy_bytes)
     rows = [(f"device-to-device copy ({args.copy_bytes >> 20} MiB)", "-", f"{copy_gbs:.0f} GB/s", "100%")]

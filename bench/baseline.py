@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import RESULTS, SHARED, ensure_tinyllama, prompt_ids  # noqa: E402  (sets sys.path)
-from engine.engine import EngineConfig, LLMEngine  # noqa: E402
-from engine.loader import load_gguf  # noqa: E402
-from engine.request import GenerationRequest  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from engine.scheduler import SchedulerConfig  # noqa: E402
+
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from lumen.engine.core.request import GenerationRequest  # noqa: E402
+from lumen.engine.core.scheduler import SchedulerConfig  # noqa: E402
+from lumen.engine.sampling.sampler import SamplingParams  # noqa: E402
+from lumen.engine.weights.gguf_loader import load_gguf  # noqa: E402
 
 
 def lumen_run(engine: LLMEngine, prompt: list[int], decode: int) -> tuple[float, float]:

@@ -20,7 +20,7 @@ def ensure_tinyllama(vocab: Path = SHARED / "vocab" / "ggml-vocab-llama-spm.gguf
     if not path.exists():
         from gguf import GGMLQuantizationType
 
-        from engine.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
+        from lumen.engine.demo.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
         RESULTS.mkdir(parents=True, exist_ok=True)
         write_synthetic_llama(path, TINYLLAMA, VocabMetadata.from_gguf(vocab), qtype=GGMLQuantizationType[qtype],
                               seed=0, name="tinyllama-synthetic")

@@ -14,17 +14,17 @@ import statistics
 import time
 from pathlib import Path
 
+import common  # noqa: E402, F401  (puts the repository on sys.path)
 import torch
 
-import common  # noqa: E402, F401  (puts the repository on sys.path)
-from engine.scheduler import SchedulerConfig  # noqa: E402
-from engine.engine import EngineConfig  # noqa: E402
-from engine.loader import load_gguf  # noqa: E402
+from lumen.engine.core.llm_engine import EngineConfig  # noqa: E402
+from lumen.engine.core.scheduler import SchedulerConfig  # noqa: E402
+from lumen.engine.weights.gguf_loader import load_gguf  # noqa: E402
+from lumen.service.registry import ModelRegistry  # noqa: E402
+from lumen.service.server import LumenServer, start_runtime  # noqa: E402
+from lumen.telemetry import setup_telemetry  # noqa: E402
 from lumen.v1 import inference_pb2 as pb  # noqa: E402
 from lumen.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
-from service.registry import ModelRegistry  # noqa: E402
-from service.server import LumenServer, start_runtime  # noqa: E402
-from telemetry import setup_telemetry  # noqa: E402
 
 
 async def one_stream(stub, request) -> tuple[float, float]:

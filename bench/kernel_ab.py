@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import REPO  # noqa: E402  (sets sys.path)
-from engine import native  # noqa: E402
+
+from lumen.engine.native import kernels as native  # noqa: E402
+from lumen.engine.native import library  # noqa: E402
 
 TYPES = {"Q8_0": (8, 0), "Q4_0": (2, 0), "Q4_K": (12, 0, 2), "Q6_K": (14, 208), "Q5_K": (13, 0, 2),
          "Q3_K": (11, 108), "Q2_K": (10, 80, 82), "F16": (1,), "BF16": (30,), "F32": (0,)}   # GGML type id, fp16 scale offsets
@@ -36,15 +37,23 @@ FLOATS = {1: lambda v: v.astype(np.float16).view(np.uint8), 0: lambda v: v.view(
 
 
 def build(source_dir: Path, out: Path) -> ctypes.CDLL:
-    native._build(out, native._compiler(), source_dir)
-    return native.load(out)
+    library._build(out, library._compiler(), source_dir)
+    return library.load(out)
 
 
 def base_sources(rev: str, dest: Path) -> Path:
-    for name in native.SOURCES + native.HEADERS:
-        text = subprocess.run(["git", "show", f"{rev}:engine/csrc/{name}"], cwd=REPO, check=True,
-                              capture_output=True).stdout
-        (dest / name).write_bytes(text)
+    for name in library.SOURCES + library.HEADERS:
+        # Before the engine's concept folders the sources were engine/csrc/, and rowwise.* was glue.*:
+        # an older revision's file is written under both names, so its own #includes resolve.
+        old = name.replace("rowwise", "glue")
+        for path in (f"engine/native/csrc/{name}", f"engine/csrc/{old}"):
+            done = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True)
+            if done.returncode == 0:
+                for written in {name, old}:
+                    (dest / written).write_bytes(done.stdout)
+                break
+        else:
+            raise SystemExit(f"{rev} has no {name} (nor engine/csrc/{old})")
     return dest
 
 
@@ -106,7 +115,7 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "base").mkdir()
         libs = {"base": build(base_sources(args.base, tmp / "base"), tmp / "base.so"),
-                "new": build(native.SOURCE_DIR, tmp / "new.so")}
+                "new": build(library.SOURCE_DIR, tmp / "new.so")}
         print(f"base: {args.base}; new: the working tree. {args.threads} threads, {args.rounds} rounds, "
               f"{N} x {K} weights.")
         print("| type | rows | base ms | new ms | base / new (median) | range |")

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType
 # Run as a script from anywhere: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama  # noqa: E402
+from lumen.engine.demo.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama  # noqa: E402
 
 # ../shared/data next to the repository root (read only, never copied in).
 DEFAULT_VOCAB = (Path(__file__).resolve().parents[2] / "shared" / "data" / "vocab"

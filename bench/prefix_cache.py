@@ -13,12 +13,12 @@ import statistics
 import time
 
 import torch
-
 from common import ensure_tinyllama, prompt_ids  # noqa: E402  (sets sys.path)
-from engine.engine import EngineConfig, LLMEngine
-from engine.loader import load_gguf
-from engine.request import GenerationRequest, RequestOutput
-from engine.sampling import SamplingParams
+
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
+from lumen.engine.core.request import GenerationRequest, RequestOutput
+from lumen.engine.sampling.sampler import SamplingParams
+from lumen.engine.weights.gguf_loader import load_gguf
 
 
 def first_token(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[float, RequestOutput]:

@@ -23,14 +23,14 @@ import sys
 from pathlib import Path
 
 import torch
-
-from common import RESULTS, SHARED, prompt_ids  # noqa: E402  (sets sys.path)
 from baseline import llamacpp_figures, lumen_run, median_runs  # noqa: E402
-from engine.engine import EngineConfig, LLMEngine  # noqa: E402
-from engine.load import load_model  # noqa: E402
-from engine.request import GenerationRequest  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from engine.scheduler import SchedulerConfig  # noqa: E402
+from common import RESULTS, SHARED, prompt_ids  # noqa: E402  (sets sys.path)
+
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from lumen.engine.core.request import GenerationRequest  # noqa: E402
+from lumen.engine.core.scheduler import SchedulerConfig  # noqa: E402
+from lumen.engine.sampling.sampler import SamplingParams  # noqa: E402
+from lumen.engine.weights.model_files import load_model  # noqa: E402
 
 # llama.cpp's llama_ftype values (llama.h) for the file types benchmarked.
 FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_S": 14}
@@ -44,7 +44,8 @@ def ensure_file(qtype: str) -> Path:
     source = RESULTS / "tinyllama-synthetic-f16.gguf"
     if not source.exists():
         from gguf import GGMLQuantizationType
-        from engine.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
+
+        from lumen.engine.demo.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
         RESULTS.mkdir(parents=True, exist_ok=True)
         vocab = VocabMetadata.from_gguf(SHARED / "vocab" / "ggml-vocab-llama-spm.gguf")
         write_synthetic_llama(source, TINYLLAMA, vocab, qtype=GGMLQuantizationType.F16, seed=0,

@@ -80,7 +80,7 @@ class Case:
     """One type and weight shape: packed copies (together over `cover` bytes), x, the fp32 reference."""
 
     def __init__(self, qtype: str, n: int, k: int, device: torch.device, cover: int):
-        from engine.kernels.quant_matmul import pack
+        from lumen.engine.triton_kernels.quant_matmul import pack
         self.qtype, self.n, self.k, self.device = qtype, n, k, device
         raw = random_gguf_blocks(qtype, n, k, device, seed=n * 31 + k)
         self.weight = dequantize_reference(raw, qtype, n, k)                   # [n, k] fp32
@@ -99,7 +99,7 @@ class Case:
 
     def call(self, m: int):
         """A closure that multiplies by the next weight copy on each call."""
-        from engine.kernels.quant_matmul import quant_matmul
+        from lumen.engine.triton_kernels.quant_matmul import quant_matmul
         x = self.inputs(m)
 
         def fn():
@@ -109,7 +109,7 @@ class Case:
 
     def check(self, m: int) -> float:
         """Relative error ||y - ref|| / ||ref|| of the kernel against the fp32 reference."""
-        from engine.kernels.quant_matmul import quant_matmul
+        from lumen.engine.triton_kernels.quant_matmul import quant_matmul
         x = self.inputs(m)
         ref = x.float() @ self.weight.T
         y = quant_matmul(x, self.packed[0]).float()
@@ -124,7 +124,7 @@ class Case:
 
 
 def run_case(case: Case, bench, copy_gbs: float) -> list[tuple[str, ...]]:
-    from engine.kernels import quant_matmul as qm
+    from lumen.engine.triton_kernels import quant_matmul as qm
     rows = []
     for m, path, patch in ((1, "GEMV", {}), (1, "GEMM, BLOCK_M=16", {"GEMV_MAX_M": 0}), (16, "GEMM", {})):
         with patched(qm, **patch):
@@ -179,7 +179,7 @@ def sweep_decode(cases: dict, types: list[str], bench, copy_gbs: float) -> None:
     program with K values a tile and warps, phase 2 tries split-K and num_stages on the two
     fastest. Then M=1 through the tensor-core GEMM (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
     """
-    from engine.kernels import quant_matmul as qm
+    from lumen.engine.triton_kernels import quant_matmul as qm
     for t in types:
         group = qm.LAYOUTS[REF_TYPES[t]].group
         phase1 = [(bn, groups * group, warps, 1, 1) for bn, groups, warps in (
@@ -207,7 +207,7 @@ def sweep_decode(cases: dict, types: list[str], bench, copy_gbs: float) -> None:
 
 def time_config(cases: dict, qtype: str, cfg: tuple, bench, copy_gbs: float, **patch) -> float | None:
     """Seconds summed over the shapes for M=1 under `patch`, or None when it fails or is wrong."""
-    from engine.kernels import quant_matmul as qm
+    from lumen.engine.triton_kernels import quant_matmul as qm
     parts, total = [], 0.0
     with patched(qm, **patch):
         for shape in SHAPES:
@@ -229,7 +229,7 @@ def time_config(cases: dict, qtype: str, cfg: tuple, bench, copy_gbs: float, **p
 
 def sweep_gemm(cases: dict, types: list[str], bench) -> None:
     """Time a few GEMM configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) at M=512 on (14336, 4096)."""
-    from engine.kernels import quant_matmul as qm
+    from lumen.engine.triton_kernels import quant_matmul as qm
     m = 512
     for t in types:
         case = cases[(t, SHAPES[1])]

@@ -28,15 +28,15 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)            # compile for the GPU, not the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import common  # noqa: E402,F401  (sets sys.path)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import common  # noqa: E402,F401  (sets sys.path)
-from engine.kernels import quant_matmul as qm  # noqa: E402
-from engine.kernels.quant_pack import LAYOUTS, pack  # noqa: E402
+from lumen.engine.triton_kernels import quant_matmul as qm  # noqa: E402
+from lumen.engine.triton_kernels.quant_pack import LAYOUTS, pack  # noqa: E402
 
 TYPE_IDS = {lay.name: t for t, lay in LAYOUTS.items()}
 TORCH_TO_TRITON = {torch.uint8: "*u8", torch.int8: "*i8", torch.int16: "*i16", torch.int32: "*i32",

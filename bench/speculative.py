@@ -18,14 +18,14 @@ import json
 import time
 
 import torch
-
 from common import RESULTS, SHARED, ensure_tinyllama, prompt_ids  # noqa: E402  (sets sys.path)
-from engine.engine import EngineConfig, LLMEngine
-from engine.loader import load_gguf
-from engine.request import GenerationRequest
-from engine.sampling import SamplingParams
-from engine.scheduler import SchedulerConfig
-from engine.speculative import SpecMethod, SpeculativeConfig, SpeculativeParams
+
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
+from lumen.engine.core.request import GenerationRequest
+from lumen.engine.core.scheduler import SchedulerConfig
+from lumen.engine.sampling.sampler import SamplingParams
+from lumen.engine.speculative import SpecMethod, SpeculativeConfig, SpeculativeParams
+from lumen.engine.weights.gguf_loader import load_gguf
 
 
 def run(target, draft, prompts: list[list[int]], tokens: int, method: SpecMethod, k: int, max_batch: int,

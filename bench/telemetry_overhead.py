@@ -25,16 +25,16 @@ import sys
 import time
 
 import torch
-
 from common import REPO, RESULTS, ensure_tinyllama, prompt_ids  # noqa: E402  (sets sys.path)
-from engine.engine import EngineConfig  # noqa: E402
-from engine.loader import load_gguf  # noqa: E402
-from engine.scheduler import SchedulerConfig  # noqa: E402
+
+from lumen.engine.core.llm_engine import EngineConfig  # noqa: E402
+from lumen.engine.core.scheduler import SchedulerConfig  # noqa: E402
+from lumen.engine.weights.gguf_loader import load_gguf  # noqa: E402
+from lumen.service.registry import ModelRegistry  # noqa: E402
+from lumen.service.server import LumenServer, start_runtime  # noqa: E402
+from lumen.telemetry import setup_logging, setup_telemetry  # noqa: E402
 from lumen.v1 import inference_pb2 as pb  # noqa: E402
 from lumen.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
-from service.registry import ModelRegistry  # noqa: E402
-from service.server import LumenServer, start_runtime  # noqa: E402
-from telemetry import setup_logging, setup_telemetry  # noqa: E402
 
 RECEIVER = """
 import os

@@ -14,13 +14,13 @@ import json
 import time
 
 import torch
-
 from common import RESULTS, ensure_tinyllama, prompt_ids  # noqa: E402  (sets sys.path)
-from engine.engine import EngineConfig, LLMEngine
-from engine.loader import load_gguf
-from engine.request import GenerationRequest
-from engine.sampling import SamplingParams
-from engine.scheduler import SchedulerConfig
+
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
+from lumen.engine.core.request import GenerationRequest
+from lumen.engine.core.scheduler import SchedulerConfig
+from lumen.engine.sampling.sampler import SamplingParams
+from lumen.engine.weights.gguf_loader import load_gguf
 
 
 def run(loaded, streams: int, tokens: int) -> dict:

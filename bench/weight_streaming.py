@@ -19,12 +19,12 @@ import warnings
 
 import numpy as np
 import torch
+from common import RESULTS  # noqa: E402  (sets sys.path)
 from gguf import GGUFReader
 
-from common import RESULTS  # noqa: E402  (sets sys.path)
-from engine import native  # noqa: E402
-from engine.linear import ConcatLinear, NativeQuantLinear  # noqa: E402
-from engine.loader import load_gguf  # noqa: E402
+from lumen.engine.model.linear import ConcatLinear, NativeQuantLinear  # noqa: E402
+from lumen.engine.native import kernels as native  # noqa: E402
+from lumen.engine.weights.gguf_loader import load_gguf  # noqa: E402
 
 
 def matrices(weights) -> list[NativeQuantLinear]:

@@ -2,7 +2,7 @@
 
 Client side only: nothing here imports the engine or the server.
 """
-from load.generator import LoadConfig, LoadResult, RequestRecord, run_load
-from load.prompts import PromptSpec, load_prompts
+from lumen.load.generator import LoadConfig, LoadResult, RequestRecord, run_load
+from lumen.load.prompts import PromptSpec, load_prompts
 
 __all__ = ["LoadConfig", "LoadResult", "PromptSpec", "RequestRecord", "load_prompts", "run_load"]

@@ -8,9 +8,9 @@ import argparse
 import asyncio
 import sys
 
-from load.generator import LoadConfig, run_load
-from load.prompts import BUILTIN_PROMPTS, load_prompts
-from load.report import format_summary
+from lumen.load.generator import LoadConfig, run_load
+from lumen.load.prompts import BUILTIN_PROMPTS, load_prompts
+from lumen.load.report import format_summary
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_REQUESTS = 64

@@ -23,8 +23,8 @@ from typing import Callable
 import grpc
 from tqdm import tqdm
 
-from load.prompts import BUILTIN_PROMPTS, PromptSpec
-from load.stats import distribution
+from lumen.load.prompts import BUILTIN_PROMPTS, PromptSpec
+from lumen.load.stats import distribution
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
 

@@ -1,7 +1,7 @@
 """The human-readable summary table of a load run (the JSON file holds everything else)."""
 from __future__ import annotations
 
-from load.generator import LoadResult
+from lumen.load.generator import LoadResult
 
 _LATENCY_ROWS = (("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("TPOT", "tpot_ms"), ("E2E", "e2e_ms"))
 _COLUMNS = ("mean", "p50", "p90", "p99", "max")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from load.cli import add_bench_parser, cmd_bench
+from lumen.load.cli import add_bench_parser, cmd_bench
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # engine.speculative.SpecMethod's values, spelled out so that parsing arguments does not import torch.
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from telemetry import setup_logging
+    from lumen.telemetry import setup_logging
 
     # The SDK counts the spans it drops (queue full, failed exports) only when asked; a server
     # should report them, so that is its default here (the user's setting still wins).
@@ -173,12 +173,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.engine import EngineConfig
-    from engine.scheduler import SchedulerConfig
-    from engine.speculative import SpecMethod, SpeculativeConfig
-    from service.loading import load_models, load_with_progress
-    from service.server import ServerConfig, ServerConfigError, run_server
-    from telemetry import setup_telemetry
+    from lumen.engine.core.llm_engine import EngineConfig
+    from lumen.engine.core.scheduler import SchedulerConfig
+    from lumen.engine.speculative import SpecMethod, SpeculativeConfig
+    from lumen.service.loading import load_models, load_with_progress
+    from lumen.service.server import ServerConfig, ServerConfigError, run_server
+    from lumen.telemetry import setup_telemetry
 
     if args.speculative == "draft" and args.draft_model is None:  # refused before any model is loaded
         raise ServerConfigError("--speculative draft needs a draft model: add --draft-model PATH "
@@ -205,8 +205,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from lumen.service.client import traced_generate
     from lumen.v1 import inference_pb2 as pb
-    from service.client import traced_generate
 
     req = pb.GenerateRequest(model=args.model, prompt=args.prompt)
     if args.no_special_tokens:
@@ -238,8 +238,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
+    from lumen.service.client import connect
     from lumen.v1 import inference_pb2 as pb
-    from service.client import connect
 
     resp = connect(args.server).Tokenize(pb.TokenizeRequest(model=args.model, text=args.text))
     for token_id, piece in zip(resp.token_ids, resp.pieces):
@@ -248,8 +248,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from lumen.service.client import connect
     from lumen.v1 import inference_pb2 as pb
-    from service.client import connect
 
     for m in connect(args.server).ListModels(pb.ListModelsRequest()).models:
         mark = " (default)" if m.is_default else ""
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear one-line error for the CLI user, never a traceback dump
-        from engine.errors import LumenError
-        from telemetry import TelemetryConfigError
+        from lumen.engine.errors import LumenError
+        from lumen.telemetry import TelemetryConfigError
         if isinstance(exc, (LumenError, OSError, TelemetryConfigError)):
             print(f"lumen: {exc}", file=sys.stderr)
             return 1

@@ -8,10 +8,10 @@ from typing import Callable, Iterable
 import grpc
 from opentelemetry import trace
 
+from lumen.telemetry import inject_context
+from lumen.telemetry.client import client_telemetry
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
-from telemetry import inject_context
-from telemetry.client import client_telemetry
 
 GENERATE_METHOD = "lumen.v1.Inference/Generate"
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import uuid
 
-from engine.errors import InvalidRequestError
-from engine.request import FinishReason, GenerationRequest, RequestOutput
-from engine.sampling import SamplingParams, TokenLogprob
-from engine.speculative import SpecMethod, SpeculativeParams
-from engine.tokenizer import Tokenizer
+from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
+from lumen.engine.errors import InvalidRequestError
+from lumen.engine.sampling.sampler import SamplingParams, TokenLogprob
+from lumen.engine.speculative import SpecMethod, SpeculativeParams
+from lumen.engine.tokenizer.tokenizer import Tokenizer
 from lumen.v1 import inference_pb2 as pb
 
 FINISH_TO_PROTO = {

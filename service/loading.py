@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.demo_model import ensure_demo_model
-from engine.load import load_model
-from engine.loader import LoadedModel
+from lumen.engine.demo.demo_model import ensure_demo_model
+from lumen.engine.weights.gguf_loader import LoadedModel
+from lumen.engine.weights.model_files import load_model
 
 
 def load_models(specs: list[tuple[str | None, Path]], dtype: torch.dtype) -> list[LoadedModel]:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.async_engine import AsyncEngine
-from engine.errors import ModelNotFoundError
-from engine.loader import LoadedModel
+from lumen.engine.core.async_engine import AsyncEngine
+from lumen.engine.errors import ModelNotFoundError
+from lumen.engine.weights.gguf_loader import LoadedModel
 
 
 @dataclass(slots=True)

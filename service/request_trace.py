@@ -19,8 +19,8 @@ import time
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from engine.request import FinishReason, GenerationRequest, RequestOutput
-from telemetry import EngineMetrics
+from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
+from lumen.telemetry import EngineMetrics
 
 log = logging.getLogger("lumen.requests")
 

@@ -13,16 +13,16 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.async_engine import AsyncEngine
-from engine.engine import EngineConfig, LLMEngine
-from engine.errors import LumenError
-from engine.loader import LoadedModel
-from engine.speculative import SpecMethod
+from lumen.engine.core.async_engine import AsyncEngine
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
+from lumen.engine.errors import LumenError
+from lumen.engine.speculative import SpecMethod
+from lumen.engine.weights.gguf_loader import LoadedModel
+from lumen.service.registry import ModelRegistry, ModelRuntime
+from lumen.service.servicer import InferenceService
+from lumen.telemetry import StepMetrics, Telemetry
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
-from service.registry import ModelRegistry, ModelRuntime
-from service.servicer import InferenceService
-from telemetry import StepMetrics, Telemetry
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name

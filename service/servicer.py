@@ -12,14 +12,20 @@ import asyncio
 
 import grpc
 
-from engine.errors import CapacityError, DuplicateRequestError, EngineStoppedError, InvalidRequestError, ModelNotFoundError
-from engine.request import FinishReason
+from lumen.engine.core.request import FinishReason
+from lumen.engine.errors import (
+    CapacityError,
+    DuplicateRequestError,
+    EngineStoppedError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from lumen.service import convert
+from lumen.service.registry import ModelRegistry
+from lumen.service.request_trace import RequestTrace
+from lumen.telemetry import EngineMetrics, Telemetry, extract_context
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
-from service import convert
-from service.registry import ModelRegistry
-from service.request_trace import RequestTrace
-from telemetry import EngineMetrics, Telemetry, extract_context
 
 STATUS_FOR = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,

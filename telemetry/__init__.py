@@ -4,10 +4,10 @@
 either of them.
 """
 
-from telemetry.logs import JsonFormatter, LogSetup, TextFormatter, current_trace_ids, setup_logging
-from telemetry.metrics import EngineMetrics
-from telemetry.step_metrics import StepMetrics
-from telemetry.tracing import (
+from lumen.telemetry.logs import JsonFormatter, LogSetup, TextFormatter, current_trace_ids, setup_logging
+from lumen.telemetry.metrics import EngineMetrics
+from lumen.telemetry.step_metrics import StepMetrics
+from lumen.telemetry.tracing import (
     Telemetry,
     TelemetryConfigError,
     extract_context,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Tracer
 
-from telemetry.tracing import TRACER_NAME, Telemetry, setup_telemetry
+from lumen.telemetry.tracing import TRACER_NAME, Telemetry, setup_telemetry
 
 
 def client_telemetry(service_name: str = "lumen-cli") -> tuple[Telemetry, Tracer]:

@@ -38,7 +38,7 @@ from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_OTLP_LOGS_PROTOCOL,
 )
 
-from telemetry.tracing import (
+from lumen.telemetry.tracing import (
     SHUTDOWN_TIMEOUT_S,
     TelemetryConfigError,
     _Closer,

@@ -31,14 +31,14 @@ def stories_path() -> Path:
 
 @pytest.fixture(scope="session")
 def stories_model(stories_path):
-    from engine.loader import load_gguf
+    from lumen.engine.weights.gguf_loader import load_gguf
     return load_gguf(stories_path)
 
 
 @pytest.fixture(scope="session")
 def stories_draft_model():
     """A second TinyStories model with stories260K's vocabulary: a speculative draft for it."""
-    from engine.loader import load_gguf
+    from lumen.engine.weights.gguf_loader import load_gguf
     return load_gguf(shared_file("models", "llama2xs-stories-tok512.gguf"))
 
 

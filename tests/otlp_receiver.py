@@ -25,7 +25,15 @@ from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from tests.otlp_records import LogRecord, MetricRecord, SpanRecord, attributes_of, log_record, metric_record, span_record
+from tests.otlp_records import (
+    LogRecord,
+    MetricRecord,
+    SpanRecord,
+    attributes_of,
+    log_record,
+    metric_record,
+    span_record,
+)
 
 
 class _TraceSink(trace_service_pb2_grpc.TraceServiceServicer):

@@ -1,6 +1,6 @@
 """Speculative decoding: proposers that guess the next tokens cheaply, and the verifier that
 keeps exactly the target model's output distribution (engine/speculative/verify.py)."""
-from engine.speculative.config import SpecMethod, SpeculativeConfig, SpeculativeParams
-from engine.speculative.draft import Draft
+from lumen.engine.speculative.config import SpecMethod, SpeculativeConfig, SpeculativeParams
+from lumen.engine.speculative.draft import Draft
 
 __all__ = ["Draft", "SpecMethod", "SpeculativeConfig", "SpeculativeParams"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from engine.errors import InvalidRequestError
+from lumen.engine.errors import InvalidRequestError
 
 MAX_SPECULATIVE_TOKENS = 16
 

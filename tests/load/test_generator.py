@@ -13,9 +13,9 @@ import socket
 
 import pytest_asyncio
 
-from load.cli import add_bench_parser, cmd_bench
-from load.generator import RESULT_SCHEMA, LoadConfig, build_request, run_load
-from load.prompts import PromptSpec
+from lumen.load.cli import add_bench_parser, cmd_bench
+from lumen.load.generator import RESULT_SCHEMA, LoadConfig, build_request, run_load
+from lumen.load.prompts import PromptSpec
 from tests.service.conftest import start_harness
 
 

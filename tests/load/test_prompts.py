@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from load.prompts import BUILTIN_PROMPTS, PromptSpec, load_prompts
+from lumen.load.prompts import BUILTIN_PROMPTS, PromptSpec, load_prompts
 
 
 def test_plain_lines_skip_blanks(tmp_path):

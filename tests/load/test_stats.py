@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from load.stats import distribution, percentile
+from lumen.load.stats import distribution, percentile
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 101, 1000])

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import grpc
 import pytest_asyncio
 
-from engine.engine import EngineConfig, LLMEngine
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
+from lumen.service.registry import ModelRegistry, ModelRuntime
+from lumen.service.server import LumenServer, start_runtime
+from lumen.telemetry import Telemetry, setup_telemetry
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
-from service.registry import ModelRegistry, ModelRuntime
-from service.server import LumenServer, start_runtime
-from telemetry import Telemetry, setup_telemetry
 
 
 @dataclass

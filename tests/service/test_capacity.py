@@ -7,8 +7,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from engine.engine import EngineConfig
-from engine.scheduler import SchedulerConfig
+from lumen.engine.core.llm_engine import EngineConfig
+from lumen.engine.core.scheduler import SchedulerConfig
 from lumen.v1 import inference_pb2 as pb
 from tests.service.conftest import StepGate, assert_still_serving, start_harness
 

@@ -5,12 +5,11 @@ import asyncio
 
 import pytest
 
-from engine.speculative import SpecMethod
-from engine.speculative.config import MAX_SPECULATIVE_TOKENS
-from engine.synthetic import SyntheticShape, VocabMetadata, write_synthetic_llama
-from service import server
-from service import cli
-from service.cli import main
+from lumen.engine.demo.synthetic import SyntheticShape, VocabMetadata, write_synthetic_llama
+from lumen.engine.speculative import SpecMethod
+from lumen.engine.speculative.config import MAX_SPECULATIVE_TOKENS
+from lumen.service import cli, server
+from lumen.service.cli import main
 
 TINY = SyntheticShape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, context_length=128)
 

@@ -7,13 +7,12 @@ import asyncio
 import grpc
 import pytest
 
+from lumen.telemetry import setup_telemetry
+from lumen.telemetry.metrics import REQUEST_DURATION_BUCKETS_S, TPOT_BUCKETS_S, TTFT_BUCKETS_S
+from lumen.telemetry.step_metrics import QUEUE_TIME_BUCKETS_S
 from lumen.v1 import inference_pb2 as pb
-from telemetry import setup_telemetry
-from telemetry.metrics import REQUEST_DURATION_BUCKETS_S, TPOT_BUCKETS_S, TTFT_BUCKETS_S
-from telemetry.step_metrics import QUEUE_TIME_BUCKETS_S
 from tests.otlp_receiver import exporting_to_receiver
 from tests.service.conftest import start_harness
-
 
 
 async def test_request_metrics_over_otlp(stories_model, monkeypatch):

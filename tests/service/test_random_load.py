@@ -7,9 +7,9 @@ import random
 
 import grpc
 
-from engine.engine import EngineConfig
-from engine.kv_cache import KVCacheSpec
-from engine.scheduler import SchedulerConfig
+from lumen.engine.core.llm_engine import EngineConfig
+from lumen.engine.core.scheduler import SchedulerConfig
+from lumen.engine.model.kv_cache import KVCacheSpec
 from lumen.v1 import inference_pb2 as pb
 from tests.service.conftest import assert_still_serving, start_harness
 

@@ -12,9 +12,9 @@ import os
 import re
 from pathlib import Path
 
-from engine.engine import EngineConfig
+from lumen.engine.core.llm_engine import EngineConfig
+from lumen.telemetry import setup_telemetry
 from lumen.v1 import inference_pb2 as pb
-from telemetry import setup_telemetry
 from tests.otlp_receiver import OtlpReceiver
 from tests.service.conftest import start_harness
 from tests.trace_render import render
@@ -66,7 +66,7 @@ async def test_readme_trace_is_what_the_service_exports(stories_model, stories_d
 
 def main() -> None:
     """Print the rendering with timings (to paste into the README after a change to the spans)."""
-    from engine.loader import load_gguf
+    from lumen.engine.weights.gguf_loader import load_gguf
     from tests.conftest import shared_file
 
     async def run() -> None:

@@ -5,12 +5,12 @@ import asyncio
 
 import pytest
 
-from engine.engine import EngineConfig
-from engine.loader import load_gguf
-from engine.speculative import SpecMethod, SpeculativeConfig
+from lumen.engine.core.llm_engine import EngineConfig
+from lumen.engine.speculative import SpecMethod, SpeculativeConfig
+from lumen.engine.weights.gguf_loader import load_gguf
+from lumen.service.server import build_registry
+from lumen.telemetry import setup_telemetry
 from lumen.v1 import inference_pb2 as pb
-from service.server import build_registry
-from telemetry import setup_telemetry
 from tests.service.conftest import start_harness
 from tests.service.test_generate import collect, greedy_request
 

@@ -20,9 +20,9 @@ from typing import Callable
 import grpc
 import pytest
 
+from lumen.telemetry import setup_telemetry
+from lumen.telemetry.tracing import SHUTDOWN_TIMEOUT_S
 from lumen.v1 import inference_pb2 as pb
-from telemetry import setup_telemetry
-from telemetry.tracing import SHUTDOWN_TIMEOUT_S
 from tests.otlp_receiver import OtlpReceiver
 from tests.otlp_records import MetricRecord
 from tests.service.conftest import Harness, start_harness

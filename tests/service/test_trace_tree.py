@@ -13,10 +13,10 @@ import json
 import grpc
 import pytest
 
-from engine.engine import EngineConfig
+from lumen.engine.core.llm_engine import EngineConfig
+from lumen.service.client import traced_generate
+from lumen.telemetry import setup_telemetry
 from lumen.v1 import inference_pb2 as pb
-from service.client import traced_generate
-from telemetry import setup_telemetry
 from tests.otlp_receiver import exporting_to_receiver
 from tests.service.conftest import start_harness
 

@@ -18,9 +18,9 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from service import cli
-from telemetry import LogSetup, TelemetryConfigError, setup_logging, setup_telemetry
-from telemetry.logs import LOG_FORMATS, JsonFormatter
+from lumen.service import cli
+from lumen.telemetry import LogSetup, TelemetryConfigError, setup_logging, setup_telemetry
+from lumen.telemetry.logs import LOG_FORMATS, JsonFormatter
 from tests.otlp_receiver import OtlpReceiver
 from tests.otlp_records import LogRecord
 

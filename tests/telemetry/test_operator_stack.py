@@ -18,8 +18,8 @@ import grpc
 import pytest
 import yaml
 
+from lumen.telemetry import setup_telemetry
 from lumen.v1 import inference_pb2 as pb
-from telemetry import setup_telemetry
 from tests.otlp_receiver import exporting_to_receiver
 from tests.otlp_records import MetricRecord
 from tests.service.conftest import start_harness

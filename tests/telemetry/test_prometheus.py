@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
+from lumen.telemetry import Telemetry, TelemetryConfigError, setup_telemetry
 from lumen.v1 import inference_pb2 as pb
-from telemetry import Telemetry, TelemetryConfigError, setup_telemetry
 from tests.otlp_receiver import OtlpReceiver
 from tests.service.conftest import start_harness
 

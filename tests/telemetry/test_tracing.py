@@ -15,7 +15,7 @@ import pytest
 from opentelemetry import baggage, trace
 from opentelemetry.trace import SpanKind
 
-from telemetry import (
+from lumen.telemetry import (
     EngineMetrics,
     Telemetry,
     TelemetryConfigError,
@@ -24,7 +24,7 @@ from telemetry import (
     inject_context,
     setup_telemetry,
 )
-from telemetry.metrics import REQUEST_DURATION_BUCKETS_S, TPOT_BUCKETS_S, TTFT_BUCKETS_S
+from lumen.telemetry.metrics import REQUEST_DURATION_BUCKETS_S, TPOT_BUCKETS_S, TTFT_BUCKETS_S
 from tests.otlp_receiver import OtlpReceiver
 from tests.otlp_records import MetricRecord, SpanRecord
 

@@ -1,4 +1,0 @@
-"""Attention over the paged KV cache: one interface, a torch backend (CPU) and a Triton backend (CUDA)."""
-from engine.attention.metadata import AttentionMetadata, write_kv
-
-__all__ = ["AttentionMetadata", "write_kv"]

@@ -1,0 +1,178 @@
+"""The synchronous engine: `add_request`, `abort_request`, and `step()`.
+
+One step = draft (speculative requests that are decoding get proposals for their next
+tokens) -> schedule() -> ONE forward over the flattened new tokens of every scheduled
+sequence, drafts included -> update each sequence from its logits (verifying drafts).
+The engine runs on one thread (the async engine's); nothing here is thread-safe by itself.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from opentelemetry import trace
+
+from lumen.engine.core.block_manager import BlockManager
+from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
+from lumen.engine.core.request_spans import SequenceSpans
+from lumen.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from lumen.engine.core.sequence import Sequence
+from lumen.engine.core.step_stats import StepStats
+from lumen.engine.errors import InvalidRequestError
+from lumen.engine.model.attention.select import select_backend
+from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
+from lumen.engine.model.llama import Chunk, ForwardBatch, LlamaModel, build_batch
+from lumen.engine.sampling.sampler import MAX_TOP_LOGPROBS
+from lumen.engine.speculative import SpeculativeConfig
+from lumen.engine.speculative.speculation import Speculation
+from lumen.engine.weights.gguf_loader import LoadedModel
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    default_max_new_tokens: int = 256
+    kv_cache_bytes: int = 1 << 30  # KV pool budget; capped at what max_running full contexts can use
+    block_size: int = 16
+    prefix_caching: bool = True
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    # At most one engine step per interval becomes an `engine_step` span (0: every step).
+    step_span_interval_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.default_max_new_tokens < 1:
+            raise ValueError(f"default_max_new_tokens must be >= 1, got {self.default_max_new_tokens}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.step_span_interval_s < 0:
+            raise ValueError(f"step_span_interval_s must be >= 0, got {self.step_span_interval_s}")
+
+
+class LLMEngine:
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None,
+                 tracer: trace.Tracer | None = None, on_step: Callable[[StepStats], None] | None = None,
+                 draft: LoadedModel | None = None) -> None:
+        """draft: a smaller model with the same vocabulary for SpecMethod.DRAFT (checked here)."""
+        self.loaded = model
+        self.config = config or EngineConfig()
+        cfg, dtype = model.config, model.weights.dtype
+        spec = KVCacheSpec.from_budget(cfg, dtype, self.config.kv_cache_bytes, self.config.block_size,
+                                       max_tokens=self.config.scheduler.max_running * cfg.context_length)
+        self.kv = KVCachePool(cfg, spec, dtype)
+        self.blocks = BlockManager(spec.num_blocks, spec.block_size, self.config.prefix_caching)
+        attention = select_backend(torch.device("cpu"))
+        self.model = LlamaModel(cfg, model.weights, self.kv, attention)
+        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        self.tokenizer = model.tokenizer
+        self.spans = SequenceSpans(tracer or trace.NoOpTracer(), self.config.step_span_interval_s)
+        self.speculation = Speculation(self, self.config.speculative, draft, attention, tracer or trace.NoOpTracer())
+        self.on_step = on_step
+        self.tokens_computed = 0  # all tokens ever run through the model (tests use it)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.scheduler)
+
+    def has_unfinished(self) -> bool:
+        return len(self.scheduler) > 0
+
+    def validate(self, req: GenerationRequest) -> None:
+        """Raise InvalidRequestError if the request can never run on this model and cache."""
+        ctx, vocab = self.loaded.config.context_length, self.loaded.config.vocab_size
+        if not req.prompt_ids:
+            raise InvalidRequestError("prompt", "is empty: give a prompt, prompt_token_ids, or let BOS be added")
+        bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})")
+        room = min(ctx, self.blocks.num_blocks * self.blocks.block_size) - len(req.prompt_ids)
+        if room < 1:
+            raise InvalidRequestError(
+                "prompt", f"has {len(req.prompt_ids)} tokens and leaves no room to generate in the "
+                          f"{ctx}-token context (KV cache: {self.blocks.num_blocks * self.blocks.block_size} "
+                          f"tokens); shorten it")
+        if not 1 <= req.max_new_tokens <= room:
+            raise InvalidRequestError(
+                "stopping.max_new_tokens", f"must be in [1, {room}] for this {len(req.prompt_ids)}-token prompt "
+                                           f"(context length {ctx}), got {req.max_new_tokens}")
+        if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}")
+        self.speculation.resolve(req)
+
+    def add_request(self, req: GenerationRequest) -> None:
+        self.validate(req)
+        seq = Sequence(req, self.tokenizer)
+        seq.spec_method, seq.spec_tokens = self.speculation.resolve(req)
+        seq.spec_k = seq.spec_tokens
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop a request at once, freeing its blocks; None if it is not here (already finished)."""
+        seq = self.scheduler.remove(request_id)
+        if seq is None:
+            return None
+        self.speculation.release(seq)
+        self.spans.end(seq, cancelled=True)
+        return seq.final_output(FinishReason.ABORTED)
+
+    def step(self) -> list[RequestOutput]:
+        started, started_ns = time.perf_counter(), time.time_ns()
+        self.speculation.propose(self.scheduler.running)
+        sched = self.scheduler.schedule()
+        for seq in sched.preempted:
+            self.speculation.release(seq)
+            self.spans.preempted(seq)
+        for seq in sched.admitted:
+            self.spans.admitted(seq)
+        if not sched.scheduled:
+            return []
+        self.spans.batched(sched)
+        verify_started = self.speculation.verify_started(sched.scheduled)
+        batch, rows = self._build_batch(sched.scheduled)
+        logits = self.model.forward(batch)
+        self.tokens_computed += sched.num_tokens
+        outputs = [out for item, (first, last) in zip(sched.scheduled, rows)
+                   if (out := self._update(item, logits[first:last])) is not None]
+        spec = self.speculation.verified(sched.scheduled, verify_started)
+        self.spans.stepped(sched, started_ns)
+        if self.on_step is not None:
+            self.on_step(StepStats.collect(self, sched, time.perf_counter() - started, spec))
+        return outputs
+
+    def _update(self, item: ScheduledSeq, logits: torch.Tensor) -> RequestOutput | None:
+        seq = item.seq
+        first_token = not seq.has_sampled
+        out = seq.on_computed(logits, item.num_new)
+        if seq.last_verify is not None:  # give back the blocks of rejected draft tokens
+            self.blocks.trim(seq, len(seq.token_ids))
+        self.blocks.register_full_blocks(seq)
+        if out is None:
+            return None
+        if first_token:
+            self.spans.first_token(seq, out.finished)
+        if out.finished:
+            self.scheduler.finish(seq)
+            self.speculation.release(seq)
+            self.spans.end(seq)
+        return out
+
+    def fail_all(self, error: BaseException) -> list[RequestOutput]:
+        """The model failed: finish every request with the error (never a made-up answer)."""
+        outputs = []
+        for seq in self.scheduler.active():
+            self.scheduler.remove(seq.request_id)
+            self.speculation.release(seq)
+            self.spans.end(seq, error=error)
+            outputs.append(seq.final_output(FinishReason.ERROR, error))
+        return outputs
+
+    def check_invariants(self) -> None:
+        """No KV block leaked or miscounted (tests call it after any mix of requests)."""
+        self.blocks.check_invariants(self.scheduler.active())
+        self.speculation.check_invariants(self.scheduler.active())
+
+    def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
+        chunks = [Chunk(item.seq.step_tokens(item.num_new), item.seq.num_computed, item.seq.block_table,
+                        item.seq.logit_rows(item.num_new)) for item in scheduled]
+        return build_batch(chunks, self.blocks.block_size)

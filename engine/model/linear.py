@@ -1,0 +1,244 @@
+"""Linear layers as objects the model calls: how a weight is stored decides how it is multiplied.
+
+`DenseLinear` is plain `F.linear`. `OneDNNLinear` keeps a float32 weight prepacked
+for oneDNN once at load: on CPU its GEMM stays efficient for the small batches of
+decode steps (measured 1.7x MKL's at 16 rows, BENCHMARKS.md), which is what makes
+batching pay off in float32.
+
+GGUF weights stay in their file's blocks (`GGUFWeight`: the file's bytes, read once into
+huge-page memory by `engine.resident`; never a float copy). `NativeQuantLinear` multiplies
+by them with the C kernels of `engine.native` (decoded a block at a time inside the matmul,
+batch invariant);
+`ChunkedQuantLinear` is the general path for types those kernels lack, or for machines
+without a C compiler: it decodes a few rows at a time into a small buffer with
+`engine.quant`. `ConcatLinear` runs several weights as one (q/k/v, gate/up) without
+concatenating them, since their types may differ and a concatenation would be a copy.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lumen.engine.native import kernels as native
+from lumen.engine.weights.quant import dequantize
+
+log = logging.getLogger(__name__)
+
+# Batch size the packed layout is tuned for: measured best for both 1 and 16 rows (BENCHMARKS.md).
+PACK_BATCH_HINT = 4
+# Below this many weights oneDNN's per-call overhead outweighs its faster GEMM (stories260K's
+# 64x64 matrices ran at 0.58x the speed of F.linear); such layers stay dense.
+PACK_MIN_WEIGHTS = 1 << 20
+
+
+class DenseLinear:
+    kind = "dense"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight  # [out, in]
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def to(self, device: torch.device) -> "DenseLinear":
+        return DenseLinear(self.weight.to(device))
+
+
+class OneDNNLinear:
+    kind = "onednn"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFWeight:
+    """A weight matrix as GGUF blocks: `raw` uint8 [out_features, bytes_per_row], row n = output n."""
+
+    raw: torch.Tensor
+    qtype: int
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def decode_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The given rows as float32 [len(rows), in_features]."""
+        raw = self.raw[rows]
+        return dequantize(raw, self.qtype, (raw.shape[0], self.in_features))
+
+
+class _BlockLinear(ABC):
+    """A linear over a GGUFWeight; subclasses say how `matmul_into` multiplies."""
+
+    def __init__(self, weight: GGUFWeight) -> None:
+        self.weight = weight
+        self.out_features, self.in_features = weight.out_features, weight.in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32:      # the decode path: no reshapes or casts
+            y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+            self.matmul_into(x, y)
+            return y
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+        self.matmul_into(x2, y)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    @abstractmethod
+    def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
+
+
+class NativeQuantLinear(_BlockLinear):
+    """x @ W^T with W kept as GGUF blocks, by the C kernels (float32 arithmetic)."""
+
+    kind = "gguf-native"
+
+    def __init__(self, weight: GGUFWeight) -> None:
+        super().__init__(weight)
+        raw = weight.raw
+        assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride() == (raw.shape[1], 1), \
+            "GGUF rows must be contiguous uint8"
+        self._raw = (raw.data_ptr(), raw.shape[1])   # checked once: every call reuses them
+
+    def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        if x.shape[1] != self.in_features or y.shape != (x.shape[0], self.out_features) or y.stride(1) != 1 \
+                or y.dtype != torch.float32:
+            raise ValueError(f"matmul of {tuple(x.shape)} into {tuple(y.shape)} {y.dtype} over "
+                             f"[{self.out_features}, {self.in_features}]")
+        if x.shape[0]:
+            native.qmatmul_checked_weight(self.weight.qtype, *self._raw, self.out_features, self.in_features, x, y)
+
+
+class ChunkedQuantLinear(_BlockLinear):
+    """x @ W^T with W kept as GGUF blocks, decoding CHUNK_ROWS rows at a time with engine.quant."""
+
+    kind = "gguf-chunked"
+    CHUNK_ROWS = 256
+
+    def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.to(torch.float32)
+        for start in range(0, self.out_features, self.CHUNK_ROWS):
+            stop = min(start + self.CHUNK_ROWS, self.out_features)
+            y[:, start:stop] = F.linear(x, self.weight.decode_rows(slice(start, stop)))
+
+
+class ConcatLinear:
+    """Several linears over the same input, their outputs side by side (one output tensor)."""
+
+    kind = "concat"
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.blocks = all(hasattr(p, "matmul_into") for p in parts)
+        ends = [sum(p.out_features for p in parts[:i + 1]) for i in range(len(parts))]
+        self.columns = [slice(end - p.out_features, end) for p, end in zip(parts, ends)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.blocks:
+            y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+            x32 = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.to(torch.float32).contiguous()
+            for p, cols in zip(self.parts, self.columns):
+                p.matmul_into(x32, y[:, cols])
+            return y if x.dim() == 2 and x.dtype == torch.float32 else y.to(x.dtype).reshape(*lead, self.out_features)
+        return torch.cat([p(x2) for p in self.parts], dim=-1).reshape(*lead, self.out_features)
+
+
+@dataclass(frozen=True, slots=True)
+class DenseEmbedding:
+    weight: torch.Tensor   # [vocab, dim]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantEmbedding:
+    """Token embeddings kept as GGUF blocks; only the looked-up rows are decoded."""
+
+    weight: GGUFWeight
+    dtype: torch.dtype
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.decode_rows(ids.reshape(-1)).to(self.dtype).reshape(*ids.shape, -1)
+
+
+def make_quant_linear(weight: GGUFWeight) -> NativeQuantLinear | ChunkedQuantLinear:
+    """The C kernels when they handle this type and row length here, else the chunked path."""
+    layout = _native_layout(weight.qtype)
+    if layout is not None and weight.in_features % layout[0] == 0 and weight.in_features % 16 == 0:
+        return NativeQuantLinear(weight)
+    return ChunkedQuantLinear(weight)
+
+
+_HALF_QTYPES = {torch.float16: 1, torch.bfloat16: 30}   # GGML F16 and BF16
+
+
+def half_weight(t: torch.Tensor) -> GGUFWeight:
+    """A 16-bit float matrix viewed as GGUF F16/BF16 rows (no copy)."""
+    t = t.contiguous()
+    n, k = t.shape
+    return GGUFWeight(t.view(torch.uint8).reshape(n, 2 * k), _HALF_QTYPES[t.dtype], n, k)
+
+
+def stored_linear(parts: list[torch.Tensor], dtype: torch.dtype):
+    """One linear over `parts` stacked by rows, computing in `dtype`. 16-bit weights served in
+    float32 stay 16-bit (the C kernels widen them as they go) rather than doubling in size."""
+    if dtype == torch.float32 and all(p.dtype in _HALF_QTYPES for p in parts):
+        linears = [make_quant_linear(half_weight(p)) for p in parts]
+        return linears[0] if len(linears) == 1 else ConcatLinear(linears)
+    return make_linear((parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype))
+
+
+def stored_embedding(weight: torch.Tensor, dtype: torch.dtype) -> tuple[DenseEmbedding | QuantEmbedding, object]:
+    """(embedding, its tied output linear) for a [vocab, dim] matrix, kept 16-bit as stored_linear does."""
+    if dtype == torch.float32 and weight.dtype in _HALF_QTYPES:
+        w = half_weight(weight)
+        return QuantEmbedding(w, dtype), make_quant_linear(w)
+    dense = weight.to(dtype)
+    return DenseEmbedding(dense), DenseLinear(dense)
+
+
+_WARNED: set[str] = set()
+
+
+def _native_layout(qtype: int) -> tuple[int, int] | None:
+    try:
+        return native.block_layout(qtype)
+    except native.NativeUnavailable as exc:
+        if "native" not in _WARNED:
+            _WARNED.add("native")
+            log.warning("C kernels unavailable, quantized matmuls use the slower torch path: %s", exc)
+        return None
+
+
+def onednn_usable() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def make_linear(weight: torch.Tensor) -> DenseLinear | OneDNNLinear:
+    """The fastest correct kind for this weight's dtype and device."""
+    if (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= PACK_MIN_WEIGHTS
+            and onednn_usable()):
+        return OneDNNLinear(weight.contiguous())
+    return DenseLinear(weight)

@@ -1,0 +1,248 @@
+"""The Llama forward pass over the flattened tokens of one engine step.
+
+All sequences' new tokens are concatenated into one [num_tokens] batch: every
+matmul runs once for the whole step, and only attention looks at each
+sequence's own blocks of the paged KV pool. No padding to the longest sequence, ever.
+
+Three forms of one computation: torch operations (GPU, bfloat16, or no C compiler); on CPU in
+float32, the row-wise C kernels (native/csrc/rowwise.c) between the matmuls; and, when every
+matmul of a layer has a C kernel too, each layer as one C call (layer.c), which gives the
+row-wise form's bits exactly (tests/engine/native/test_rowwise.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lumen.engine.model.attention import AttentionMetadata, write_kv
+from lumen.engine.model.config import ModelConfig
+from lumen.engine.model.kv_cache import KVCachePool
+from lumen.engine.model.linear import (
+    ChunkedQuantLinear,
+    ConcatLinear,
+    DenseEmbedding,
+    DenseLinear,
+    NativeQuantLinear,
+    OneDNNLinear,
+    QuantEmbedding,
+)
+from lumen.engine.native import kernels as native
+
+Linear = DenseLinear | OneDNNLinear | NativeQuantLinear | ChunkedQuantLinear | ConcatLinear
+Embedding = DenseEmbedding | QuantEmbedding
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    attn_norm: torch.Tensor  # [dim] fp32
+    wqkv: Linear             # [(n_heads + 2 * n_kv_heads) * head_dim, dim]
+    wo: Linear               # [dim, n_heads * head_dim]
+    ffn_norm: torch.Tensor   # [dim] fp32
+    w_gate_up: Linear        # [2 * ffn_dim, dim]
+    w_down: Linear           # [dim, ffn_dim]
+
+
+@dataclass(slots=True)
+class LlamaWeights:
+    embed: Embedding      # [vocab, dim]: token ids -> rows
+    layers: list[LayerWeights]
+    norm: torch.Tensor    # [dim] fp32
+    output: Linear        # [vocab, dim] (over the embedding itself when tied)
+    dtype: torch.dtype    # activations' dtype (and the KV cache's)
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    token_ids: torch.Tensor       # [num_tokens] int64: the new tokens of every scheduled sequence, back to back
+    positions: torch.Tensor       # [num_tokens] int64
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_logits] int64: rows of the batch whose logits are wanted
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One sequence's part of a step: new tokens from position `start`, over its block table."""
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    logit_rows: range  # rows of token_ids whose logits are wanted
+
+
+def build_batch(chunks: list[Chunk], block_size: int) -> tuple[ForwardBatch, list[tuple[int, int]]]:
+    """The flattened batch of `chunks`, and each chunk's [first, last) rows in the returned logits."""
+    token_ids: list[int] = []
+    positions: list[int] = []
+    logit_rows: list[int] = []
+    rows: list[tuple[int, int]] = []
+    for chunk in chunks:
+        first = len(token_ids)
+        token_ids.extend(chunk.token_ids)
+        positions.extend(range(chunk.start, chunk.start + len(chunk.token_ids)))
+        rows.append((len(logit_rows), len(logit_rows) + len(chunk.logit_rows)))
+        logit_rows.extend(first + r for r in chunk.logit_rows)
+    attn = AttentionMetadata.build([len(c.token_ids) for c in chunks], [c.start + len(c.token_ids) for c in chunks],
+                                   [c.block_table for c in chunks], block_size)
+    batch = ForwardBatch(torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                         attn, torch.tensor(logit_rows, dtype=torch.long))
+    return batch, rows
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 whatever the activation dtype."""
+    return F.rms_norm(x.float(), weight.shape, weight, eps).to(x.dtype)
+
+
+class RotaryEmbedding:
+    """RoPE in GGUF's pair layout: dimensions (2i, 2i+1) rotate together."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.rope_dim, 2, dtype=torch.float64) / cfg.rope_dim))
+        angles = torch.outer(torch.arange(cfg.context_length, dtype=torch.float64), inv_freq)
+        self.cos = angles.cos().float()  # [context, rope_dim / 2]
+        self.sin = angles.sin().float()
+        self.rope_dim = cfg.rope_dim
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, heads, head_dim]
+        rot = x[..., : self.rope_dim].float().unflatten(-1, (-1, 2))
+        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, rope_dim / 2]
+        sin = self.sin[positions].unsqueeze(1)
+        x0, x1 = rot[..., 0], rot[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
+        if self.rope_dim == x.shape[-1]:
+            return out
+        return torch.cat((out, x[..., self.rope_dim:]), dim=-1)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, kv: KVCachePool, attention) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.kv = kv
+        self.attention = attention  # a backend from engine.attention: forward(q, k_cache, v_cache, meta, scale)
+        self.rope = RotaryEmbedding(cfg)
+        self.dtype = weights.dtype
+        self.scale = cfg.head_dim ** -0.5
+        # Float32 on CPU with the C kernels: the row-wise work between matmuls runs in rowwise.c,
+        # a few calls per layer instead of dozens of small torch operations (BENCHMARKS.md).
+        self.native_rowwise = (self.dtype == torch.float32 and weights.norm.device.type == "cpu"
+                            and all(k.dtype == torch.float32 for k in kv.keys) and native.available())
+        # When every matmul has a C kernel and attention is the C one, each layer is one C call.
+        self.layer_structs = _layer_structs(weights, kv, attention) if self.native_rowwise else None
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
+        """Run one step; returns fp32 logits [num_logits, vocab]. With num_layers, only the first
+        layers run before the final norm and output head (the layer-skip draft)."""
+        if self.layer_structs is not None:
+            return self._forward_fused(batch, num_layers)
+        if self.native_rowwise:
+            return self._forward_rowwise(batch, num_layers)
+        x = self.w.embed(batch.token_ids)  # [num_tokens, dim]
+        for index, layer in enumerate(self.w.layers[:num_layers]):
+            x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), batch)
+            h = layer.w_gate_up(rms_norm(x, layer.ffn_norm, self.cfg.rms_eps))
+            gate, up = h.chunk(2, dim=-1)
+            x = x + layer.w_down(F.silu(gate) * up)
+        x = rms_norm(x[batch.logits_indices], self.w.norm, self.cfg.rms_eps)
+        return self.w.output(x).float()
+
+    def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        cfg = self.cfg
+        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        qkv = layer.wqkv(x).view(-1, nh + 2 * nkv, hd)
+        # One RoPE call rotates the query and key heads together.
+        qk = self.rope(qkv[:, : nh + nkv], batch.positions)
+        q, k = qk[:, :nh], qk[:, nh:]          # [num_tokens, nh, hd], [num_tokens, nkv, hd]
+        v = qkv[:, nh + nkv:]                  # [num_tokens, nkv, hd]
+        k_cache, v_cache = self.kv.keys[index], self.kv.values[index]
+        write_kv(k, v, k_cache, v_cache, batch.attn.slot_mapping)
+        out = self.attention.forward(q, k_cache, v_cache, batch.attn, self.scale)
+        return layer.wo(out.reshape(-1, nh * hd))
+
+    def _rowwise_start(self, batch: ForwardBatch, num_layers: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(residual stream x, its first norm h, the norm after each layer) for the C paths,
+        once this step's positions and KV slots are checked against the tables they index."""
+        cfg = self.cfg
+        native.check_positions_slots(batch.positions, batch.attn.slot_mapping, self.rope.cos.shape[0],
+                                     self.kv.keys[0].numel() // (cfg.n_kv_heads * cfg.head_dim))
+        x = self.w.embed(batch.token_ids).contiguous()   # [num_tokens, dim]
+        h = torch.empty_like(x)                           # normed input of the next matmul
+        norms = [layer.attn_norm for layer in self.w.layers[:num_layers]] + [self.w.norm]
+        native.add_rms_norm(x, None, norms[0], cfg.rms_eps, h)
+        return x, h, norms
+
+    def _forward_rowwise(self, batch: ForwardBatch, num_layers: int | None) -> torch.Tensor:
+        """forward() with rowwise.c between the matmuls: the residual stream x is updated in place
+        and each residual add is fused with the norm that follows it."""
+        cfg, eps = self.cfg, self.cfg.rms_eps
+        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        layers = self.w.layers[:num_layers]
+        x, h, norms = self._rowwise_start(batch, len(layers))
+        slots = batch.attn.slot_mapping
+        for index, layer in enumerate(layers):
+            qkv = layer.wqkv(h)
+            native.rope_store(qkv, nh, nkv, hd, self.rope.rope_dim, batch.positions, self.rope.cos,
+                              self.rope.sin, self.kv.keys[index], self.kv.values[index], slots)
+            q = qkv.view(-1, nh + 2 * nkv, hd)[:, :nh]
+            out = self.attention.forward(q, self.kv.keys[index], self.kv.values[index], batch.attn, self.scale)
+            native.add_rms_norm(x, layer.wo(out.reshape(-1, nh * hd)), layer.ffn_norm, eps, h)
+            gate_up = layer.w_gate_up(h)
+            act = torch.empty((x.shape[0], gate_up.shape[1] // 2), dtype=torch.float32)
+            native.silu_mul(gate_up, act)
+            native.add_rms_norm(x, layer.w_down(act), norms[index + 1], eps, h)
+        return self.w.output(h[batch.logits_indices]).float()
+
+    def _forward_fused(self, batch: ForwardBatch, num_layers: int | None) -> torch.Tensor:
+        """_forward_rowwise with each layer in one C call (layer.c): the same kernels in the same
+        order, so the same bits, without Python between them."""
+        cfg, eps = self.cfg, self.cfg.rms_eps
+        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        layers = self.layer_structs[:num_layers]
+        x, h, norms = self._rowwise_start(batch, len(layers))
+        rows = x.shape[0]
+        attn_rows, attn_seqs, attn_ctx = self.attention.row_contexts(batch.attn)
+        block_tables = batch.attn.block_tables
+        assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+        buffers = {"qkv": (nh + 2 * nkv) * hd, "attn": nh * hd, "out": cfg.dim, "gate_up": 2 * cfg.ffn_dim,
+                   "act": cfg.ffn_dim}
+        scratch = {name: torch.empty((rows, width), dtype=torch.float32) for name, width in buffers.items()}
+        tensors = scratch | {"x": x, "h": h, "positions": batch.positions, "slots": batch.attn.slot_mapping,
+                             "cos": self.rope.cos, "sin": self.rope.sin, "block_tables": block_tables,
+                             "attn_rows": attn_rows, "attn_seqs": attn_seqs, "attn_ctx": attn_ctx}
+        step = native.StepStruct(rows=rows, dim=cfg.dim, ffn=cfg.ffn_dim, nq=nh, nkv=nkv, hd=hd,
+                                 rope_dim=self.rope.rope_dim, block_size=self.kv.keys[0].shape[1],
+                                 nthreads=torch.get_num_threads(), eps=eps, scale=self.scale,
+                                 ldbt=block_tables.stride(0), **{k: t.data_ptr() for k, t in tensors.items()})
+        for index, layer in enumerate(layers):
+            native.layer_forward(layer, step, norms[index + 1])
+        return self.w.output(h[batch.logits_indices]).float()
+
+
+def _native_parts(linear) -> list | None:
+    """[(qtype, raw)] of a linear whose matmuls all run in the C kernels, else None."""
+    parts = linear.parts if isinstance(linear, ConcatLinear) else [linear]
+    if len(parts) > 3 or not all(isinstance(p, NativeQuantLinear) for p in parts):
+        return None
+    return [(p.weight.qtype, p.weight.raw) for p in parts]
+
+
+def _layer_structs(weights: LlamaWeights, kv: KVCachePool, attention) -> list | None:
+    """One native.LayerStruct per layer when the whole layer can run as one C call, else None."""
+    if getattr(attention, "name", None) != "torch" or not getattr(attention, "use_native", False):
+        return None
+    if not all(k.is_contiguous() for k in kv.keys + kv.values):
+        return None
+    structs = []
+    for layer, k_cache, v_cache in zip(weights.layers, kv.keys, kv.values):
+        linears = [_native_parts(getattr(layer, name)) for name in ("wqkv", "wo", "w_gate_up", "w_down")]
+        if any(parts is None for parts in linears):
+            return None
+        structs.append(native.LayerStruct(
+            attn_norm=layer.attn_norm.data_ptr(), ffn_norm=layer.ffn_norm.data_ptr(),
+            qkv=native.linear_struct(linears[0]), wo=native.linear_struct(linears[1]),
+            gate_up=native.linear_struct(linears[2]), down=native.linear_struct(linears[3]),
+            k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr()))
+    return structs

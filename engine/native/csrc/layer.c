@@ -1,0 +1,40 @@
+/* A decoder layer in one call (layer.h): matmuls (qmatmul.c), RoPE and KV store, RMSNorm and
+ * SiLU gating (rowwise.c), attention (attention.c), chained exactly as lumen/engine/model/llama.py chains them. */
+#include "layer.h"
+
+#include "attention.h"
+#include "rowwise.h"
+#include "qmatmul.h"
+
+/* y[:, cols of part p] = x @ W_p^T for each stacked part. */
+static int linear(const struct lumen_linear *l, const float *x, int64_t rows, int64_t k, float *y, int64_t ldy,
+                  int nthreads) {
+    int64_t col = 0;
+    for (int p = 0; p < l->parts; p++) {
+        const int rc = lumen_qmatmul(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p], k, x, rows, k, y + col, ldy,
+                                     nthreads);
+        if (rc != 0) return rc;
+        col += l->n[p];
+    }
+    return 0;
+}
+
+int lumen_layer_forward(const struct lumen_layer *L, const struct lumen_step *S, const float *next_norm) {
+    const int64_t rows = S->rows, dim = S->dim, ffn = S->ffn;
+    const int64_t ldqkv = (int64_t)(S->nq + 2 * S->nkv) * S->hd, ldattn = (int64_t)S->nq * S->hd;
+    int rc;
+    if ((rc = linear(&L->qkv, S->h, rows, dim, S->qkv, ldqkv, S->nthreads))) return rc;
+    lumen_rope_store(S->qkv, ldqkv, rows, S->nq, S->nkv, S->hd, S->rope_dim, S->positions, S->cos, S->sin,
+                     L->k_cache, L->v_cache, S->slots);
+    if ((rc = lumen_paged_attention_rows(S->qkv, ldqkv, L->k_cache, L->v_cache, 0, S->block_tables, S->ldbt,
+                                         S->attn_rows, S->attn_seqs, S->attn_ctx, rows, S->nq, S->nkv, S->hd,
+                                         S->block_size, S->scale, S->attn, ldattn, S->nthreads)))
+        return rc;
+    if ((rc = linear(&L->wo, S->attn, rows, ldattn, S->out, dim, S->nthreads))) return rc;
+    lumen_add_rms_norm(S->x, dim, S->out, dim, rows, dim, L->ffn_norm, S->eps, S->h, dim);
+    if ((rc = linear(&L->gate_up, S->h, rows, dim, S->gate_up, 2 * ffn, S->nthreads))) return rc;
+    lumen_silu_mul(S->gate_up, 2 * ffn, rows, ffn, S->act, ffn);
+    if ((rc = linear(&L->down, S->act, rows, ffn, S->out, dim, S->nthreads))) return rc;
+    lumen_add_rms_norm(S->x, dim, S->out, dim, rows, dim, next_norm, S->eps, S->h, dim);
+    return 0;
+}

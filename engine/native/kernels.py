@@ -1,0 +1,161 @@
+"""Python entry points of the C kernels (see library.py for how they are built and loaded).
+
+Each function checks the tensors it is given before handing their addresses to C.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from lumen.engine.native.library import LayerStruct, LinearStruct, NativeUnavailable, StepStruct, available, library
+
+__all__ = ["LayerStruct", "LinearStruct", "NativeUnavailable", "StepStruct", "available", "library"]
+
+
+def block_layout(qtype: int) -> tuple[int, int] | None:
+    """(values per block, bytes per block) if the C kernels handle `qtype`, else None."""
+    bs, ts = ctypes.c_int(), ctypes.c_int()
+    if library().lumen_block_layout(int(qtype), ctypes.byref(bs), ctypes.byref(ts)) != 0:
+        return None
+    return bs.value, ts.value
+
+
+def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """y[:, :n] = x @ W^T, W the GGUF rows `raw` (uint8 [n, row_bytes]); x float32 [m, k].
+
+    y may be a column slice of a wider float32 matrix (its rows must be contiguous inside)."""
+    n, row_bytes = raw.shape
+    m = x.shape[0]
+    assert raw.dtype == torch.uint8 and raw.stride(1) == 1 and raw.stride(0) == row_bytes, \
+        "raw must be contiguous uint8 rows"
+    assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, \
+        f"x must be float32 [m, {k}] with contiguous rows, got {x.dtype} {tuple(x.shape)}"
+    assert y.dtype == torch.float32 and y.shape == (m, n) and y.stride(1) == 1, \
+        f"y must be float32 [{m}, {n}] with contiguous rows, got {y.dtype} {tuple(y.shape)}"
+    if m == 0 or n == 0:
+        return
+    qmatmul_checked_weight(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y)
+
+
+def qmatmul_checked_weight(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: int, x: torch.Tensor,
+                           y: torch.Tensor) -> None:
+    """qmatmul_into over a weight checked once by the caller (its address and row length), for
+    x and y of the right shapes: the per-call path of engine.linear.NativeQuantLinear."""
+    rc = library().lumen_qmatmul(qtype, raw_ptr, row_bytes, n, k, x.data_ptr(), x.shape[0], x.stride(0),
+                                 y.data_ptr(), y.stride(0), torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("lumen_qmatmul could not allocate its tile buffer")
+    if rc != 0:
+        raise ValueError(f"lumen_qmatmul cannot decode GGML type {qtype}")
+
+
+def decode_rows(qtype: int, raw: torch.Tensor, k: int) -> torch.Tensor:
+    """Decode GGUF rows (uint8 [n, row_bytes]) to float32 [n, k] with the C decoders."""
+    raw = raw.contiguous()
+    out = torch.empty((raw.shape[0], k), dtype=torch.float32)
+    lib = library()
+    for i in range(raw.shape[0]):
+        lib.lumen_decode_row(int(qtype), raw[i].data_ptr(), k, out[i].data_ptr())
+    return out
+
+
+def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, rows: torch.Tensor, seqs: torch.Tensor,
+                         ctx_lens: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """out[rows[i]] = attention of q[rows[i]] over the first ctx_lens[i] cached positions of
+    sequence seqs[i] (its block table: block_tables[seqs[i]]), each row on its own.
+
+    q, out: float32 [num_tokens, nh, hd] with contiguous rows; caches float32 or bfloat16
+    [num_blocks, block_size, nkv, hd] contiguous; block_tables int32; rows int64; seqs and
+    ctx_lens int32 (one entry per row)."""
+    nh, hd = q.shape[1], q.shape[2]
+    block_size, nkv = k_cache.shape[1], k_cache.shape[2]
+    assert q.dtype == out.dtype == torch.float32 and q.shape == out.shape, "q and out must be float32, same shape"
+    assert q.stride()[1:] == (hd, 1) and out.stride()[1:] == (hd, 1), "q and out need contiguous [nh, hd] rows"
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16), \
+        f"caches must both be float32 or bfloat16, got {k_cache.dtype} and {v_cache.dtype}"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+    assert k_cache.shape[3] == hd and nh % nkv == 0, f"{nh} query heads of {hd} over {tuple(k_cache.shape)}"
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    assert rows.dtype == torch.int64 and seqs.dtype == ctx_lens.dtype == torch.int32
+    assert rows.is_contiguous() and seqs.is_contiguous() and ctx_lens.is_contiguous()
+    assert rows.numel() == seqs.numel() == ctx_lens.numel()
+    if rows.numel() == 0:
+        return
+    rc = library().lumen_paged_attention_rows(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+        block_tables.data_ptr(), block_tables.stride(0), rows.data_ptr(), seqs.data_ptr(), ctx_lens.data_ptr(),
+        rows.numel(), nh, nkv, hd, block_size, scale, out.data_ptr(), out.stride(0), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("lumen_paged_attention_rows could not allocate its score buffers")
+
+
+# The row-wise work between matmuls (rowwise.c). Callers (engine.model's native path) pass float32 tensors whose rows
+# are contiguous; the checks below are the ones that keep the C code inside its buffers.
+
+def _rows_ok(t: torch.Tensor, width: int) -> bool:
+    return t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] >= width and t.stride(1) == 1
+
+
+def add_rms_norm(x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor) -> None:
+    """out = rms_norm(x (+= dx, in place, when dx is given)) * weight; all float32 [rows, dim]."""
+    rows, dim = x.shape
+    assert _rows_ok(x, dim) and _rows_ok(out, dim) and out.shape[0] == rows and weight.numel() == dim
+    assert dx is None or (_rows_ok(dx, dim) and dx.shape[0] == rows)
+    library().lumen_add_rms_norm(x.data_ptr(), x.stride(0), None if dx is None else dx.data_ptr(),
+                                 0 if dx is None else dx.stride(0), rows, dim, weight.data_ptr(), eps,
+                                 out.data_ptr(), out.stride(0))
+
+
+def rope_store(qkv: torch.Tensor, nq: int, nkv: int, hd: int, rope_dim: int, positions: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               slots: torch.Tensor) -> None:
+    """RoPE on qkv's query and key heads in place, then its keys and values into cache slots.
+    `positions` and `slots` must have passed `check_positions_slots` for these tables and caches
+    (once per step: every layer uses the same)."""
+    rows = qkv.shape[0]
+    assert _rows_ok(qkv, (nq + 2 * nkv) * hd) and positions.dtype == slots.dtype == torch.int64
+    assert positions.numel() == slots.numel() == rows and positions.is_contiguous() and slots.is_contiguous()
+    assert k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert cos.shape == sin.shape and cos.shape[1] == rope_dim // 2 and cos.is_contiguous() and sin.is_contiguous()
+    assert k_cache.shape[-2:] == (nkv, hd) and k_cache.shape == v_cache.shape
+    library().lumen_rope_store(qkv.data_ptr(), qkv.stride(0), rows, nq, nkv, hd, rope_dim, positions.data_ptr(),
+                               cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                               slots.data_ptr())
+
+
+def check_positions_slots(positions: torch.Tensor, slots: torch.Tensor, table_rows: int, cache_rows: int) -> None:
+    """Refuse positions beyond the RoPE table or KV slots outside a cache of `cache_rows` rows."""
+    if positions.numel():
+        if not (0 <= int(positions.min()) and int(positions.max()) < table_rows):
+            raise ValueError(f"position outside the RoPE table of {table_rows} positions")
+        if not (0 <= int(slots.min()) and int(slots.max()) < cache_rows):
+            raise ValueError(f"KV slot outside the cache's {cache_rows} slots")
+
+
+def silu_mul(h: torch.Tensor, out: torch.Tensor) -> None:
+    """out = silu(h[:, :ffn]) * h[:, ffn:], ffn = out's width."""
+    rows, ffn = out.shape
+    assert _rows_ok(h, 2 * ffn) and _rows_ok(out, ffn) and h.shape[0] == rows
+    library().lumen_silu_mul(h.data_ptr(), h.stride(0), rows, ffn, out.data_ptr(), out.stride(0))
+
+
+def linear_struct(parts: list[tuple[int, torch.Tensor]]) -> LinearStruct:
+    """[(qtype, raw uint8 rows)] stacked by rows, each checked as qmatmul_into checks it."""
+    assert 1 <= len(parts) <= 3
+    st = LinearStruct(parts=len(parts))
+    for i, (qtype, raw) in enumerate(parts):
+        assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride() == (raw.shape[1], 1)
+        st.qtype[i], st.w[i], st.row_bytes[i], st.n[i] = int(qtype), raw.data_ptr(), raw.shape[1], raw.shape[0]
+    return st
+
+
+def layer_forward(layer: LayerStruct, step: StepStruct, next_norm: torch.Tensor) -> None:
+    """Run one decoder layer (layer.h); the caller built both structures from checked tensors."""
+    rc = library().lumen_layer_forward(ctypes.byref(layer), ctypes.byref(step), next_norm.data_ptr())
+    if rc == -2:
+        raise MemoryError("lumen_layer_forward could not allocate its buffers")
+    if rc != 0:
+        raise ValueError("lumen_layer_forward met a weight type its matmul cannot decode")

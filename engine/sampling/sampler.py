@@ -1,0 +1,137 @@
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p,
+repetition penalty, and logprobs. A given seed gives the same output every time.
+
+Logprobs are reported from the model's raw distribution (before temperature and
+filters), as vLLM does by default: they describe the model, not the sampler.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from lumen.engine.errors import InvalidRequestError
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError("sampling.temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidRequestError("sampling.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        if not (0 <= self.min_p <= 1):
+            raise InvalidRequestError("sampling.min_p", f"must be in [0, 1], got {self.min_p}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequestError("sampling.repetition_penalty", f"must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and not (0 <= self.seed < 2**64):
+            raise InvalidRequestError("sampling.seed", f"must be in [0, 2^64), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class Sampler:
+    """Per-request sampler; owns the request's random generator."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = torch.Generator()
+        # torch seeds are 64-bit signed-safe below 2^63; fold larger seeds in deterministically.
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator.manual_seed(seed % (2**63))
+
+    def sample(self, logits: torch.Tensor, history: list[int]) -> int:
+        """Pick the next token from fp32 logits [vocab]; `history` = prompt + output ids."""
+        probs = self.distribution(logits, history)
+        if probs is None:
+            return self.greedy_token(logits, history)
+        return self.draw(probs)
+
+    def greedy_token(self, logits: torch.Tensor, history: list[int]) -> int:
+        p = self.params
+        if p.repetition_penalty != 1.0 and history:
+            logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        return int(torch.argmax(logits))
+
+    def distribution(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor | None:
+        """The probabilities [vocab] this sampler draws from after every filter (None when greedy).
+
+        Speculative decoding scores drafts against exactly this distribution, for the draft
+        model and the target alike."""
+        p = self.params
+        if p.greedy:
+            return None
+        if p.repetition_penalty != 1.0 and history:
+            logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        logits = logits / p.temperature
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            probs = _top_p_filter(probs, p.top_p)
+        if p.min_p > 0.0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return probs
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """A token drawn from (unnormalized) probabilities with this request's generator."""
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        """A draw from U[0, 1) with this request's generator."""
+        return float(torch.rand((), generator=self.generator))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (as HF and llama.cpp): shrink positive logits, grow negative ones."""
+    ids = torch.tensor(sorted(set(history)), dtype=torch.long)
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_probs, order = torch.sort(probs, descending=True)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    drop = (cumulative - sorted_probs) >= top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+    """logits [n, vocab] fp32 -> each row's logprob of token_ids[row] and its top-n alternatives."""
+    if not token_ids:
+        return []
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(token_ids, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
+    if top_n:
+        values, indices = torch.topk(logp, top_n, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in token_ids]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops)]
