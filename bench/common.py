@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
 
 def ensure_tinyllama(vocab: Path = SHARED / "vocab" / "ggml-vocab-llama-spm.gguf", qtype: str = "Q8_0") -> Path:
     """dim 2048, 22 layers, 32/4 heads, ffn 5632, the Llama 2 vocabulary, random weights stored as
-    `qtype` (a type engine.synthetic writes: Q8_0, F16, BF16, ...)."""
+    `qtype` (a type lumen.engine.demo.synthetic writes: Q8_0, F16, BF16, ...)."""
     path = RESULTS / f"tinyllama-synthetic-{qtype.lower()}.gguf"
     if not path.exists():
         from gguf import GGMLQuantizationType

@@ -4,8 +4,8 @@
                                                  [--rows 1 4 8 16 64] [--rounds 15] [--mib 512]
 
 This machine's speed drifts by 30% from minute to minute (other tenants), so two builds timed
-in separate runs cannot be compared. Here both libraries are built with engine.native's flags
-(the base from `git show BASE:engine/csrc/...`), loaded side by side, and timed in alternating
+in separate runs cannot be compared. Here both libraries are built with lumen.engine.native's flags
+(the base from `git show BASE:engine/native/csrc/...`), loaded side by side, and timed in alternating
 rounds (base, new, new, base, ...): each round is one pass of every weight copy through
 lumen_qmatmul. Weights: --mib of TinyLlama's 5632 x 2048 FFN matrices (random quants, fp16
 scales of 0.01, so no subnormal products), enough copies that they stream from memory. Reported
@@ -53,7 +53,7 @@ def base_sources(rev: str, dest: Path) -> Path:
                     (dest / written).write_bytes(done.stdout)
                 break
         else:
-            raise SystemExit(f"{rev} has no {name} (nor engine/csrc/{old})")
+            raise SystemExit(f"{rev} has no {name} (nor the older engine/csrc/{old})")
     return dest
 
 
@@ -102,7 +102,7 @@ def compare(libs: dict[str, ctypes.CDLL], qtype: int, ws: list[torch.Tensor], ro
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="HEAD", help="git revision whose engine/csrc is the baseline")
+    p.add_argument("--base", default="HEAD", help="git revision whose C sources are the baseline")
     p.add_argument("--types", nargs="+", default=["Q8_0", "Q4_0", "Q4_K", "Q6_K"], choices=sorted(TYPES))
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 64])
     p.add_argument("--rounds", type=int, default=15)

@@ -7,7 +7,7 @@ TinyLlama-shaped file (bench/quant_cpu.py makes them) multiplied once by one act
 in model order, so each byte comes from memory (the model is larger than the caches). Two
 placements of the same bytes, alternated pass by pass in one process:
   mapped    views of the file's mapping (4 KiB page-cache pages), as the loader once kept them;
-  resident  the loader's huge-page arena (engine.resident), as it keeps them now.
+  resident  the loader's huge-page arena (lumen.engine.weights.resident), as it keeps them now.
 Median milliseconds per pass and GB/s of weight bytes, as a Markdown table.
 """
 from __future__ import annotations

@@ -5,7 +5,8 @@ import uuid
 
 from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
 from lumen.engine.errors import InvalidRequestError
-from lumen.engine.sampling.sampler import SamplingParams, TokenLogprob
+from lumen.engine.sampling.logprobs import TokenLogprob
+from lumen.engine.sampling.sampler import SamplingParams
 from lumen.engine.speculative import SpecMethod, SpeculativeParams
 from lumen.engine.tokenizer.tokenizer import Tokenizer
 from lumen.v1 import inference_pb2 as pb

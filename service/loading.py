@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from lumen.engine.demo.demo_model import ensure_demo_model
-from lumen.engine.weights.gguf_loader import LoadedModel
+from lumen.engine.weights.loaded_model import LoadedModel
 from lumen.engine.weights.model_files import load_model
 
 

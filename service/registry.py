@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from lumen.engine.core.async_engine import AsyncEngine
 from lumen.engine.errors import ModelNotFoundError
-from lumen.engine.weights.gguf_loader import LoadedModel
+from lumen.engine.weights.loaded_model import LoadedModel
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ from lumen.engine.core.async_engine import AsyncEngine
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
 from lumen.engine.errors import LumenError
 from lumen.engine.speculative import SpecMethod
-from lumen.engine.weights.gguf_loader import LoadedModel
+from lumen.engine.weights.loaded_model import LoadedModel
 from lumen.service.registry import ModelRegistry, ModelRuntime
 from lumen.service.servicer import InferenceService
 from lumen.telemetry import StepMetrics, Telemetry

@@ -2,7 +2,7 @@
 speculative drafts and how many of their tokens were accepted.
 
 Recorded once per engine step from the engine's step statistics (any object with
-the fields of `engine.stats.StepStats`; this package never imports the engine).
+the fields of `lumen.engine.core.step_stats.StepStats`; this package never imports the engine).
 Gauges read the latest step's snapshot, so reading them never touches engine state.
 """
 from __future__ import annotations

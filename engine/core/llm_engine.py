@@ -17,17 +17,17 @@ from opentelemetry import trace
 from lumen.engine.core.block_manager import BlockManager
 from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
 from lumen.engine.core.request_spans import SequenceSpans
-from lumen.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from lumen.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from lumen.engine.core.sequence import Sequence
 from lumen.engine.core.step_stats import StepStats
 from lumen.engine.errors import InvalidRequestError
 from lumen.engine.model.attention.select import select_backend
 from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
 from lumen.engine.model.llama import Chunk, ForwardBatch, LlamaModel, build_batch
-from lumen.engine.sampling.sampler import MAX_TOP_LOGPROBS
+from lumen.engine.sampling.logprobs import MAX_TOP_LOGPROBS
 from lumen.engine.speculative import SpeculativeConfig
-from lumen.engine.speculative.speculation import Speculation
-from lumen.engine.weights.gguf_loader import LoadedModel
+from lumen.engine.speculative.speculation import SpecStepStats, Speculation
+from lumen.engine.weights.loaded_model import LoadedModel
 
 
 @dataclass(slots=True)
@@ -67,7 +67,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         self.tokenizer = model.tokenizer
         self.spans = SequenceSpans(tracer or trace.NoOpTracer(), self.config.step_span_interval_s)
-        self.speculation = Speculation(self, self.config.speculative, draft, attention, tracer or trace.NoOpTracer())
+        self.speculation = Speculation(self.config.speculative, model, self.model, self.blocks,
+                                       self.config.scheduler.max_running, self.config.kv_cache_bytes, draft,
+                                       attention, tracer or trace.NoOpTracer())
         self.on_step = on_step
         self.tokens_computed = 0  # all tokens ever run through the model (tests use it)
 
@@ -137,7 +139,7 @@ class LLMEngine:
         spec = self.speculation.verified(sched.scheduled, verify_started)
         self.spans.stepped(sched, started_ns)
         if self.on_step is not None:
-            self.on_step(StepStats.collect(self, sched, time.perf_counter() - started, spec))
+            self.on_step(self._step_stats(sched, time.perf_counter() - started, spec))
         return outputs
 
     def _update(self, item: ScheduledSeq, logits: torch.Tensor) -> RequestOutput | None:
@@ -171,6 +173,22 @@ class LLMEngine:
         """No KV block leaked or miscounted (tests call it after any mix of requests)."""
         self.blocks.check_invariants(self.scheduler.active())
         self.speculation.check_invariants(self.scheduler.active())
+
+    def _step_stats(self, sched: SchedulerOutput, duration_s: float, spec: SpecStepStats | None) -> StepStats:
+        blocks, scheduler = self.blocks, self.scheduler
+        spec_fields = {} if spec is None else dict(
+            spec_drafts=spec.drafts, spec_draft_tokens=spec.draft_tokens,
+            spec_accepted_tokens=spec.accepted_tokens, spec_accepted_per_position=spec.accepted_per_position)
+        return StepStats(
+            batch_size=len(sched.scheduled), num_tokens=sched.num_tokens,
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_blocks_free=blocks.num_free,
+            preemptions=len(sched.preempted), admitted=len(sched.admitted),
+            cached_tokens=sched.cached_tokens, prefix_hits=sched.prefix_hits,
+            duration_s=duration_s, **spec_fields,
+            queue_times_s=tuple(s.first_scheduled - s.request.arrival_time
+                                for s in sched.admitted if s.num_preemptions == 0),
+        )
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
         chunks = [Chunk(item.seq.step_tokens(item.num_new), item.seq.num_computed, item.seq.block_table,

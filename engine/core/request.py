@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from opentelemetry.context import Context
 
-from lumen.engine.sampling.sampler import SamplingParams, TokenLogprob
+from lumen.engine.sampling.logprobs import TokenLogprob
+from lumen.engine.sampling.sampler import SamplingParams
 from lumen.engine.speculative.config import SpeculativeParams
 
 

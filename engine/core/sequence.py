@@ -16,8 +16,9 @@ from opentelemetry import trace
 
 from lumen.engine.core.batch_sizes import BatchSizes
 from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
+from lumen.engine.sampling.logprobs import TokenLogprob, token_logprobs
 from lumen.engine.sampling.rejection import verify
-from lumen.engine.sampling.sampler import Sampler, TokenLogprob, token_logprobs
+from lumen.engine.sampling.sampler import Sampler
 from lumen.engine.speculative import Draft, SpecMethod
 from lumen.engine.tokenizer.detokenizer import IncrementalDetokenizer
 from lumen.engine.tokenizer.stop_strings import StopMatcher
@@ -50,10 +51,6 @@ class Sequence:
         self.draft_tokens = 0               # draft tokens verified so far (proposed and scheduled)
         self.accepted_tokens = 0            # of which the target accepted
         self.last_verify: tuple[int, int] | None = None  # (proposed, accepted) of this step's verification
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
 
     @property
     def num_output(self) -> int:

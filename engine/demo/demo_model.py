@@ -44,7 +44,7 @@ def train_demo_tokenizer() -> Tokenizer:
     """Train the demo byte-level BPE on the committed corpus (about 20 ms).
 
     The `tokenizers` trainer breaks frequency ties by pair id, so the result is the
-    same on every run; tests/engine/test_synthetic.py checks that.
+    same on every run; tests/engine/demo/test_synthetic.py checks that.
     """
     # Normalise line endings: a CRLF checkout must not change the vocabulary.
     text = CORPUS_PATH.read_text(encoding="utf-8").replace("\r\n", "\n")

@@ -2,16 +2,16 @@
 
 `DenseLinear` is plain `F.linear`. `OneDNNLinear` keeps a float32 weight prepacked
 for oneDNN once at load: on CPU its GEMM stays efficient for the small batches of
-decode steps (measured 1.7x MKL's at 16 rows, BENCHMARKS.md), which is what makes
+decode steps (against MKL's: BENCHMARKS.md), which is what makes
 batching pay off in float32.
 
 GGUF weights stay in their file's blocks (`GGUFWeight`: the file's bytes, read once into
-huge-page memory by `engine.resident`; never a float copy). `NativeQuantLinear` multiplies
-by them with the C kernels of `engine.native` (decoded a block at a time inside the matmul,
+huge-page memory by `weights.resident`; never a float copy). `NativeQuantLinear` multiplies
+by them with the C kernels of `native` (decoded a block at a time inside the matmul,
 batch invariant);
 `ChunkedQuantLinear` is the general path for types those kernels lack, or for machines
 without a C compiler: it decodes a few rows at a time into a small buffer with
-`engine.quant`. `ConcatLinear` runs several weights as one (q/k/v, gate/up) without
+`weights.quant`. `ConcatLinear` runs several weights as one (q/k/v, gate/up) without
 concatenating them, since their types may differ and a concatenation would be a copy.
 """
 from __future__ import annotations
@@ -31,13 +31,11 @@ log = logging.getLogger(__name__)
 # Batch size the packed layout is tuned for: measured best for both 1 and 16 rows (BENCHMARKS.md).
 PACK_BATCH_HINT = 4
 # Below this many weights oneDNN's per-call overhead outweighs its faster GEMM (stories260K's
-# 64x64 matrices ran at 0.58x the speed of F.linear); such layers stay dense.
+# 64x64 matrices: BENCHMARKS.md); such layers stay dense.
 PACK_MIN_WEIGHTS = 1 << 20
 
 
 class DenseLinear:
-    kind = "dense"
-
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight  # [out, in]
         self.out_features, self.in_features = weight.shape
@@ -45,13 +43,8 @@ class DenseLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
-    def to(self, device: torch.device) -> "DenseLinear":
-        return DenseLinear(self.weight.to(device))
-
 
 class OneDNNLinear:
-    kind = "onednn"
-
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
@@ -105,7 +98,6 @@ class _BlockLinear(ABC):
 class NativeQuantLinear(_BlockLinear):
     """x @ W^T with W kept as GGUF blocks, by the C kernels (float32 arithmetic)."""
 
-    kind = "gguf-native"
 
     def __init__(self, weight: GGUFWeight) -> None:
         super().__init__(weight)
@@ -127,9 +119,8 @@ class NativeQuantLinear(_BlockLinear):
 
 
 class ChunkedQuantLinear(_BlockLinear):
-    """x @ W^T with W kept as GGUF blocks, decoding CHUNK_ROWS rows at a time with engine.quant."""
+    """x @ W^T with W kept as GGUF blocks, decoding CHUNK_ROWS rows at a time with lumen.engine.weights.quant."""
 
-    kind = "gguf-chunked"
     CHUNK_ROWS = 256
 
     def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -142,7 +133,6 @@ class ChunkedQuantLinear(_BlockLinear):
 class ConcatLinear:
     """Several linears over the same input, their outputs side by side (one output tensor)."""
 
-    kind = "concat"
 
     def __init__(self, parts: list) -> None:
         self.parts = parts

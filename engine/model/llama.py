@@ -121,7 +121,8 @@ class LlamaModel:
         self.cfg = cfg
         self.w = weights
         self.kv = kv
-        self.attention = attention  # a backend from engine.attention: forward(q, k_cache, v_cache, meta, scale)
+        # A backend from lumen.engine.model.attention: forward(q, k_cache, v_cache, meta, scale).
+        self.attention = attention
         self.rope = RotaryEmbedding(cfg)
         self.dtype = weights.dtype
         self.scale = cfg.head_dim ** -0.5

@@ -41,7 +41,7 @@ def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torc
 def qmatmul_checked_weight(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: int, x: torch.Tensor,
                            y: torch.Tensor) -> None:
     """qmatmul_into over a weight checked once by the caller (its address and row length), for
-    x and y of the right shapes: the per-call path of engine.linear.NativeQuantLinear."""
+    x and y of the right shapes: the per-call path of lumen.engine.model.linear.NativeQuantLinear."""
     rc = library().lumen_qmatmul(qtype, raw_ptr, row_bytes, n, k, x.data_ptr(), x.shape[0], x.stride(0),
                                  y.data_ptr(), y.stride(0), torch.get_num_threads())
     if rc == -2:
@@ -91,8 +91,9 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise MemoryError("lumen_paged_attention_rows could not allocate its score buffers")
 
 
-# The row-wise work between matmuls (rowwise.c). Callers (engine.model's native path) pass float32 tensors whose rows
-# are contiguous; the checks below are the ones that keep the C code inside its buffers.
+# The row-wise work between matmuls (rowwise.c). Callers (lumen.engine.model.llama's native
+# path) pass float32 tensors whose rows are contiguous; the checks below are the ones that
+# keep the C code inside its buffers.
 
 def _rows_ok(t: torch.Tensor, width: int) -> bool:
     return t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] >= width and t.stride(1) == 1

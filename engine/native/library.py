@@ -1,6 +1,6 @@
 """Lumen's C kernels for CPU, compiled on first use and called through ctypes.
 
-`engine/csrc/` holds the sources: per-format block decoders (bit-exact with ggml), a
+`engine/native/csrc/` holds the sources: per-format block decoders (bit-exact with ggml), a
 batch-invariant matmul that decodes a tile of weight rows once and multiplies it by every
 activation row (see qmatmul.c), the decode attention over the paged KV cache (attention.c),
 the row-wise work between a layer's matmuls (rowwise.c: RMSNorm, RoPE with the KV store, SiLU
@@ -8,10 +8,9 @@ gating), and a whole decoder layer chaining them in one call (layer.c). They are
 the machine they run on (`-march=native`) into the cache directory (`$LUMEN_CACHE_DIR`, else
 `$XDG_CACHE_HOME/lumen`, else `~/.cache/lumen`), named by a digest of the sources, flags,
 compiler and CPU, so a stale or foreign build is never loaded. Building with the system C
-compiler (`$CC`, else `cc`) takes about 45 seconds on a 2-core machine (qmatmul.c instantiates
-its kernels for every type and batch shape), once per machine and source version; it is
-logged. Without a compiler `library()` raises `NativeUnavailable` and callers use their torch
-path.
+compiler (`$CC`, else `cc`) takes most of a minute (qmatmul.c instantiates its kernels for
+every type and batch shape), once per machine and source version; it is logged. Without a
+compiler `library()` raises `NativeUnavailable` and callers use their torch path.
 
 The library is linked with -fopenmp and resolves `libgomp.so.1` to the copy torch has
 already loaded, so it shares torch's thread pool instead of starting a second one.

@@ -1,9 +1,5 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p,
-repetition penalty, and logprobs. A given seed gives the same output every time.
-
-Logprobs are reported from the model's raw distribution (before temperature and
-filters), as vLLM does by default: they describe the model, not the sampler.
-"""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p and
+repetition penalty. A given seed gives the same output every time."""
 from __future__ import annotations
 
 import math
@@ -13,8 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from lumen.engine.errors import InvalidRequestError
-
-MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(slots=True, frozen=True)
@@ -43,13 +37,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-@dataclass(slots=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 class Sampler:
@@ -121,17 +108,3 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = (cumulative - sorted_probs) >= top_p
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-
-
-def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
-    """logits [n, vocab] fp32 -> each row's logprob of token_ids[row] and its top-n alternatives."""
-    if not token_ids:
-        return []
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, torch.tensor(token_ids, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
-    if top_n:
-        values, indices = torch.topk(logp, top_n, dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
-    else:
-        tops = [[] for _ in token_ids]
-    return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops)]

@@ -1,5 +1,5 @@
 """Speculative decoding: proposers that guess the next tokens cheaply, and the verifier that
-keeps exactly the target model's output distribution (engine/speculative/verify.py)."""
+keeps exactly the target model's output distribution (engine/sampling/rejection.py)."""
 from lumen.engine.speculative.config import SpecMethod, SpeculativeConfig, SpeculativeParams
 from lumen.engine.speculative.draft import Draft
 

@@ -26,7 +26,7 @@ from lumen.engine.core.sequence import Sequence
 from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
 from lumen.engine.model.llama import Chunk, LlamaModel, build_batch
 from lumen.engine.speculative.draft import Draft
-from lumen.engine.weights.gguf_loader import LoadedModel
+from lumen.engine.weights.loaded_model import LoadedModel
 
 
 class ModelProposer(ABC):

@@ -12,7 +12,7 @@ proposer's time, the tokens proposed) and a `verify` span (the target's forward,
 proposed and accepted), children of the request's span, created only for requests whose
 trace is sampled. Their number is bounded: at most `max_batch` requests speculate in a
 step, and each step verifies several tokens. Each request's `decode` span also gets its
-totals (see engine.tracing).
+totals (see lumen.engine.core.request_spans).
 """
 from __future__ import annotations
 
@@ -21,15 +21,17 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
+from lumen.engine.core.block_manager import BlockManager
 from lumen.engine.core.request import GenerationRequest
 from lumen.engine.core.scheduler import ScheduledSeq
 from lumen.engine.core.sequence import Sequence
 from lumen.engine.errors import InvalidRequestError
+from lumen.engine.model.llama import LlamaModel
 from lumen.engine.speculative.config import SpecMethod, SpeculativeConfig, adapt_draft_length
 from lumen.engine.speculative.draft import Draft
 from lumen.engine.speculative.model_proposers import DraftModelProposer, LayerSkipProposer
 from lumen.engine.speculative.ngram import propose_ngram
-from lumen.engine.weights.gguf_loader import LoadedModel
+from lumen.engine.weights.loaded_model import LoadedModel
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,24 +43,27 @@ class SpecStepStats:
 
 
 class Speculation:
-    def __init__(self, engine, config: SpeculativeConfig, draft: LoadedModel | None, attention,
+    """Drafting and verification bookkeeping for one engine.
+
+    model, blocks: the target model and its block manager (the layer-skip draft runs the
+    target's first layers over its own KV cache); max_running, kv_cache_bytes: the engine's
+    limits, which size a draft model's own KV pool."""
+
+    def __init__(self, config: SpeculativeConfig, target: LoadedModel, model: LlamaModel, blocks: BlockManager,
+                 max_running: int, kv_cache_bytes: int, draft: LoadedModel | None, attention,
                  tracer: trace.Tracer) -> None:
         self.config = config
         self.tracer = tracer
-        target = engine.loaded
         ctx = self.context_length = target.config.context_length
         self.layer_skip: LayerSkipProposer | None = None
         if target.config.n_layers > 1:
             layers = config.layer_skip_layers or max(1, target.config.n_layers // 4)
-            self.layer_skip = LayerSkipProposer(engine.model, engine.blocks, layers, ctx)
+            self.layer_skip = LayerSkipProposer(model, blocks, layers, ctx)
         self.draft: DraftModelProposer | None = None
         if draft is not None:
-            blocks = engine.blocks
             # Room for everything the target can hold, plus each running request's draft tail.
-            max_tokens = blocks.num_blocks * blocks.block_size + engine.config.scheduler.max_running * (
-                config.num_tokens + blocks.block_size)
-            self.draft = DraftModelProposer(draft, target, attention, blocks.block_size, max_tokens,
-                                            engine.config.kv_cache_bytes)
+            max_tokens = blocks.num_blocks * blocks.block_size + max_running * (config.num_tokens + blocks.block_size)
+            self.draft = DraftModelProposer(draft, target, attention, blocks.block_size, max_tokens, kv_cache_bytes)
         if config.method is SpecMethod.DRAFT and self.draft is None:
             raise ValueError("the default speculative method 'draft' needs a draft model (--draft-model PATH)")
         if config.method is SpecMethod.LAYER_SKIP and self.layer_skip is None:

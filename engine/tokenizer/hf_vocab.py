@@ -1,6 +1,6 @@
 """A Hugging Face `tokenizer.json` (+ `tokenizer_config.json`) read into a `GGUFVocab`.
 
-`engine.tokenizer.Tokenizer` then encodes and decodes it exactly as llama.cpp would the same
+`lumen.engine.tokenizer.tokenizer.Tokenizer` then encodes and decodes it exactly as llama.cpp would the same
 model's GGUF file. Two families are understood, each only in the forms that encode the same way:
 
 - SentencePiece-style BPE with byte fallback (Llama 1/2, TinyLlama, Mistral): a `Metaspace`
@@ -24,8 +24,9 @@ from typing import Any
 from gguf import TokenType
 
 from lumen.engine.errors import ModelLoadError
+from lumen.engine.hf_json import read_json
 from lumen.engine.tokenizer.pretokenizers import BPE_PRE, GPT2
-from lumen.engine.tokenizer.tokenizer import GGUFVocab
+from lumen.engine.tokenizer.vocab import GGUFVocab
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,6 @@ _HF_REGEXES = {
     r"|\s+(?!\S)|\s+": "llama3",
 }
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from `path`, or a ModelLoadError naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing ({what} needs it)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def read_hf_vocab(directory: Path, vocab_size: int | None = None, model_config: dict | None = None) -> GGUFVocab:

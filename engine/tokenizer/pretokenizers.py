@@ -1,8 +1,8 @@
 """The byte-level BPE pre-tokenizers llama.cpp knows, by `tokenizer.ggml.pre` name.
 
 Each name maps to (regexes, ignore_merges, default add_bos). The regexes are copied from
-llama.cpp's llama-vocab.cpp; engine.tokenizer applies each list in turn to the pieces of the
-previous one, and engine.hf_vocab names a Hugging Face tokenizer's pre-tokenizer by them.
+llama.cpp's llama-vocab.cpp; lumen.engine.tokenizer.tokenizer applies each list in turn to the pieces of the
+previous one, and lumen.engine.tokenizer.hf_vocab names a Hugging Face tokenizer's pre-tokenizer by them.
 """
 from __future__ import annotations
 

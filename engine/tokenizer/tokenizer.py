@@ -1,7 +1,7 @@
 """Text <-> token ids for GGUF models, reproducing llama.cpp's tokenizer exactly.
 
 The vocabulary comes from a GGUF file's `tokenizer.ggml.*` metadata (or from a Hugging Face
-tokenizer.json restated in those terms by `engine.hf_vocab`): "llama" models are
+tokenizer.json restated in those terms by `hf_vocab`): "llama" models are
 SentencePiece-style (scores, byte-fallback `<0xNN>` tokens), "gpt2" models are byte-level BPE
 (merges plus a pre-tokenizer named by `tokenizer.ggml.pre`). Encoding is llama.cpp's with
 `parse_special=false`: text such as "<s>" is tokenized as ordinary text; only user-defined
@@ -14,21 +14,19 @@ from __future__ import annotations
 import heapq
 import logging
 import operator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from lumen.engine.tokenizer.pretokenizers import BPE_PRE, DEFAULT_SPEC
+from lumen.engine.tokenizer.hf_vocab import read_hf_vocab
+from lumen.engine.tokenizer.pretokenizers import BPE_PRE
+from lumen.engine.tokenizer.vocab import GGUFVocab
 
 log = logging.getLogger(__name__)
 
 _T = gguf.TokenType
-_NO_ID = 0xFFFFFFFF  # how GGUF files spell "no such token"
-_K = "tokenizer.ggml."
 
 
 # llama.cpp makes these end-of-generation texts CONTROL tokens whatever the file says, so
@@ -48,68 +46,6 @@ def _byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _byte_decoder()
-
-
-@dataclass(slots=True)
-class GGUFVocab:
-    """The tokenizer metadata of one GGUF file, with llama.cpp's defaults filled in."""
-
-    model: str
-    pre: str
-    tokens: list[str]
-    scores: list[float]
-    types: list[int]
-    merges: list[str]
-    bos_id: int | None
-    eos_id: int | None
-    unk_id: int | None
-    pad_id: int | None
-    add_bos: bool
-    add_eos: bool
-    add_space_prefix: bool
-
-    @classmethod
-    def from_reader(cls, reader: gguf.GGUFReader) -> GGUFVocab:
-        def get(key: str, default: Any = None) -> Any:
-            field = reader.get_field(key)
-            return default if field is None else field.contents()
-
-        model = get(_K + "model")
-        if model is None:
-            raise ValueError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
-        if model not in ("llama", "gpt2"):
-            raise ValueError(f"unsupported tokenizer.ggml.model {model!r}; "
-                             "Lumen supports 'llama' (SentencePiece) and 'gpt2' (byte-level BPE)")
-        # llama.cpp renames empty pieces so that every token has a distinct, non-empty text.
-        tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(get(_K + "tokens", []))]
-        if not (n := len(tokens)):
-            raise ValueError("the GGUF file has no tokenizer.ggml.tokens vocabulary")
-        scores, types = get(_K + "scores", [0.0] * n), get(_K + "token_type", [int(_T.NORMAL)] * n)
-        if len(scores) != n or len(types) != n:
-            raise ValueError(f"tokenizer.ggml.scores/token_type have {len(scores)}/{len(types)} "
-                             f"entries for {n} tokens; the file is damaged")
-        pre = get(_K + "pre", "default")
-        spm = model == "llama"
-        defaults = (1, 2, 0) if spm else (11, 11, None)  # llama.cpp's defaults when keys are absent
-
-        def special(key: str, default: int | None) -> int | None:
-            value = get(_K + key, default)
-            if value is None or value == _NO_ID:
-                return None
-            if not 0 <= value < n:
-                log.warning("ignoring %s%s = %d: outside the %d-token vocabulary", _K, key, value, n)
-                return None
-            return int(value)
-
-        return cls(
-            model=model, pre=pre, tokens=tokens, scores=[float(s) for s in scores],
-            types=[int(t) for t in types], merges=get(_K + "merges", []),
-            bos_id=special("bos_token_id", defaults[0]), eos_id=special("eos_token_id", defaults[1]),
-            unk_id=special("unknown_token_id", defaults[2]), pad_id=special("padding_token_id", None),
-            add_bos=bool(get(_K + "add_bos_token", spm or BPE_PRE.get(pre, DEFAULT_SPEC)[2])),
-            add_eos=bool(get(_K + "add_eos_token", False)),
-            add_space_prefix=bool(get(_K + "add_space_prefix", spm)),
-        )
 
 
 def _token_bytes(text: str, kind: int, spm: bool) -> bytes:
@@ -221,7 +157,6 @@ class Tokenizer:
         `vocab_size` pads the vocabulary with unused tokens up to the model's embedding rows;
         `model_config` (config.json) supplies BOS/EOS ids that tokenizer_config.json leaves out.
         """
-        from lumen.engine.tokenizer.hf_vocab import read_hf_vocab  # it builds on this module's GGUFVocab
         return cls(read_hf_vocab(Path(path), vocab_size, model_config))
 
     @property

@@ -12,7 +12,7 @@ Quants become floats by the exponent trick: an integer below 2^23 ORed into the 
 2^23 is the float 2^23 + q, exact, with no int-to-float conversion; the GEMV strips the 2^23
 inside its FFMA (`_piece`), and on CUDA builds those floats four bytes at a time with inline PTX
 (`_magic`). Decoded weights follow ggml's float order (`d * sc`, then `* q - dmin * m`), so an
-fp32 GEMM sees exactly the weights `engine.quant` produces. These functions never store.
+fp32 GEMM sees exactly the weights `lumen.engine.weights.quant` produces. These functions never store.
 """
 from __future__ import annotations
 

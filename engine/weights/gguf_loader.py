@@ -1,9 +1,9 @@
 """Load a Llama GGUF file into torch weights, its config and its tokenizer.
 
 Reads the header with gguf-py's memory-mapped reader. Weight matrices of every type
-`engine.quant` registers stay as the file's blocks, read once into huge-page anonymous memory
-(`engine.resident`: same bytes as the file, streamed faster than page-cache pages; resident
-memory follows the file size); `engine.linear` multiplies by them. Float32 matrices become
+`lumen.engine.weights.quant` registers stay as the file's blocks, read once into huge-page anonymous memory
+(`lumen.engine.weights.resident`: same bytes as the file, streamed faster than page-cache pages; resident
+memory follows the file size); `lumen.engine.model.linear` multiplies by them. Float32 matrices become
 dense (prepacked) linears as before, and small vectors (norms) are decoded to float32. A
 tensor of an unregistered type, a missing tensor, a wrong shape or too few bytes fails the
 load with a `ModelLoadError` naming the tensor.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,22 +33,12 @@ from lumen.engine.model.linear import (
 )
 from lumen.engine.model.llama import LayerWeights, LlamaWeights
 from lumen.engine.tokenizer.tokenizer import Tokenizer
+from lumen.engine.weights.loaded_model import LoadedModel
 from lumen.engine.weights.quant import QUANT_TYPES, dequantize
 from lumen.engine.weights.resident import ResidentArena
 
 SUPPORTED_TYPES = tuple(QUANT_TYPES)
 F32 = GGMLQuantizationType.F32
-
-
-@dataclass(slots=True)
-class LoadedModel:
-    name: str
-    path: Path
-    config: ModelConfig
-    weights: LlamaWeights
-    tokenizer: Tokenizer
-    file_type: str
-    parameter_count: int
 
 
 def read_metadata(reader: GGUFReader) -> dict:
@@ -113,7 +102,7 @@ class _TensorSource:
         return int(self._checked(name, shape)[0].tensor_type)
 
     def weight(self, name: str, shape: tuple[int, ...]) -> GGUFWeight:
-        """The tensor's blocks, checked, read into the resident huge-page arena (engine.resident)."""
+        """The tensor's blocks, checked, read into the resident huge-page arena (lumen.engine.weights.resident)."""
         t, rows, row_bytes = self._checked(name, shape)
         try:
             raw = self.arena.read(self.fd, t.data_offset, rows * row_bytes)

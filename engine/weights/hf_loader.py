@@ -2,8 +2,8 @@
 
 Tensors are read lazily, one at a time, from the safetensors shards (F32, F16 or BF16; the index
 file decides which shard holds what when there is one), checked against the config's shapes,
-converted to the compute dtype and assembled as `engine.loader` assembles a GGUF file's float
-weights, so that `engine.model` runs both alike. The one real difference between the layouts is
+converted to the compute dtype and assembled as `lumen.engine.weights.gguf_loader` assembles a GGUF file's float
+weights, so that `lumen.engine.model.llama` runs both alike. The one real difference between the layouts is
 RoPE: HF rotates the two halves of each head's q/k rows, GGUF adjacent pairs, so q_proj and k_proj
 rows are permuted (llama.cpp's `LlamaModel.permute`). Every problem raises a ModelLoadError naming
 the file and what is wrong; nothing is guessed or initialised at random.
@@ -21,12 +21,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lumen.engine.errors import ModelLoadError
+from lumen.engine.hf_json import read_json
 from lumen.engine.model.config import ModelConfig
 from lumen.engine.model.linear import stored_embedding, stored_linear
 from lumen.engine.model.llama import LayerWeights, LlamaWeights
-from lumen.engine.tokenizer.hf_vocab import read_json
 from lumen.engine.tokenizer.tokenizer import Tokenizer
-from lumen.engine.weights.gguf_loader import LoadedModel
+from lumen.engine.weights.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig of a config.json (as a dict); refuses what engine.model does not compute."""
+    """ModelConfig of a config.json (as a dict); refuses what lumen.engine.model.llama does not compute."""
     if hf.get("model_type") != "llama":
         raise ModelLoadError(f"model_type {hf.get('model_type')!r} is not supported (only 'llama')")
     if (hf.get("architectures") or ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
@@ -192,7 +192,7 @@ def _load_layer(shards: SafetensorsShards, cfg: ModelConfig, i: int, dtype: torc
 
 def _load_weights(shards: SafetensorsShards, cfg: ModelConfig, dtype: torch.dtype, tied: bool,
                   progress: Callable[[int], None]) -> LlamaWeights:
-    """The weights as engine.loader builds a GGUF file's, converted to `dtype` one tensor at a time."""
+    """The weights as gguf_loader builds a GGUF file's, converted to `dtype` one tensor at a time."""
     layers = []
     for i in range(cfg.n_layers):
         layers.append(_load_layer(shards, cfg, i, dtype))

@@ -7,8 +7,9 @@ from typing import Callable
 import torch
 
 from lumen.engine.errors import ModelLoadError
-from lumen.engine.weights.gguf_loader import LoadedModel, load_gguf
+from lumen.engine.weights.gguf_loader import load_gguf
 from lumen.engine.weights.hf_loader import load_hf_dir
+from lumen.engine.weights.loaded_model import LoadedModel
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, name: str | None = None,

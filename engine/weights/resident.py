@@ -3,8 +3,8 @@
 Decode streams every weight byte once per token, so how the bytes are mapped matters. Viewed
 in the file's mapping they sit in 4 KiB page-cache pages: one TLB miss per 4 KiB, and the
 hardware prefetchers stop at every page boundary. Read once into 2 MiB transparent huge pages
-the same kernels stream them 5-15% faster on this machine (BENCHMARKS.md, "Where the weights
-live"). The bytes are read with pread, never through a mapping, so the file's page cache
+the same kernels stream them faster (BENCHMARKS.md, "Where the weights live", has the figures
+and the CPU they were measured on). The bytes are read with pread, never through a mapping, so the file's page cache
 does not count in the process's resident set: the weights are resident once, in the arena.
 Where the kernel has no transparent huge pages the arena is plain anonymous memory.
 """

@@ -1,14 +1,13 @@
 """CPU attention over the paged KV cache: the backend that runs on machines without a GPU.
 
-Every query row goes to the C kernel in engine/csrc/attention.c, in ONE call per layer for
+Every query row goes to the C kernel in native/csrc/attention.c, in ONE call per layer for
 the whole batch: it reads each sequence's keys and values straight from its blocks, and a
 row's float operations depend only on its query and its context, never on the batch, the
 prefill chunking or a speculative verify around it. So a token gets the same bits whether
-it is decoded alone, batched, prefilled in any chunks or verified as a draft. (On this CPU
-the kernel also matches torch's float32 SDPA for speed: 48 vs 53 ms for a 512-token prompt
-with 32 heads of 64.) Without a C compiler, torch's scaled_dot_product_attention runs per
-sequence over its gathered blocks instead (one warning; results then depend on chunking
-in the last bits).
+it is decoded alone, batched, prefilled in any chunks or verified as a draft (its speed
+against torch's float32 SDPA: BENCHMARKS.md, "Figures from code comments"). Without a C
+compiler, torch's scaled_dot_product_attention runs per sequence over its gathered blocks
+instead (one warning; results then depend on chunking in the last bits).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CUDA attention over the paged KV cache, built on the Triton kernels of engine.kernels.
+"""CUDA attention over the paged KV cache, built on the Triton kernels of lumen.engine.triton_kernels.
 
 Steps whose every sequence brings one new token go to the split-KV decode kernel; any other
 mix (prefill, chunked prefill, decodes among prefills) goes to the varlen prefill kernel.

@@ -1,5 +1,5 @@
 /* Attention of single query rows over the paged KV cache, on CPU: the decode half of the torch
- * backend (engine/attention/torch_backend.py), one call per layer for the whole batch.
+ * backend (engine/model/attention/torch_backend.py), one call per layer for the whole batch.
  *
  * Each work unit is one (query row, KV head) pair: the group of query heads that share the KV
  * head scores every cached key once, takes a float32 softmax, and sums the values. A unit's

@@ -1,8 +1,8 @@
 /* Decoding GGUF blocks to float32, one function per block layout (ggml-common.h).
  *
  * Each decoder follows ggml's dequantize_row_* float order step for step, and the library is
- * compiled with -ffp-contract=off, so values are bit-identical to ggml's and to engine.quant's
- * torch units (tests/engine/test_native.py checks it). Layouts are read as byte offsets from
+ * compiled with -ffp-contract=off, so values are bit-identical to ggml's and to lumen.engine.weights.quant's
+ * torch units (tests/engine/native/test_kernels.py checks it). Layouts are read as byte offsets from
  * the block start: no packed structs, no alignment assumptions. Included by qmatmul.c only,
  * so that every decoder can be inlined into the matmul loop made for its type.
  */
@@ -215,7 +215,7 @@ DECODER dec_q6_k(const uint8_t *b, float *y) {
 DECODER dec_f32(const uint8_t *b, float *y) { memcpy(y, b, 32 * sizeof(float)); }
 
 /* F16 and BF16 widen exactly; with AVX-512 16 values an instruction (GCC turned the scalar
- * loops into one conversion per value, 2.4 GB/s for an F16 matrix). */
+ * loops into one conversion per value; BENCHMARKS.md has the speeds). */
 #ifdef __AVX512F__
 #include <immintrin.h>
 static inline __m512 f16x16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }

@@ -30,8 +30,8 @@ typedef void (*block_decoder)(const uint8_t *, float *);
 
 /* Load a vector once into a register for all the fmas that use it. Without this GCC folds
  * the load into each fma as a memory operand (the 8 x 3 register kernel loaded each
- * activation 3 times: 24 loads for 24 fmas), and this CPU issues about one 64-byte load a
- * cycle against two fmas. Same instructions otherwise, same bits. */
+ * activation 3 times: 24 loads for 24 fmas), and a CPU issues fewer loads than fmas a cycle
+ * (BENCHMARKS.md, "C matmul kernels, fourth session"). Same instructions otherwise, same bits. */
 #ifdef __AVX512F__
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 #else
@@ -105,9 +105,8 @@ static inline __attribute__((always_inline)) void decode_row(
 /* Register-decoding variants of stream_block: each block's 16-value groups are decoded
  * straight into registers by decoders.h's register decoders and consumed at once, with the
  * same fma order per output as every other path. Each cache line of a block is prefetched
- * into L2 from the same place in the next group of rows (ANR rows further). For Q8_0 on two
- * threads a fixed 512 bytes ahead streamed 18 GB/s, one group ahead 24 GB/s (BENCHMARKS.md,
- * "Where the weights live"). */
+ * into L2 from the same place in the next group of rows (ANR rows further), which streamed
+ * faster than a fixed distance ahead (BENCHMARKS.md, "Figures from code comments"). */
 #define REGISTER_STREAM(name, T, AMR, ANR)                                                     \
 static inline __attribute__((always_inline)) void name(                                          \
         const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t ldx, float *y,    \
@@ -139,10 +138,9 @@ static inline __attribute__((always_inline)) void name(                         
 }
 /* Batches of 5-20 rows: up to 8 activation rows x 3 weight rows of accumulators, re-decoding
  * the weights once per slice of the batch (cheaper than the tile path's float round trip
- * through L2). Slices are even (9 rows: 5 + 4), and 3 weight rows per pass measured 11%
- * faster than 2 at 5 rows, the rows of a k = 4 speculative verify. Against the tile path
- * (bench/kernel_ab.py): 17-20 rows 1.10-1.49x faster for Q8_0, Q4_0, Q4_K and Q6_K; at 24
- * rows Q4_0 was 0.93x, at 32 rows Q4_K 0.95x, at 64 rows all 0.85-0.89x. */
+ * through L2). Slices are even (9 rows: 5 + 4), and 3 weight rows per pass (5 rows is a k = 4
+ * speculative verify). Up to 20 rows this path beat the tile path and beyond it lost, as
+ * measured with bench/kernel_ab.py (BENCHMARKS.md, "Figures from code comments"). */
 enum { WMR = 8, WNR = 3, WIDE_MAX_M = 20 };
 #endif
 

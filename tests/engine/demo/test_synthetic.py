@@ -1,4 +1,4 @@
-"""Tests for engine.synthetic (random-weight llama GGUF writer) and engine.demo_model."""
+"""Tests for lumen.engine.demo.synthetic (random-weight llama GGUF writer) and lumen.engine.demo.demo_model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The C kernels of engine.native: exact decoding, accurate and batch-invariant matmuls, clear errors.
+"""The C kernels of lumen.engine.native: exact decoding, accurate and batch-invariant matmuls, clear errors.
 
 Fresh random blocks every run (the seed is printed on failure). Weights with the largest fp16
 scales would overflow float32 sums, so matmul checks use scales up to exponent 15 (|d| < 2);

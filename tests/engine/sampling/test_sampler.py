@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lumen.engine.errors import InvalidRequestError
-from lumen.engine.sampling.sampler import Sampler, SamplingParams, apply_repetition_penalty, token_logprobs
+from lumen.engine.sampling.logprobs import token_logprobs
+from lumen.engine.sampling.sampler import Sampler, SamplingParams, apply_repetition_penalty
 
 
 def support(params: SamplingParams, logits: torch.Tensor, draws: int = 400) -> set[int]:

@@ -1,4 +1,4 @@
-"""engine.detokenizer: streamed deltas must add up to the full decode, character-whole."""
+"""lumen.engine.tokenizer.detokenizer: streamed deltas must add up to the full decode, character-whole."""
 from __future__ import annotations
 
 import functools

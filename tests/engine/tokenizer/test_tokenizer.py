@@ -1,4 +1,4 @@
-"""engine.tokenizer against llama.cpp's own tokenizer test vectors and a slow reference.
+"""lumen.engine.tokenizer.tokenizer against llama.cpp's own tokenizer test vectors and a slow reference.
 
 The vocab-only GGUF files and their expected ids come from llama.cpp's test suite
 (../shared/data/vocab); tests skip with the reason when that folder is absent.
@@ -12,7 +12,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from lumen.engine.tokenizer.tokenizer import GGUFVocab, Tokenizer
+from lumen.engine.tokenizer.tokenizer import Tokenizer
+from lumen.engine.tokenizer.vocab import GGUFVocab
 from tests.conftest import shared_file
 
 VOCABS = ["llama-spm", "phi-3", "gpt-2", "deepseek-llm", "falcon"]

@@ -34,7 +34,8 @@ def _import_kernels():
     except ImportError as exc:
         return None, f"triton is not importable ({exc}); the Triton backend is untested"
     if DEVICE.type == "cpu" and not paged_attention.INTERPRETED:
-        return None, "engine.kernels.paged_attention was imported before TRITON_INTERPRET=1; rerun with it set"
+        return None, ("lumen.engine.triton_kernels.paged_attention was imported before TRITON_INTERPRET=1; "
+                      "rerun with it set")
     return paged_attention, None
 
 

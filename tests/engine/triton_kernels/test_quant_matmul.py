@@ -31,7 +31,8 @@ def _import_kernels():
     except ImportError as exc:
         return None, f"triton is not importable ({exc}); the quantized matmul kernels are untested"
     if DEVICE.type == "cpu" and not quant_matmul.INTERPRETED:
-        return None, "engine.kernels.quant_matmul was imported before TRITON_INTERPRET=1; rerun with it set"
+        return None, ("lumen.engine.triton_kernels.quant_matmul was imported before TRITON_INTERPRET=1; "
+                      "rerun with it set")
     return quant_matmul, None
 
 

@@ -1,4 +1,4 @@
-"""engine.quant against gguf-py's numpy reference: bit for bit, on random blocks and on real files.
+"""lumen.engine.weights.quant against gguf-py's numpy reference: bit for bit, on random blocks and on real files.
 
 The random tests overwrite every fp16 scale with finite values (zero, subnormal, huge, ordinary) so
 they exercise the arithmetic rather than NaN propagation; raw F16/BF16/F32 values stay random.
