@@ -3,14 +3,18 @@
 Runs the README's request (stories260K, 64 greedy tokens from BOS, llama2xs as its
 speculative draft model) through a real server
 and OTLP, renders its trace without timings and checks the README's rendering has the
-same lines. `python -m tests.service.test_readme_trace` prints the rendering with timings.
+same lines. `python -m tests.service.test_readme_trace` prints the rendering with timings;
+with `--write` it also puts it into the README, between the trace markers and nowhere else.
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import sys
 from pathlib import Path
+
+import pytest
 
 from lumen.engine.core.llm_engine import EngineConfig
 from lumen.telemetry import setup_telemetry
@@ -22,6 +26,7 @@ from tests.trace_render import render
 README = Path(__file__).resolve().parents[2] / "README.md"
 DRAFT = "llama2xs-stories-tok512.gguf"
 DURATION = re.compile(r"  \d+\.\d\d ms")
+BEGIN, END = "<!-- trace:begin -->\n```text\n", "```\n<!-- trace:end -->"
 
 
 def readme_request() -> pb.GenerateRequest:
@@ -47,11 +52,48 @@ async def exported_trace(model, draft, receiver: OtlpReceiver) -> tuple[str, str
     return render(spans, root), render(spans, step)
 
 
-def readme_block() -> str:
+def _block_span(text: str) -> tuple[int, int]:
+    """Where the rendering sits in the README: between exactly one pair of markers."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise ValueError(f"the README must hold the trace markers exactly once ({BEGIN!r} ... {END!r})")
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    if end < start:
+        raise ValueError("the README's trace:end marker comes before trace:begin")
+    return start, end
+
+
+def readme_block(text: str | None = None) -> str:
+    start, end = _block_span(README.read_text() if text is None else text)
+    return (README.read_text() if text is None else text)[start:end]
+
+
+def with_trace_block(text: str, rendering: str) -> str:
+    """The README text with its trace block replaced by `rendering`; nothing else changes."""
+    start, end = _block_span(text)
+    return text[:start] + rendering.rstrip("\n") + "\n" + text[end:]
+
+
+def test_rewriting_the_trace_touches_only_the_marked_block():
     text = README.read_text()
-    start = text.index("<!-- trace:begin -->")
-    end = text.index("<!-- trace:end -->")
-    return text[start:end].split("```text\n", 1)[1].rsplit("```", 1)[0]
+    rendering = "lumen.v1.Inference/Generate [SERVER]  1.00 ms\nTRACE OTEL_TRACES_EXPORTER"
+    rewritten = with_trace_block(text, rendering)
+    start, end = _block_span(text)
+    new_start, new_end = _block_span(rewritten)
+    assert rewritten[:new_start] == text[:start] and rewritten[new_end:] == text[end:]
+    assert readme_block(rewritten) == rendering + "\n"
+    assert with_trace_block(rewritten, readme_block(text)) == text
+    for broken in (text.replace(BEGIN, ""), text + BEGIN, text.replace(END, "")):
+        with pytest.raises(ValueError, match="markers"):
+            with_trace_block(broken, rendering)
+
+
+def test_readme_shows_the_trace_only_inside_its_markers():
+    """A trace pasted anywhere else (once it replaced the word TRACE in OTEL_TRACES_EXPORTER)."""
+    text = README.read_text()
+    start, end = _block_span(text)
+    outside = text[:start] + text[end:]
+    assert "[SERVER]" not in outside and "engine_step  " not in outside
+    assert "`OTEL_TRACES_EXPORTER`" in outside and "`OTEL_TRACES_SAMPLER`" in outside
 
 
 async def test_readme_trace_is_what_the_service_exports(stories_model, stories_draft_model, monkeypatch):
@@ -65,7 +107,7 @@ async def test_readme_trace_is_what_the_service_exports(stories_model, stories_d
 
 
 def main() -> None:
-    """Print the rendering with timings (to paste into the README after a change to the spans)."""
+    """Print the rendering with timings; `--write` also puts it into the README's trace block."""
     from lumen.engine.weights.gguf_loader import load_gguf
     from tests.conftest import shared_file
 
@@ -75,7 +117,11 @@ def main() -> None:
             os.environ["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
             tree, step = await exported_trace(load_gguf(shared_file("models", "stories260K.gguf")),
                                               load_gguf(shared_file("models", DRAFT)), receiver)
-        print(tree + "\n\n" + step)
+        rendering = tree + "\n\n" + step
+        print(rendering)
+        if "--write" in sys.argv[1:]:
+            README.write_text(with_trace_block(README.read_text(), rendering))
+            print(f"written into {README}'s trace block", file=sys.stderr)
 
     asyncio.run(run())
 
