@@ -4,6 +4,17 @@ Every message says what was wrong and what to do about it.
 """
 
 
+QUOTE_LIMIT = 64  # characters of client input an error message repeats
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """Client input for an error message or a log line: repr'd, and cut to `limit` characters
+    (a long name or id would otherwise make the message larger than gRPC's metadata limit)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class LumenError(Exception):
     """Base class of the errors Lumen raises on purpose."""
 

@@ -39,11 +39,9 @@ def speculative_from_proto(msg: pb.SpeculativeOptions) -> SpeculativeParams:
 
 
 def check_request_fields(req: pb.GenerateRequest) -> None:
-    """Checks of the request's shape; SamplingParams and the engine check ranges, lengths and ids."""
+    """Checks of the request's shape; the limits, SamplingParams and the engine check sizes, ranges and ids."""
     if req.prompt and req.prompt_token_ids:
         raise InvalidRequestError("prompt", "set either prompt or prompt_token_ids, not both")
-    if any(not s for s in req.stopping.stop):
-        raise InvalidRequestError("stopping.stop", "stop strings must not be empty")
 
 
 def prompt_ids_for(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lumen.engine.core.async_engine import AsyncEngine
-from lumen.engine.errors import ModelNotFoundError
+from lumen.engine.errors import ModelNotFoundError, quoted
 from lumen.engine.weights.loaded_model import LoadedModel
 
 
@@ -13,6 +13,11 @@ class ModelRuntime:
     name: str
     model: LoadedModel
     engine: AsyncEngine
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """The most prompt text that could fit the context: no token is longer than the longest."""
+        return self.model.config.context_length * self.model.tokenizer.max_token_bytes
 
 
 class ModelRegistry:
@@ -33,7 +38,7 @@ class ModelRegistry:
         rt = self._by_name.get(name)
         if rt is None:
             served = ", ".join(sorted(self._by_name))
-            raise ModelNotFoundError(f"model {name!r} is not served here (served: {served}); see ListModels")
+            raise ModelNotFoundError(f"model {quoted(name)} is not served here (served: {served}); see ListModels")
         return rt
 
     def __iter__(self):

@@ -83,7 +83,8 @@ class RequestTrace:
         s = gen.sampling
         attributes = {"gen_ai.response.id": gen.request_id, "gen_ai.request.max_tokens": gen.max_new_tokens,
                       "gen_ai.request.temperature": s.temperature, "gen_ai.request.top_p": s.top_p,
-                      "gen_ai.request.top_k": s.top_k, "gen_ai.request.stream": True}
+                      # The conventions type top_k as a double.
+                      "gen_ai.request.top_k": float(s.top_k), "gen_ai.request.stream": True}
         if s.seed is not None:
             attributes["gen_ai.request.seed"] = s.seed
         if gen.stop:

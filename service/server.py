@@ -13,16 +13,17 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lumen.engine.core.async_engine import AsyncEngine
+from lumen.engine.core.async_engine import DEFAULT_STREAM_BUFFER_TOKENS, AsyncEngine
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
 from lumen.engine.errors import LumenError
 from lumen.engine.speculative import SpecMethod
 from lumen.engine.weights.loaded_model import LoadedModel
+from lumen.service.handlers import add_inference_service
+from lumen.service.limits import RequestLimits
 from lumen.service.registry import ModelRegistry, ModelRuntime
 from lumen.service.servicer import InferenceService
 from lumen.telemetry import StepMetrics, Telemetry
 from lumen.v1 import inference_pb2 as pb
-from lumen.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -37,6 +38,8 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     draft_model: Path | None = None  # speculative draft for the default model
     capture_content: bool = False    # record prompt and completion text in the spans (opt-in)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS  # undelivered tokens before a request is held
 
 
 class ServerConfigError(LumenError):
@@ -44,23 +47,29 @@ class ServerConfigError(LumenError):
 
 
 def start_runtime(model: LoadedModel, config: EngineConfig, telemetry: Telemetry,
-                  draft: LoadedModel | None = None) -> ModelRuntime:
+                  draft: LoadedModel | None = None,
+                  stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS) -> ModelRuntime:
     steps = StepMetrics(telemetry.meter, model.name)
     try:
-        engine = LLMEngine(model, config, tracer=telemetry.tracer, on_step=steps.observe, draft=draft)
+        engine = LLMEngine(model, config, tracer=telemetry.tracer, on_step=steps.observe, draft=draft,
+                           on_load=steps.observe_load)
     except ValueError as exc:  # the engine refuses these settings for this model (its message says why)
         raise ServerConfigError(f"cannot serve {model.name}: {exc}") from exc
-    return ModelRuntime(model.name, model, AsyncEngine(engine))
+    log.info("model %s: %s (%s, %s parameters)", model.name, model.path, model.file_type,
+             f"{model.parameter_count:,}")
+    return ModelRuntime(model.name, model, AsyncEngine(engine, stream_buffer_tokens))
 
 
 def build_registry(loaded: list[LoadedModel], config: EngineConfig, telemetry: Telemetry,
-                   draft: LoadedModel | None = None) -> ModelRegistry:
+                   draft: LoadedModel | None = None,
+                   stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS) -> ModelRegistry:
     """One engine per model; the draft model serves the default (first) one only."""
     runtimes: list[ModelRuntime] = []
     try:
         for i, model in enumerate(loaded):
-            runtimes.append(start_runtime(model, config, telemetry, draft) if i == 0
-                            else start_runtime(model, _without_draft(config, model.name), telemetry))
+            engine_config = config if i == 0 else _without_draft(config, model.name)
+            runtimes.append(start_runtime(model, engine_config, telemetry, draft if i == 0 else None,
+                                          stream_buffer_tokens))
         return ModelRegistry(runtimes)
     except BaseException:
         for rt in runtimes:
@@ -81,14 +90,16 @@ class LumenServer:
     """A started server; `port` is the bound port (useful with port 0 in tests)."""
 
     def __init__(self, registry: ModelRegistry, telemetry: Telemetry, engine_config: EngineConfig,
-                 capture_content: bool = False) -> None:
+                 capture_content: bool = False, limits: RequestLimits | None = None) -> None:
         self.registry = registry
         self.telemetry = telemetry
-        self.server = grpc.aio.server()
+        # gRPC turns SO_REUSEPORT on by default: a second server on a port in use would then start
+        # and take part of the connections. Off, binding a used port fails.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
-        pb_grpc.add_InferenceServicer_to_server(
-            InferenceService(registry, telemetry, engine_config.default_max_new_tokens, capture_content),
-            self.server)
+        self.servicer = InferenceService(registry, telemetry, engine_config.default_max_new_tokens, capture_content,
+                                         limits)
+        add_inference_service(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -96,15 +107,21 @@ class LumenServer:
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # grpc's "Failed to bind to address"
+            raise OSError(f"cannot listen on {host}:{port}: the port is in use (or the address is not "
+                          "this machine's); choose another with --port") from exc
         if self.port == 0:
-            raise OSError(f"cannot listen on {host}:{port} (is the port in use?)")
+            raise OSError(f"cannot listen on {host}:{port}: the port is in use (or the address is not "
+                          "this machine's); choose another with --port")
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def stop(self, grace: float = 5.0) -> None:
+        self.servicer.stopping = True  # calls cut off from now on end UNAVAILABLE, as their clients see
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await asyncio.to_thread(self.registry.shutdown)
@@ -113,8 +130,8 @@ class LumenServer:
 
 async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel],
                      draft: LoadedModel | None = None) -> None:
-    registry = build_registry(loaded, config.engine, telemetry, draft)
-    server = LumenServer(registry, telemetry, config.engine, config.capture_content)
+    registry = build_registry(loaded, config.engine, telemetry, draft, config.stream_buffer_tokens)
+    server = LumenServer(registry, telemetry, config.engine, config.capture_content, config.limits)
     port = await server.start(config.host, config.port)
     names = ", ".join(rt.name for rt in registry)
     log.info("serving %s on %s:%d", names, config.host, port)

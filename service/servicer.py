@@ -1,10 +1,11 @@
 """The `lumen.v1.Inference` gRPC service.
 
 Each Generate opens a SERVER span (continuing the client's W3C traceparent) and a
-`text_completion {model}` span under it (service.request_trace), tokenizes under a
-`tokenize` child span, submits to the model's engine (which adds `queue`, `prefill`,
-`decode`, `draft` and `verify` spans) and streams every output as it arrives. A
-client that cancels or whose deadline passes aborts its request in the engine.
+`text_completion {model}` span under it (service.request_trace), checks the request against
+the server's limits, tokenizes under a `tokenize` child span, submits to the model's engine
+(which adds `queue`, `prefill`, `decode`, `draft` and `verify` spans) and writes every output
+as it arrives. A client that cancels, whose deadline passes, or that stops reading ends its
+request in the engine, and the request's spans end only after the engine's have.
 """
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ import asyncio
 
 import grpc
 
+from lumen.engine.core.async_engine import RequestStream
 from lumen.engine.core.request import FinishReason
 from lumen.engine.errors import (
     CapacityError,
     DuplicateRequestError,
     EngineStoppedError,
     InvalidRequestError,
+    LumenError,
     ModelNotFoundError,
 )
 from lumen.service import convert
-from lumen.service.registry import ModelRegistry
+from lumen.service.handlers import MalformedRequest
+from lumen.service.limits import RequestLimits
+from lumen.service.registry import ModelRegistry, ModelRuntime
 from lumen.service.request_trace import RequestTrace
 from lumen.telemetry import EngineMetrics, Telemetry, extract_context
 from lumen.v1 import inference_pb2 as pb
@@ -36,86 +41,161 @@ STATUS_FOR = {
 }
 
 
+class StreamStalledError(LumenError):
+    """The client accepted no message for the stream write timeout (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class WriteWatch:
+    """Cancels a handler whose client takes no message for `timeout_s` (0: never).
+
+    A client that stops reading blocks its handler's write once gRPC's flow-control window is
+    full; the engine then holds its request (async_engine), and this ends the call for good."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.fired = False
+        self._task = asyncio.current_task()
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._task.cancel()
+
+    async def write(self, context: grpc.aio.ServicerContext, message) -> None:
+        timer = asyncio.get_running_loop().call_later(self.timeout_s, self._fire) if self.timeout_s else None
+        try:
+            await context.write(message)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
     for kind, code in STATUS_FOR.items():
         if isinstance(exc, kind):
             return code
+    if isinstance(exc, StreamStalledError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
 
 
 class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, registry: ModelRegistry, telemetry: Telemetry, default_max_new_tokens: int,
-                 capture_content: bool = False) -> None:
+                 capture_content: bool = False, limits: RequestLimits | None = None) -> None:
         self.registry = registry
         self.tracer = telemetry.tracer
         self.metrics = EngineMetrics(telemetry.meter)
         self.default_max_new_tokens = default_max_new_tokens
         self.capture_content = capture_content
+        self.limits = limits or RequestLimits()
+        self.stopping = False  # the server is shutting down: what ends now ends UNAVAILABLE
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(self, request: pb.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext) -> None:
         rt = RequestTrace(self.tracer, self.metrics, extract_context(context.invocation_metadata() or ()),
                           context.peer() or "", self.capture_content)
-        runtime, submitted, status, error = None, None, "UNKNOWN", None
+        runtime, stream, status, error = None, None, "UNKNOWN", None
+        watch = WriteWatch(self.limits.stream_write_timeout_s)
         try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidRequestError("request", request.message())
             runtime = self.registry.get(request.model)
             gen = await self._prepare(request, runtime, rt)
             stream = runtime.engine.submit(gen)
-            submitted = gen.request_id
             self.metrics.request_started()
-            async for out in stream:
-                if out.finish_reason is FinishReason.ABORTED:
-                    raise EngineStoppedError("the request was aborted by the server")
-                rt.update(out)
-                yield convert.response_from_output(out, runtime.model.tokenizer, rt.trace_id)
+            await self._stream(stream, runtime, rt, context, watch)
             status = "OK"
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-            raise
+            if not watch.fired:
+                status = self._cancelled_status(context)
+                raise
+            _uncancel()
+            status, error = "RESOURCE_EXHAUSTED", StreamStalledError(
+                f"the client accepted no message for {self.limits.stream_write_timeout_s:g} s; the server "
+                "cancelled the stream (--stream-write-timeout)")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except Exception as exc:
             code = status_for(exc)
             status, error = code.name, exc
-            message = str(exc) if code != grpc.StatusCode.INTERNAL else f"inference failed: {exc}"
-            await context.abort(code, message)
+            await context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else f"inference failed: {exc}")
         finally:
-            if submitted is not None:
-                if rt.last is None or not rt.last.finished:
-                    runtime.engine.abort(submitted)
-                self.metrics.request_ended()
+            if stream is not None:
+                await runtime.engine.drop(stream)  # the engine's spans end before this request's
             rt.finish(status, error)
+            if stream is not None:
+                runtime.engine.release(stream)
+                self.metrics.request_ended()
 
-    async def _prepare(self, request: pb.GenerateRequest, runtime, rt: RequestTrace):
-        """Validate, tokenize (under a `tokenize` span) and build the engine request."""
+    @staticmethod
+    async def _stream(stream: RequestStream, runtime: ModelRuntime, rt: RequestTrace,
+                      context: grpc.aio.ServicerContext, watch: WriteWatch) -> None:
+        """Write each output as it comes (several steps' tokens in one message when the client is behind)."""
+        async for out in stream:
+            if out.finish_reason is FinishReason.ABORTED:
+                raise EngineStoppedError("the request was aborted by the server")
+            rt.update(out)
+            await watch.write(context, convert.response_from_output(out, runtime.model.tokenizer, rt.trace_id))
+
+    def _cancelled_status(self, context: grpc.aio.ServicerContext) -> str:
+        """Why a call was cancelled under us: shutdown, its deadline, or its client."""
+        if self.stopping:
+            return "UNAVAILABLE"
+        remaining = context.time_remaining()
+        # A deadline's cancellation arrives as it passes; allow the clock's granularity.
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.01 else "CANCELLED"
+
+    async def _prepare(self, request: pb.GenerateRequest, runtime: ModelRuntime, rt: RequestTrace):
+        """Check limits, tokenize (under a `tokenize` span) and build the engine request."""
         span_ctx = rt.start_completion(runtime.name)
+        tokenizer = runtime.model.tokenizer
         convert.check_request_fields(request)
+        self.limits.check_request_id(request.request_id)
+        self.limits.check_stops(list(request.stopping.stop))
+        self.limits.check_text("prompt", request.prompt, runtime.max_prompt_bytes)
         with self.tracer.start_as_current_span("tokenize", context=span_ctx) as tok_span:
-            prompt_ids = await asyncio.to_thread(convert.prompt_ids_for, request, runtime.model.tokenizer)
+            prompt_ids = await asyncio.to_thread(convert.prompt_ids_for, request, tokenizer)
             tok_span.set_attribute("lumen.prompt_tokens", len(prompt_ids))
         gen = convert.generation_request(request, prompt_ids, runtime.model.config.context_length,
                                          self.default_max_new_tokens)
         gen.trace_context = span_ctx
-        prompt_text = ""
-        if self.capture_content:
-            prompt_text = request.prompt or runtime.model.tokenizer.decode(prompt_ids)
+        prompt_text = (request.prompt or tokenizer.decode(prompt_ids)) if self.capture_content else ""
         rt.request_started(gen, prompt_text)
         return gen
 
-    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+    async def Tokenize(self, request: pb.TokenizeRequest | MalformedRequest,
+                       context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidRequestError("request", request.message())
             runtime = self.registry.get(request.model)
-        except ModelNotFoundError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        tokenizer = runtime.model.tokenizer
-        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        ids = await asyncio.to_thread(tokenizer.encode, request.text, add_special)
-        return pb.TokenizeResponse(token_ids=ids, pieces=[tokenizer.piece(i) for i in ids])
+            self.limits.check_text("text", request.text)
+            tokenizer = runtime.model.tokenizer
+            add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            ids = await asyncio.to_thread(tokenizer.encode, request.text, add_special)
+            reply = pb.TokenizeResponse(token_ids=ids, pieces=[tokenizer.piece(i) for i in ids])
+            if (size := reply.ByteSize()) > self.limits.max_reply_bytes:
+                raise InvalidRequestError("text", f"gives {len(ids)} tokens, a {size}-byte reply over the "
+                                                  f"{self.limits.max_reply_bytes}-byte limit of a default gRPC "
+                                                  "client; tokenize shorter text")
+            return reply
+        except LumenError as exc:
+            await context.abort(status_for(exc), str(exc))
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest | MalformedRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.message()}")
         models = []
         for rt in self.registry:
             m, cfg = rt.model, rt.model.config
+            # The file's name only: an anonymous client has no business with the server's paths.
             models.append(pb.ModelInfo(
                 name=rt.name, architecture=cfg.architecture, file_type=m.file_type,
                 parameter_count=m.parameter_count, context_length=cfg.context_length,
-                vocab_size=cfg.vocab_size, path=str(m.path), is_default=rt is self.registry.default))
+                vocab_size=cfg.vocab_size, path=m.path.name, is_default=rt is self.registry.default))
         return pb.ListModelsResponse(models=models)
+
+
+def _uncancel() -> None:
+    """Clear the current task's cancellation (Python 3.11+), once its cause has been handled."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()

@@ -28,6 +28,7 @@ REQUEST_DURATION_BUCKETS_S: tuple[float, ...] = (
 # GenAI constants deprecated while they move repositories, so they are spelled
 # out here).
 ATTR_OPERATION_NAME = "gen_ai.operation.name"
+ATTR_PROVIDER_NAME = "gen_ai.provider.name"  # required on every gen_ai.server.* metric
 ATTR_REQUEST_MODEL = "gen_ai.request.model"
 ATTR_TOKEN_TYPE = "gen_ai.token.type"
 ATTR_ERROR_TYPE = "error.type"
@@ -36,6 +37,8 @@ ATTR_STATUS = "status"
 
 # Generate takes a prompt and continues it: the conventions' text_completion.
 OPERATION_NAME = "text_completion"
+# The conventions' provider name for a self-hosted server: its own name.
+PROVIDER_NAME = "lumen"
 # The gRPC status code name a successful request ends with.
 STATUS_OK = "OK"
 
@@ -120,4 +123,4 @@ class EngineMetrics:
 
 
 def _model_attributes(model: str) -> dict[str, str]:
-    return {ATTR_OPERATION_NAME: OPERATION_NAME, ATTR_REQUEST_MODEL: model}
+    return {ATTR_OPERATION_NAME: OPERATION_NAME, ATTR_PROVIDER_NAME: PROVIDER_NAME, ATTR_REQUEST_MODEL: model}

@@ -3,7 +3,9 @@ speculative drafts and how many of their tokens were accepted.
 
 Recorded once per engine step from the engine's step statistics (any object with
 the fields of `lumen.engine.core.step_stats.StepStats`; this package never imports the engine).
-Gauges read the latest step's snapshot, so reading them never touches engine state.
+Gauges read the latest snapshot of the queues and the KV cache, so reading them never touches
+engine state: a step's statistics, or the engine's load after a change between steps (an
+abort with nothing left to run would otherwise leave them stale until the next request).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ STEP_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class StepMetrics:
     def __init__(self, meter: Meter, model: str) -> None:
         self.attributes = {"gen_ai.request.model": model}
-        self.latest: Any = None
+        self.latest: Any = None  # the latest load: num_running, num_waiting, kv_blocks_used, kv_blocks_free
         self._batch = meter.create_histogram(
             "lumen.engine.batch_size", unit="{request}", description="Sequences computed together in one engine step.",
             explicit_bucket_boundaries_advisory=BATCH_BUCKETS)
@@ -55,12 +57,18 @@ class StepMetrics:
             "lumen.request.queue_time", unit="s",
             description="Time from a request's arrival (after tokenization) to its first admission into a batch.",
             explicit_bucket_boundaries_advisory=QUEUE_TIME_BUCKETS_S)
+        # "_ratio" in the name: the collector's Prometheus exporter appends it to a gauge of unit 1 and
+        # the Python one does not, so with it in the name both paths expose lumen_kv_cache_usage_ratio.
         meter.create_observable_gauge(
-            "lumen.kv_cache.usage", callbacks=[self._observe_usage], unit="1",
+            "lumen.kv_cache.usage_ratio", callbacks=[self._observe_usage], unit="1",
             description="Fraction of the KV cache blocks in use (free cached blocks count as free).")
         meter.create_observable_gauge(
             "lumen.kv_cache.blocks", callbacks=[self._observe_blocks], unit="{block}",
             description="KV cache blocks by state (used, free).")
+
+    def observe_load(self, load: Any) -> None:
+        """Called by the engine thread when its queues or KV cache change between steps."""
+        self.latest = load
 
     def observe(self, stats: Any) -> None:
         """Called by the engine thread after each step."""

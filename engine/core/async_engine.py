@@ -1,8 +1,15 @@
 """Runs an `LLMEngine` on its own thread and streams each request's outputs to asyncio.
 
-The event loop only enqueues requests and drains one stream per request; the
-model never runs on the event-loop thread, and a slow reader never stalls a step
-(each stream is an unbounded queue of small deltas, bounded by max_new_tokens).
+The event loop only enqueues requests and drains one stream per request; the model never
+runs on the event-loop thread, and a slow reader never stalls a step. Each stream holds at
+most one pending output: deltas a reader has not taken yet are merged into it. When that
+output carries `stream_buffer_tokens` tokens or more, the engine holds the request (computes
+nothing for it, keeps its place) until the reader catches up: back-pressure per stream, so
+a client that stops reading costs a bounded amount of memory, never an unbounded queue.
+
+A request counts against capacity from `submit` until its consumer `release`s it, so a
+finished request whose output is still undelivered still counts. A consumer that stops
+early `drop`s its request first, which returns once the engine has let go of it.
 """
 from __future__ import annotations
 
@@ -14,43 +21,103 @@ from typing import AsyncIterator, Callable
 
 from lumen.engine.core.llm_engine import LLMEngine
 from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
-from lumen.engine.errors import CapacityError, DuplicateRequestError, EngineStoppedError
+from lumen.engine.errors import CapacityError, DuplicateRequestError, EngineStoppedError, quoted
 
 log = logging.getLogger(__name__)
 
+DEFAULT_STREAM_BUFFER_TOKENS = 256
+
+
+def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One output carrying both steps' new tokens and text; counters and finish from the later."""
+    first.text += then.text
+    first.token_ids += then.token_ids
+    first.logprobs += then.logprobs
+    first.prompt_logprobs += then.prompt_logprobs
+    for name in ("finish_reason", "stop_sequence", "prompt_tokens", "completion_tokens", "cached_tokens",
+                 "draft_tokens", "accepted_tokens", "error"):
+        setattr(first, name, getattr(then, name))
+    return first
+
 
 class RequestStream:
-    """The outputs of one request, in order; iteration ends after the finished output."""
+    """The outputs of one request, in order; iteration ends after the finished output.
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    The engine thread `put`s outputs; the asyncio consumer iterates. While the consumer is
+    behind, new outputs merge into the one pending output (a message may then carry several
+    tokens, as with speculative decoding)."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, on_drained: Callable[[], None],
+                 buffer_tokens: int) -> None:
         self.request_id = request_id
+        self.buffer_tokens = buffer_tokens
         self._loop = loop
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._on_drained = on_drained   # wakes the engine thread when a held stream is drained
+        self._lock = threading.Lock()
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self.finished = False           # the engine is done with it (finished, failed or aborted)
 
-    def put_threadsafe(self, item: RequestOutput | BaseException) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the client's event loop is closed: nobody is listening any more
-            pass
+    @property
+    def held(self) -> bool:
+        """The engine must not compute for this request until its consumer takes what is pending."""
+        pending = self._pending
+        return not self.finished and pending is not None and len(pending.token_ids) >= self.buffer_tokens
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Engine thread: add an output (or an error that ends the stream)."""
+        with self._lock:
+            was_empty = self._pending is None and self._error is None
+            if isinstance(item, BaseException):
+                self._error, self.finished = item, True
+            else:
+                self._pending = item if self._pending is None else merge_outputs(self._pending, item)
+                self.finished = self.finished or item.finished or item.error is not None
+        if was_empty:
+            try:
+                self._loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+                pass
+
+    def _take(self) -> RequestOutput | BaseException | None:
+        with self._lock:
+            held = self.held
+            item, self._pending = self._pending, None
+            if item is None:
+                item, self._error = self._error, None
+            if item is None:
+                self._ready.clear()
+        if held:
+            self._on_drained()
+        return item
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while True:
-            item = await self._queue.get()
+            item = self._take()
+            if item is None:
+                await self._ready.wait()
+                continue
             if isinstance(item, BaseException):
                 raise item
+            if item.error is not None:
+                raise item.error
             yield item
             if item.finished:
                 return
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS) -> None:
+        if stream_buffer_tokens < 1:
+            raise ValueError(f"stream_buffer_tokens must be >= 1, got {stream_buffer_tokens}")
         self.engine = engine
+        self.stream_buffer_tokens = stream_buffer_tokens
         limits = engine.config.scheduler
         self.capacity = limits.max_running + limits.max_waiting  # requests held at once, queued or running
         self._cond = threading.Condition()
         self._new: deque[tuple[GenerationRequest, RequestStream]] = deque()
-        self._aborts: deque[str] = deque()
+        self._aborts: deque[tuple[str, Callable[[], None]]] = deque()
         self._streams: dict[str, RequestStream] = {}
         self._stopped = False
         self._idle = threading.Event()
@@ -60,14 +127,19 @@ class AsyncEngine:
 
     @property
     def num_active(self) -> int:
-        """Requests submitted and not yet finished or aborted."""
+        """Requests submitted and not yet released by their consumer (delivered or abandoned)."""
         with self._cond:
             return len(self._streams)
+
+    def num_held(self) -> int:
+        """Requests the engine is holding because their client has not read their output."""
+        with self._cond:
+            return sum(stream.held for stream in self._streams.values())
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate and enqueue; raises InvalidRequestError at once for bad requests."""
         self.engine.validate(request)
-        stream = RequestStream(request.request_id, asyncio.get_running_loop())
+        stream = RequestStream(request.request_id, asyncio.get_running_loop(), self._wake, self.stream_buffer_tokens)
         with self._cond:
             if self._stopped:
                 raise EngineStoppedError("the engine is shutting down; retry on another replica")
@@ -75,7 +147,7 @@ class AsyncEngine:
                 raise CapacityError(f"the server is at capacity ({self.capacity} requests running or queued); "
                                     "retry later or send fewer concurrent requests")
             if request.request_id in self._streams:
-                raise DuplicateRequestError(f"request id {request.request_id!r} is already running; "
+                raise DuplicateRequestError(f"request id {quoted(request.request_id)} is already running; "
                                             "use a unique request_id or leave it empty")
             self._streams[request.request_id] = stream
             self._new.append((request, stream))
@@ -85,13 +157,50 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request; takes effect before the engine's next step."""
+        self._queue_abort(request_id, lambda: None)
+
+    async def drop(self, stream: RequestStream, timeout: float = 10.0) -> None:
+        """Abort `stream`'s request if the engine still runs it, and return once the engine has
+        dropped it (so its spans have ended); at once if it is finished."""
+        if stream.finished:
+            return
+        loop = asyncio.get_running_loop()
+        dropped = loop.create_future()
+
+        def done() -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: dropped.done() or dropped.set_result(None))
+            except RuntimeError:  # the loop is closed
+                pass
+
+        if self._queue_abort(stream.request_id, done):
+            try:
+                await asyncio.wait_for(asyncio.shield(dropped), timeout)
+            except asyncio.TimeoutError:
+                log.warning("request %s: the engine did not drop it within %.0f s", quoted(stream.request_id),
+                            timeout)
+
+    def release(self, stream: RequestStream) -> None:
+        """The consumer is done with `stream` (after `drop` if it ended early): it no longer
+        counts against capacity."""
         with self._cond:
-            if request_id in self._streams:
-                self._aborts.append(request_id)
-                self._cond.notify_all()
+            if self._streams.get(stream.request_id) is stream:
+                del self._streams[stream.request_id]
+            if not self._streams:
+                self._idle.set()
+            self._cond.notify_all()
+
+    def _queue_abort(self, request_id: str, done: Callable[[], None]) -> bool:
+        with self._cond:
+            if self._stopped or not self._thread.is_alive() or request_id not in self._streams:
+                return False
+            self._aborts.append((request_id, done))
+            self._cond.notify_all()
+            return True
 
     def wait_until(self, predicate: Callable[["AsyncEngine"], bool], timeout: float | None = None) -> bool:
-        """Block until predicate(self) holds; re-checked whenever requests arrive, finish or abort."""
+        """Block until predicate(self) holds; re-checked whenever requests arrive, finish, abort,
+        or a held stream is drained."""
         with self._cond:
             return self._cond.wait_for(lambda: predicate(self), timeout)
 
@@ -105,60 +214,67 @@ class AsyncEngine:
             self._cond.notify()
         self._thread.join()
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _held(self) -> set[str]:
+        return {rid for rid, stream in self._streams.items() if stream.held}
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopped or self._new or self._aborts or self.engine.has_unfinished()):
+                # Held requests are not work: with nothing else to do, sleep until a reader drains one.
+                while not (self._stopped or self._new or self._aborts
+                           or self.engine.num_active > len(self._held())):
                     self._cond.wait()
                 if self._stopped:
                     self._fail_remaining(EngineStoppedError("the server is shutting down"))
                     return
                 new, self._new = list(self._new), deque()
                 aborts, self._aborts = list(self._aborts), deque()
+                held = self._held()
             self._apply(new, aborts)
             try:
-                outputs = self.engine.step()
+                outputs = self.engine.step(held)
             except Exception as exc:  # the model failed: every request in flight gets the error
                 log.exception("engine step failed")
                 outputs = self.engine.fail_all(exc)
             self._deliver(outputs)
 
-    def _apply(self, new: list[tuple[GenerationRequest, RequestStream]], aborts: list[str]) -> None:
+    def _apply(self, new: list[tuple[GenerationRequest, RequestStream]],
+               aborts: list[tuple[str, Callable[[], None]]]) -> None:
         outputs = []
         for request, stream in new:
             try:
                 self.engine.add_request(request)
             except Exception as exc:
-                outputs.append(exc_output(request.request_id, exc))
-        for request_id in aborts:
+                outputs.append(RequestOutput(request.request_id, finish_reason=FinishReason.ERROR, error=exc))
+        for request_id, _ in aborts:
             out = self.engine.abort_request(request_id)
             if out is not None:
                 outputs.append(out)
         self._deliver(outputs)
+        for _, done in aborts:
+            done()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         with self._cond:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
-                if stream is None:
-                    continue
-                stream.put_threadsafe(out.error if out.error is not None else out)
-                if out.finished or out.error is not None:
-                    del self._streams[out.request_id]
-            if not self._streams:
-                self._idle.set()
+                if stream is not None:
+                    stream.put(out.error if out.error is not None else out)
             self._cond.notify_all()
 
     def _fail_remaining(self, error: BaseException) -> None:
         for out in self.engine.fail_all(error):
-            stream = self._streams.pop(out.request_id, None)
+            stream = self._streams.get(out.request_id)
             if stream is not None:
-                stream.put_threadsafe(error)
+                stream.put(error)
         for request, stream in self._new:
-            stream.put_threadsafe(error)
-        self._streams.clear()
-        self._idle.set()
-
-
-def exc_output(request_id: str, exc: BaseException) -> RequestOutput:
-    return RequestOutput(request_id, finish_reason=FinishReason.ERROR, error=exc)
+            stream.put(error)
+        for stream in self._streams.values():
+            if not stream.finished:
+                stream.put(error)
+        for _, done in self._aborts:
+            done()

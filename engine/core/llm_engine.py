@@ -7,9 +7,10 @@ The engine runs on one thread (the async engine's); nothing here is thread-safe 
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from opentelemetry import trace
@@ -19,8 +20,8 @@ from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOu
 from lumen.engine.core.request_spans import SequenceSpans
 from lumen.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from lumen.engine.core.sequence import Sequence
-from lumen.engine.core.step_stats import StepStats
-from lumen.engine.errors import InvalidRequestError
+from lumen.engine.core.step_stats import EngineLoad, StepStats
+from lumen.engine.errors import InvalidRequestError, quoted
 from lumen.engine.model.attention.select import select_backend
 from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
 from lumen.engine.model.llama import Chunk, ForwardBatch, LlamaModel, build_batch
@@ -28,6 +29,8 @@ from lumen.engine.sampling.logprobs import MAX_TOP_LOGPROBS
 from lumen.engine.speculative import SpeculativeConfig
 from lumen.engine.speculative.speculation import SpecStepStats, Speculation
 from lumen.engine.weights.loaded_model import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -53,8 +56,10 @@ class EngineConfig:
 class LLMEngine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None,
                  tracer: trace.Tracer | None = None, on_step: Callable[[StepStats], None] | None = None,
-                 draft: LoadedModel | None = None) -> None:
-        """draft: a smaller model with the same vocabulary for SpecMethod.DRAFT (checked here)."""
+                 draft: LoadedModel | None = None, on_load: Callable[[EngineLoad], None] | None = None) -> None:
+        """draft: a smaller model with the same vocabulary for SpecMethod.DRAFT (checked here).
+        on_step: called after each step with its statistics; on_load: called with the queues' and
+        the KV cache's state whenever it changes outside a step (a request added, aborted or failed)."""
         self.loaded = model
         self.config = config or EngineConfig()
         cfg, dtype = model.config, model.weights.dtype
@@ -71,6 +76,7 @@ class LLMEngine:
                                        self.config.scheduler.max_running, self.config.kv_cache_bytes, draft,
                                        attention, tracer or trace.NoOpTracer())
         self.on_step = on_step
+        self.on_load = on_load
         self.tokens_computed = 0  # all tokens ever run through the model (tests use it)
 
     @property
@@ -105,9 +111,10 @@ class LLMEngine:
     def add_request(self, req: GenerationRequest) -> None:
         self.validate(req)
         seq = Sequence(req, self.tokenizer)
-        seq.spec_method, seq.spec_tokens = self.speculation.resolve(req)
-        seq.spec_k = seq.spec_tokens
+        seq.spec_method, seq.max_draft_len = self.speculation.resolve(req)
+        seq.draft_len = seq.max_draft_len
         self.scheduler.add(seq)
+        self._publish_load()
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request at once, freeing its blocks; None if it is not here (already finished)."""
@@ -116,12 +123,14 @@ class LLMEngine:
             return None
         self.speculation.release(seq)
         self.spans.end(seq, cancelled=True)
+        self._publish_load()
         return seq.final_output(FinishReason.ABORTED)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, held: Collection[str] = ()) -> list[RequestOutput]:
+        """One step; `held`: request ids to leave alone this step (their clients are behind)."""
         started, started_ns = time.perf_counter(), time.time_ns()
-        self.speculation.propose(self.scheduler.running)
-        sched = self.scheduler.schedule()
+        self.speculation.propose([seq for seq in self.scheduler.running if seq.request_id not in held])
+        sched = self.scheduler.schedule(held)
         for seq in sched.preempted:
             self.speculation.release(seq)
             self.spans.preempted(seq)
@@ -135,12 +144,28 @@ class LLMEngine:
         logits = self.model.forward(batch)
         self.tokens_computed += sched.num_tokens
         outputs = [out for item, (first, last) in zip(sched.scheduled, rows)
-                   if (out := self._update(item, logits[first:last])) is not None]
+                   if (out := self._update_or_fail(item, logits[first:last])) is not None]
         spec = self.speculation.verified(sched.scheduled, verify_started)
         self.spans.stepped(sched, started_ns)
         if self.on_step is not None:
             self.on_step(self._step_stats(sched, time.perf_counter() - started, spec))
         return outputs
+
+    def _update_or_fail(self, item: ScheduledSeq, logits: torch.Tensor) -> RequestOutput | None:
+        """_update, but an error in one request's sampling, stop matching or detokenization
+        fails that request alone: the others in the batch go on."""
+        try:
+            return self._update(item, logits)
+        except Exception as exc:
+            log.exception("request %s failed", quoted(item.seq.request_id))
+            return self._fail(item.seq, exc)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
+        self.scheduler.remove(seq.request_id)
+        self.speculation.release(seq)
+        self.spans.end(seq, error=error)
+        self._publish_load()
+        return seq.final_output(FinishReason.ERROR, error)
 
     def _update(self, item: ScheduledSeq, logits: torch.Tensor) -> RequestOutput | None:
         seq = item.seq
@@ -161,28 +186,32 @@ class LLMEngine:
 
     def fail_all(self, error: BaseException) -> list[RequestOutput]:
         """The model failed: finish every request with the error (never a made-up answer)."""
-        outputs = []
-        for seq in self.scheduler.active():
-            self.scheduler.remove(seq.request_id)
-            self.speculation.release(seq)
-            self.spans.end(seq, error=error)
-            outputs.append(seq.final_output(FinishReason.ERROR, error))
-        return outputs
+        return [self._fail(seq, error) for seq in self.scheduler.active()]
 
     def check_invariants(self) -> None:
         """No KV block leaked or miscounted (tests call it after any mix of requests)."""
         self.blocks.check_invariants(self.scheduler.active())
         self.speculation.check_invariants(self.scheduler.active())
 
+    def load(self) -> EngineLoad:
+        """The queues and the KV cache now."""
+        return EngineLoad(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                          kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free,
+                          kv_blocks_free=self.blocks.num_free)
+
+    def _publish_load(self) -> None:
+        if self.on_load is not None:
+            self.on_load(self.load())
+
     def _step_stats(self, sched: SchedulerOutput, duration_s: float, spec: SpecStepStats | None) -> StepStats:
-        blocks, scheduler = self.blocks, self.scheduler
+        load = self.load()
         spec_fields = {} if spec is None else dict(
             spec_drafts=spec.drafts, spec_draft_tokens=spec.draft_tokens,
             spec_accepted_tokens=spec.accepted_tokens, spec_accepted_per_position=spec.accepted_per_position)
         return StepStats(
             batch_size=len(sched.scheduled), num_tokens=sched.num_tokens,
-            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
-            kv_blocks_used=blocks.num_blocks - blocks.num_free, kv_blocks_free=blocks.num_free,
+            num_running=load.num_running, num_waiting=load.num_waiting,
+            kv_blocks_used=load.kv_blocks_used, kv_blocks_free=load.kv_blocks_free,
             preemptions=len(sched.preempted), admitted=len(sched.admitted),
             cached_tokens=sched.cached_tokens, prefix_hits=sched.prefix_hits,
             duration_s=duration_s, **spec_fields,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Collection
 
 from lumen.engine.core.block_manager import BlockManager
 from lumen.engine.core.sequence import Sequence
@@ -59,17 +60,22 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, held: Collection[str] = ()) -> SchedulerOutput:
+        """This step's work; sequences whose request id is in `held` are left as they are
+        (their clients have not read their output yet), running or waiting."""
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_tokens_per_step)
+        budget = self._schedule_running(out, self.config.max_tokens_per_step, held)
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            self._admit_waiting(out, budget, held)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, held: Collection[str]) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.request_id in held:
+                i += 1
+                continue
             num_new = self._fit_draft(seq, budget)
             while not self.blocks.can_grow(seq, seq.num_computed + num_new):
                 if seq.draft is not None:  # drop a speculative draft before preempting anyone
@@ -101,15 +107,19 @@ class Scheduler:
                 num_new += len(seq.draft.tokens)
         return num_new
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self.waiting[0]
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, held: Collection[str]) -> None:
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_running:
+            seq = self.waiting[i]
+            if seq.request_id in held:
+                i += 1
+                continue
             use_cache = not seq.request.prompt_logprobs  # cached tokens would have no logprobs
             admitted = self.blocks.admit(seq, budget, use_cache)
             if admitted is None:
                 return  # not enough free blocks: it waits (in order) until some are released
             cached_tokens, num_new = admitted
-            self.waiting.popleft()
+            del self.waiting[i]
             seq.num_computed = cached_tokens
             if not seq.has_sampled and seq.num_preemptions == 0:  # a first admission, not a resume
                 seq.num_cached_tokens = cached_tokens

@@ -45,8 +45,8 @@ class Sequence:
         self.span: trace.Span | None = None  # the current phase's span: prefill, then decode
         self.batches = BatchSizes()          # the sizes of the steps the current phase ran in
         self.spec_method = SpecMethod.NONE  # set by the engine from the request and its defaults
-        self.spec_tokens = 0                # draft length k the request asked for (or the server's default)
-        self.spec_k = 0                     # the k of the next draft: spec_tokens, or adapted to acceptance
+        self.max_draft_len = 0              # draft length k the request asked for (or the server's default)
+        self.draft_len = 0                  # the k of the next draft: max_draft_len, or adapted to acceptance
         self.draft: Draft | None = None     # proposed tokens for the next step, not yet verified
         self.draft_tokens = 0               # draft tokens verified so far (proposed and scheduled)
         self.accepted_tokens = 0            # of which the target accepted

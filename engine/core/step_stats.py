@@ -22,3 +22,12 @@ class StepStats:
     spec_accepted_tokens: int = 0
     spec_accepted_per_position: tuple[int, ...] = ()  # [i]: drafts whose i-th token was accepted
     queue_times_s: tuple[float, ...] = ()  # arrival to first admission, of the requests first admitted now
+
+
+@dataclass(slots=True, frozen=True)
+class EngineLoad:
+    """The queues and the KV cache at one moment (after a step, or after an abort between steps)."""
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int      # includes cached blocks that are free to evict

@@ -86,7 +86,7 @@ class Speculation:
             return
         groups: dict[SpecMethod, list[tuple[Sequence, int]]] = {}
         for seq in decoding:
-            k = min(seq.spec_k, seq.request.max_new_tokens - seq.num_output - 1,
+            k = min(seq.draft_len, seq.request.max_new_tokens - seq.num_output - 1,
                     self.context_length - len(seq.token_ids))
             if seq.spec_method is not SpecMethod.NONE and seq.draft is None and k >= 1:
                 groups.setdefault(seq.spec_method, []).append((seq, k))
@@ -140,7 +140,7 @@ class Speculation:
                               tuple(per_position))
         if self.config.adaptive:
             for seq, proposed, accepted in results:
-                seq.spec_k = adapt_draft_length(seq.spec_k, proposed, accepted, seq.spec_tokens)
+                seq.draft_len = adapt_draft_length(seq.draft_len, proposed, accepted, seq.max_draft_len)
         ended = time.time_ns()
         for seq, proposed, accepted in results:
             self._span(seq, "verify", started, ended, {

@@ -21,7 +21,7 @@ from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lumen.engine.tokenizer.hf_vocab import read_hf_vocab
-from lumen.engine.tokenizer.pretokenizers import BPE_PRE
+from lumen.engine.tokenizer.pretokenizers import BPE_PRE, DEFAULT_SPEC
 from lumen.engine.tokenizer.vocab import GGUFVocab
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,13 @@ class Tokenizer:
         `model_config` (config.json) supplies BOS/EOS ids that tokenizer_config.json leaves out.
         """
         return cls(read_hf_vocab(Path(path), vocab_size, model_config))
+
+    @property
+    def max_token_bytes(self) -> int:
+        """Bytes of text one token can stand for: the longest token's, and at least a whole UTF-8
+        character (an unknown one may become a single token). A text of B bytes needs at least
+        B / max_token_bytes tokens."""
+        return max(4, max(map(len, self._bytes), default=0))
 
     @property
     def vocab_size(self) -> int:

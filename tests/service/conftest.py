@@ -43,12 +43,12 @@ class StepGate:
         self.free_steps = free_steps
         llm.step = self._step
 
-    def _step(self):
+    def _step(self, *args):
         self.steps += 1
         if self.steps > self.free_steps and not self.release.is_set():
             self.blocked.set()
             self.release.wait(timeout=60)
-        return self._orig()
+        return self._orig(*args)
 
 
 async def assert_still_serving(harness: Harness) -> None:

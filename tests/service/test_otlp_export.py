@@ -53,9 +53,9 @@ async def test_request_metrics_over_otlp(stories_model, monkeypatch):
     tokens = {p.attributes["gen_ai.token.type"]: p.value for p in latest["lumen.tokens"].points}
     assert tokens["output"] == 8
     assert latest["lumen.requests"].is_monotonic and latest["lumen.tokens"].unit == "{token}"
-    (usage,) = latest["lumen.kv_cache.usage"].points
-    assert latest["lumen.kv_cache.usage"].unit == "1" and 0 <= usage.value < 1
-    assert latest["lumen.kv_cache.usage"].data_type == "gauge"
+    (usage,) = latest["lumen.kv_cache.usage_ratio"].points
+    assert latest["lumen.kv_cache.usage_ratio"].unit == "1" and 0 <= usage.value < 1
+    assert latest["lumen.kv_cache.usage_ratio"].data_type == "gauge"
 
 
 def requests_counted(metrics) -> int:

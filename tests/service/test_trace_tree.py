@@ -47,6 +47,8 @@ async def run_and_collect(receiver, model, requests, config=EVERY_STEP, capture_
     harness = await start_harness(model, telemetry, config, capture_content=capture_content)
     try:
         results = [await request(harness) for request in requests]
+        # A cancelled call's client returns before the server has finished it: wait for that.
+        assert await asyncio.to_thread(harness.runtime.engine.wait_idle, 30)
         await asyncio.to_thread(telemetry.force_flush)
         n = len(requests)
         spans = await asyncio.to_thread(receiver.wait_for_spans, until or (
