@@ -10,6 +10,7 @@ request in the engine, and the request's spans end only after the engine's have.
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import grpc
 
@@ -45,6 +46,10 @@ class StreamStalledError(LumenError):
     """The client accepted no message for the stream write timeout (gRPC RESOURCE_EXHAUSTED)."""
 
 
+class CallEnded(Exception):
+    """A write failed because the call is over: its client went away or its deadline passed."""
+
+
 class WriteWatch:
     """Cancels a handler whose client takes no message for `timeout_s` (0: never).
 
@@ -64,6 +69,8 @@ class WriteWatch:
         timer = asyncio.get_running_loop().call_later(self.timeout_s, self._fire) if self.timeout_s else None
         try:
             await context.write(message)
+        except Exception as exc:  # grpc's ExecuteBatchError: the call ended under the write
+            raise CallEnded(f"the call ended during a write ({type(exc).__name__})") from exc
         finally:
             if timer is not None:
                 timer.cancel()
@@ -88,6 +95,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.capture_content = capture_content
         self.limits = limits or RequestLimits()
         self.stopping = False  # the server is shutting down: what ends now ends UNAVAILABLE
+        self._ending: set[asyncio.Task] = set()
 
     async def Generate(self, request: pb.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext) -> None:
         rt = RequestTrace(self.tracer, self.metrics, extract_context(context.invocation_metadata() or ()),
@@ -103,10 +111,12 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.metrics.request_started()
             await self._stream(stream, runtime, rt, context, watch)
             status = "OK"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, CallEnded):
             if not watch.fired:
                 status = self._cancelled_status(context)
-                raise
+                if isinstance(sys.exc_info()[1], asyncio.CancelledError):
+                    raise
+                return
             _uncancel()
             status, error = "RESOURCE_EXHAUSTED", StreamStalledError(
                 f"the client accepted no message for {self.limits.stream_write_timeout_s:g} s; the server "
@@ -117,8 +127,21 @@ class InferenceService(pb_grpc.InferenceServicer):
             status, error = code.name, exc
             await context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else f"inference failed: {exc}")
         finally:
+            # In a task of its own: gRPC may cancel the handler again while it waits for the engine,
+            # and the request must still be recorded and released.
+            ending = asyncio.ensure_future(self._end(runtime, stream, rt, status, error))
+            self._ending.add(ending)  # held until done: a task nobody references may be collected
+            ending.add_done_callback(self._ending.discard)
+            await asyncio.shield(ending)
+
+    async def _end(self, runtime: ModelRuntime | None, stream: RequestStream | None, rt: RequestTrace,
+                   status: str, error: BaseException | None) -> None:
+        """Drop the request from the engine (so the engine's spans end first), record it, and
+        stop counting it against capacity."""
+        try:
             if stream is not None:
-                await runtime.engine.drop(stream)  # the engine's spans end before this request's
+                await runtime.engine.drop(stream)
+        finally:
             rt.finish(status, error)
             if stream is not None:
                 runtime.engine.release(stream)

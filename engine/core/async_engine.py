@@ -3,9 +3,10 @@
 The event loop only enqueues requests and drains one stream per request; the model never
 runs on the event-loop thread, and a slow reader never stalls a step. Each stream holds at
 most one pending output: deltas a reader has not taken yet are merged into it. When that
-output carries `stream_buffer_tokens` tokens or more, the engine holds the request (computes
-nothing for it, keeps its place) until the reader catches up: back-pressure per stream, so
-a client that stops reading costs a bounded amount of memory, never an unbounded queue.
+output carries `stream_buffer_tokens` tokens or more (each top-logprob alternative counts as
+a token too), the engine holds the request (computes nothing for it; its slot goes to a
+waiting request if there is one) until the reader catches up: back-pressure per stream, so a
+client that stops reading costs a bounded amount of memory, never an unbounded queue.
 
 A request counts against capacity from `submit` until its consumer `release`s it, so a
 finished request whose output is still undelivered still counts. A consumer that stops
@@ -26,6 +27,12 @@ from lumen.engine.errors import CapacityError, DuplicateRequestError, EngineStop
 log = logging.getLogger(__name__)
 
 DEFAULT_STREAM_BUFFER_TOKENS = 256
+
+
+def output_weight(out: RequestOutput) -> int:
+    """What an output costs to hold: its tokens, and each logprob's alternatives."""
+    return (len(out.token_ids) + sum(len(lp.top) for lp in out.logprobs)
+            + sum(1 + len(lp.top) for lp in out.prompt_logprobs))
 
 
 def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
@@ -55,6 +62,7 @@ class RequestStream:
         self._on_drained = on_drained   # wakes the engine thread when a held stream is drained
         self._lock = threading.Lock()
         self._pending: RequestOutput | None = None
+        self._pending_weight = 0        # output_weight of _pending
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self.finished = False           # the engine is done with it (finished, failed or aborted)
@@ -62,8 +70,7 @@ class RequestStream:
     @property
     def held(self) -> bool:
         """The engine must not compute for this request until its consumer takes what is pending."""
-        pending = self._pending
-        return not self.finished and pending is not None and len(pending.token_ids) >= self.buffer_tokens
+        return not self.finished and self._pending_weight >= self.buffer_tokens
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """Engine thread: add an output (or an error that ends the stream)."""
@@ -73,6 +80,7 @@ class RequestStream:
                 self._error, self.finished = item, True
             else:
                 self._pending = item if self._pending is None else merge_outputs(self._pending, item)
+                self._pending_weight += output_weight(item)
                 self.finished = self.finished or item.finished or item.error is not None
         if was_empty:
             try:
@@ -83,7 +91,7 @@ class RequestStream:
     def _take(self) -> RequestOutput | BaseException | None:
         with self._lock:
             held = self.held
-            item, self._pending = self._pending, None
+            item, self._pending, self._pending_weight = self._pending, None, 0
             if item is None:
                 item, self._error = self._error, None
             if item is None:

@@ -64,10 +64,23 @@ class Scheduler:
         """This step's work; sequences whose request id is in `held` are left as they are
         (their clients have not read their output yet), running or waiting."""
         out = SchedulerOutput()
+        if held:
+            self._yield_held_slots(out, held)
+        yielded = len(out.preempted)
         budget = self._schedule_running(out, self.config.max_tokens_per_step, held)
-        if not out.preempted:
+        if len(out.preempted) == yielded:  # no preemption for lack of blocks: there is room to admit
             self._admit_waiting(out, budget, held)
         return out
+
+    def _yield_held_slots(self, out: SchedulerOutput, held: Collection[str]) -> None:
+        """A held sequence gives its running slot and blocks to a waiting one that can use them
+        (a client that stops reading must not keep others waiting); it resumes, recomputing
+        what the prefix cache no longer holds, once its client catches up."""
+        ready = sum(seq.request_id not in held for seq in self.waiting)
+        for seq in [s for s in reversed(self.running) if s.request_id in held][:ready]:
+            self.running.remove(seq)
+            self._preempt(seq)
+            out.preempted.append(seq)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int, held: Collection[str]) -> int:
         i = 0

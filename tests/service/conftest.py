@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import grpc
 import pytest_asyncio
 
+from lumen.engine.core.async_engine import DEFAULT_STREAM_BUFFER_TOKENS
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
+from lumen.service.limits import RequestLimits
 from lumen.service.registry import ModelRegistry, ModelRuntime
 from lumen.service.server import LumenServer, start_runtime
 from lumen.telemetry import Telemetry, setup_telemetry
@@ -70,14 +72,16 @@ async def read_rest(call) -> list:
 
 
 async def start_harness(model, telemetry: Telemetry | None = None, config: EngineConfig | None = None,
-                        draft=None, capture_content: bool = False) -> Harness:
+                        draft=None, capture_content: bool = False, limits: RequestLimits | None = None,
+                        stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS,
+                        channel_options: tuple = ()) -> Harness:
     telemetry = telemetry or setup_telemetry()
     config = config or EngineConfig()
-    runtime = start_runtime(model, config, telemetry, draft)
-    server = LumenServer(ModelRegistry([runtime]), telemetry, config, capture_content)
+    runtime = start_runtime(model, config, telemetry, draft, stream_buffer_tokens)
+    server = LumenServer(ModelRegistry([runtime]), telemetry, config, capture_content, limits)
     port = await server.start("127.0.0.1", 0)
     target = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(target)
+    channel = grpc.aio.insecure_channel(target, options=list(channel_options))
     return Harness(server, runtime, pb_grpc.InferenceStub(channel), channel, target)
 
 
