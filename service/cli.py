@@ -12,6 +12,8 @@ import grpc
 from lumen.load.cli import add_bench_parser, cmd_bench
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# lumen.engine.core.async_engine's default, spelled out so that parsing arguments does not import torch.
+DEFAULT_STREAM_BUFFER_TOKENS = 256
 # engine.speculative.SpecMethod's values, spelled out so that parsing arguments does not import torch.
 SPEC_METHODS = ("none", "ngram", "draft", "layer_skip")
 MAX_SPECULATIVE_TOKENS = 16
@@ -81,11 +83,25 @@ def _serve_parser(sub) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_new_tokens of requests that do not set it (clipped to the context)")
+    _limit_options(p)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=["json", "text"], default="json",
                    help="json: one object per line with trace_id/span_id; text: the classic line")
     _tracing_options(p)
     _speculative_options(p)
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits on requests and slow clients")
+    g.add_argument("--max-prompt-bytes", type=parse_bytes, default="1MiB", metavar="SIZE",
+                   help="largest prompt (and Tokenize text) accepted, checked before tokenizing")
+    g.add_argument("--max-stop-sequences", type=_int_in_range(1), default=16, metavar="N",
+                   help="stop strings one request may set (each at most 256 characters)")
+    g.add_argument("--stream-buffer-tokens", type=_int_in_range(1), default=DEFAULT_STREAM_BUFFER_TOKENS,
+                   metavar="N", help="undelivered tokens (top-logprob alternatives included) a stream may "
+                                     "hold before its request waits for the client to read")
+    g.add_argument("--stream-write-timeout", type=_float_at_least_0, default=60.0, metavar="SECONDS",
+                   help="cancel a stream whose client accepts no message for this long (0: never)")
 
 
 def _tracing_options(p: argparse.ArgumentParser) -> None:
@@ -197,11 +213,24 @@ def _serve(args: argparse.Namespace) -> int:
                 method=SpecMethod(args.speculative), num_tokens=args.num_speculative_tokens,
                 layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch,
                 adaptive=args.adaptive_speculative_tokens)),
-        draft_model=args.draft_model, capture_content=args.trace_content)
+        draft_model=args.draft_model, capture_content=args.trace_content,
+        limits=_limits(args),
+        stream_buffer_tokens=args.stream_buffer_tokens)
     loaded = load_models(config.models, config.dtype)
     draft = load_with_progress(config.draft_model, config.dtype) if config.draft_model else None
     asyncio.run(run_server(config, setup_telemetry(), loaded, draft))
     return 0
+
+
+def _limits(args: argparse.Namespace):
+    from lumen.service.limits import RequestLimits
+    from lumen.service.server import ServerConfigError
+
+    try:
+        return RequestLimits(max_prompt_bytes=args.max_prompt_bytes, max_stop_sequences=args.max_stop_sequences,
+                             stream_write_timeout_s=args.stream_write_timeout)
+    except ValueError as exc:
+        raise ServerConfigError(f"bad limit: {exc}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -132,7 +132,11 @@ async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[Lo
                      draft: LoadedModel | None = None) -> None:
     registry = build_registry(loaded, config.engine, telemetry, draft, config.stream_buffer_tokens)
     server = LumenServer(registry, telemetry, config.engine, config.capture_content, config.limits)
-    port = await server.start(config.host, config.port)
+    try:
+        port = await server.start(config.host, config.port)
+    except BaseException:
+        await server.stop(0)  # the engines' threads and the exporters end with it
+        raise
     names = ", ".join(rt.name for rt in registry)
     log.info("serving %s on %s:%d", names, config.host, port)
     print(f"lumen: serving {names} on {config.host}:{port} (Ctrl-C to stop)", flush=True)

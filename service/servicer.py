@@ -10,7 +10,6 @@ request in the engine, and the request's spans end only after the engine's have.
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import grpc
 
@@ -111,17 +110,17 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.metrics.request_started()
             await self._stream(stream, runtime, rt, context, watch)
             status = "OK"
-        except (asyncio.CancelledError, CallEnded):
-            if not watch.fired:
+        except (asyncio.CancelledError, CallEnded) as exc:
+            if watch.fired:  # we cancelled it: its client took nothing for the write timeout
+                status, error = "RESOURCE_EXHAUSTED", StreamStalledError(
+                    f"the client accepted no message for {self.limits.stream_write_timeout_s:g} s; the server "
+                    "cancelled the stream (--stream-write-timeout)")
+                context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.set_details(str(error))
+            else:
                 status = self._cancelled_status(context)
-                if isinstance(sys.exc_info()[1], asyncio.CancelledError):
-                    raise
-                return
-            _uncancel()
-            status, error = "RESOURCE_EXHAUSTED", StreamStalledError(
-                f"the client accepted no message for {self.limits.stream_write_timeout_s:g} s; the server "
-                "cancelled the stream (--stream-write-timeout)")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         except Exception as exc:
             code = status_for(exc)
             status, error = code.name, exc
@@ -215,10 +214,3 @@ class InferenceService(pb_grpc.InferenceServicer):
                 parameter_count=m.parameter_count, context_length=cfg.context_length,
                 vocab_size=cfg.vocab_size, path=m.path.name, is_default=rt is self.registry.default))
         return pb.ListModelsResponse(models=models)
-
-
-def _uncancel() -> None:
-    """Clear the current task's cancellation (Python 3.11+), once its cause has been handled."""
-    task = asyncio.current_task()
-    if task is not None and hasattr(task, "uncancel"):
-        task.uncancel()

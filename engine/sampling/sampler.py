@@ -10,6 +10,12 @@ import torch
 
 from lumen.engine.errors import InvalidRequestError
 
+# vLLM raises temperatures below 0.01 to 0.01; Lumen refuses them instead of changing the request.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
+# The API's floats are float32: 0.01 arrives as 0.0099999998. The bounds allow that rounding.
+_F32_ROUNDING = 1 - 1e-6
+
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
@@ -21,16 +27,20 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError("sampling.temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        t, penalty = self.temperature, self.repetition_penalty
+        # Outside these ranges the sampler's float32 arithmetic overflows (logits / 1e-40 is inf).
+        if not (t == 0 or _F32_ROUNDING * MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise InvalidRequestError("sampling.temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                                                              f"{MAX_TEMPERATURE:g}], got {t}")
         if self.top_k < 0:
             raise InvalidRequestError("sampling.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         if not (0 < self.top_p <= 1):
             raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
         if not (0 <= self.min_p <= 1):
             raise InvalidRequestError("sampling.min_p", f"must be in [0, 1], got {self.min_p}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise InvalidRequestError("sampling.repetition_penalty", f"must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
+        if not _F32_ROUNDING * MIN_PENALTY <= penalty <= MAX_PENALTY:
+            raise InvalidRequestError("sampling.repetition_penalty", f"must be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] "
+                                                                     f"(1 = off), got {penalty}")
         if self.seed is not None and not (0 <= self.seed < 2**64):
             raise InvalidRequestError("sampling.seed", f"must be in [0, 2^64), got {self.seed}")
 

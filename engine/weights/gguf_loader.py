@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, LlamaFileType
 
 from lumen.engine.errors import ModelLoadError
 from lumen.engine.model.config import ModelConfig
@@ -39,6 +39,33 @@ from lumen.engine.weights.resident import ResidentArena
 
 SUPPORTED_TYPES = tuple(QUANT_TYPES)
 F32 = GGMLQuantizationType.F32
+
+
+class TruncatedFile(ValueError):
+    """The file ends before its last tensor's data does."""
+
+    def __init__(self, needed: int, actual: int) -> None:
+        super().__init__(f"the file is truncated: its tensors need {needed:,} bytes, the file has {actual:,} "
+                         f"({needed - actual:,} missing); download or copy it again")
+
+
+class _CheckedReader(GGUFReader):
+    """gguf-py's reader, which first checks that every tensor's data lies inside the file: a cut
+    file otherwise fails later with a numpy reshape error that names nothing."""
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        needed = start_offs
+        try:
+            for field in fields:
+                _, _, _, dims, raw_type, offset = field.parts   # gguf-py's layout of a tensor-info field
+                block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+                n_elements = int(np.prod(dims.astype(object)))   # Python ints: damaged dims cannot wrap
+                needed = max(needed, start_offs + int(offset[0]) + n_elements * type_size // block_size)
+        except (KeyError, ValueError):
+            needed = 0  # a damaged tensor info: gguf-py's own checks below name the problem
+        if needed > len(self.data):
+            raise TruncatedFile(needed, len(self.data))
+        super()._build_tensors(start_offs, fields)
 
 
 def read_metadata(reader: GGUFReader) -> dict:
@@ -169,10 +196,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, name: str | 
         raise ModelLoadError(f"{path}: no such model file")
     try:
         # Copy-on-write: torch can wrap the pages without a copy and without warnings.
-        reader = GGUFReader(path, "c")
+        reader = _CheckedReader(path, "c")
         fd = os.open(path, os.O_RDONLY)
+    except TruncatedFile as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
     except (ValueError, IndexError, OSError) as exc:
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc}; the file has {path.stat().st_size:,} "
+                             "bytes: is it cut short?)") from exc
     try:
         tokenizer = Tokenizer.from_reader(reader)
         meta = read_metadata(reader)

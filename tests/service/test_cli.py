@@ -5,11 +5,13 @@ import asyncio
 
 import pytest
 
+from lumen.engine.core.async_engine import DEFAULT_STREAM_BUFFER_TOKENS
 from lumen.engine.demo.synthetic import SyntheticShape, VocabMetadata, write_synthetic_llama
 from lumen.engine.speculative import SpecMethod
 from lumen.engine.speculative.config import MAX_SPECULATIVE_TOKENS
 from lumen.service import cli, server
 from lumen.service.cli import main
+from lumen.service.limits import RequestLimits
 
 TINY = SyntheticShape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, context_length=128)
 
@@ -24,6 +26,27 @@ def other_vocab(size: int) -> VocabMetadata:
 def test_cli_knows_the_engines_methods_and_limit():
     assert cli.SPEC_METHODS == tuple(m.value for m in SpecMethod)
     assert cli.MAX_SPECULATIVE_TOKENS == MAX_SPECULATIVE_TOKENS
+
+
+def test_cli_limit_defaults_are_the_servers():
+    args = cli.build_parser().parse_args(["serve"])
+    assert cli.DEFAULT_STREAM_BUFFER_TOKENS == DEFAULT_STREAM_BUFFER_TOKENS == args.stream_buffer_tokens
+    assert cli._limits(args) == RequestLimits()
+
+
+def test_a_limit_that_cannot_work_is_a_one_line_error(capsys, server_never_starts):
+    assert main(["serve", "--max-prompt-bytes", "0"]) == 1
+    assert "max_prompt_bytes must be >= 1" in one_line_error(capsys)
+
+
+def test_a_used_port_is_a_one_line_error(capsys, stories_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(stories_path), "--port", str(port), "--log-level", "ERROR"]) == 1
+    assert "in use" in one_line_error(capsys)
 
 
 @pytest.fixture

@@ -224,3 +224,19 @@ async def test_cli_propagates_a_sampled_context_without_its_own_exporter(stories
     (server,) = [s for s in spans if s.kind == "SERVER"]
     assert server.trace_id == summary.trace_id and server.parent_span_id != ""
     assert not [s for s in spans if s.kind == "CLIENT"]
+
+
+async def test_genai_attribute_types_and_required_metric_attributes(stories_model, receiver):
+    """top_k is a double in the GenAI conventions; every gen_ai.server.* point carries the
+    required gen_ai.provider.name."""
+    req = greedy()
+    req.sampling.top_k = 40
+    _, spans, metrics = await run_and_collect(receiver, stories_model, [generate(req)])
+    (completion,) = [s for s in spans if s.name.startswith("text_completion")]
+    top_k = completion.attributes["gen_ai.request.top_k"]
+    assert isinstance(top_k, float) and top_k == 40.0
+    server_metrics = [m for name, m in metrics.items() if name.startswith("gen_ai.server.")]
+    assert {m.name for m in server_metrics} >= {"gen_ai.server.request.duration", "gen_ai.server.time_to_first_token"}
+    for metric in server_metrics:
+        for point in metric.points:
+            assert point.attributes["gen_ai.provider.name"] == "lumen", metric.name

@@ -310,3 +310,41 @@ async def test_dashboard_queries_name_series_and_labels_lumen_exports(stories_mo
     assert not unknown, (f"dashboard queries name series Lumen does not export: {sorted(unknown)}; "
                          f"exported: {sorted(catalog)}")
     assert not problems, "\n".join(problems)
+
+
+# Scrape-config keys Prometheus 2.x does not know (it refuses a file that has them).
+PROMETHEUS_3_ONLY = ("metric_name_validation_scheme", "metric_name_escaping_scheme")
+
+
+def test_prometheus_config_matches_the_pinned_version_and_says_which_it_supports():
+    image = load_yaml("compose.yaml")["services"]["prometheus"]["image"]
+    major = int(re.fullmatch(r"prom/prometheus:v(\d+)\.\d+\.\d+", image)[1])
+    text = (ROOT / "deploy/prometheus/prometheus.yml").read_text()
+    uses_3_only = [key for key in PROMETHEUS_3_ONLY if re.search(rf"^\s*{key}:", text, re.M)]
+    if uses_3_only:
+        assert major >= 3, f"{uses_3_only} need Prometheus 3, compose pins {image}"
+        assert "Supported: Prometheus 3.0 and newer" in text and "2.x" in text
+        assert "Prometheus 3.0 and newer" in (ROOT / "deploy/README.md").read_text()
+
+
+def test_prometheus_config_passes_promtool():
+    """With a promtool on PATH: 3.x checks the file as it is; 2.x (Debian's) the file without
+    its 3.x-only lines, as deploy/README.md tells a 2.x user to run it."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("no promtool on PATH (Debian's prometheus package has one)")
+    version = subprocess.run([promtool, "--version"], capture_output=True, text=True).stdout
+    major = int(re.search(r"version (\d+)\.", version)[1])
+    text = (ROOT / "deploy/prometheus/prometheus.yml").read_text()
+    if major < 3:
+        text = "\n".join(line for line in text.splitlines()
+                         if not any(re.match(rf"\s*{key}:", line) for key in PROMETHEUS_3_ONLY))
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as config:
+        config.write(text)
+        config.flush()
+        checked = subprocess.run([promtool, "check", "config", config.name], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

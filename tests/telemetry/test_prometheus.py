@@ -6,6 +6,7 @@ the Telemetry which port it got, so nothing races for a fixed port.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import socket
 import sys
@@ -18,6 +19,7 @@ from lumen.telemetry import Telemetry, TelemetryConfigError, setup_telemetry
 from lumen.v1 import inference_pb2 as pb
 from tests.otlp_receiver import OtlpReceiver
 from tests.service.conftest import start_harness
+from tests.telemetry.test_operator_stack import DASHBOARD, dashboard_targets, parse_promql, prometheus_names
 
 needs_prometheus = pytest.mark.skipif(
     importlib.util.find_spec("opentelemetry.exporter.prometheus") is None,
@@ -136,3 +138,54 @@ def test_prometheus_is_for_metrics_only(monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "prometheus")
     with pytest.raises(TelemetryConfigError, match="OTEL_TRACES_EXPORTER.*prometheus"):
         setup_telemetry()
+
+
+
+# Counters that stay absent until their event happens (the SDK exports no point before the first add).
+EVENT_ONLY = {"lumen_engine_preemptions_total"}
+
+
+def scraped_series(text: str) -> set[str]:
+    return {re.match(r"[a-zA-Z_:][\w:]*", line)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def dashboard_series() -> set[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return {name for target in dashboard_targets(dashboard) for name in parse_promql(target["expr"]).names}
+
+
+async def exercised_server_series(stories_model, monkeypatch) -> tuple[set[str], set[str]]:
+    """Run requests that touch every instrument; (series scraped directly, series the collector makes)."""
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp,prometheus")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")
+        telemetry = setup_telemetry()
+        harness = await start_harness(stories_model, telemetry)
+        try:
+            for method in ("", "ngram", ""):   # the repeat hits the prefix cache
+                req = pb.GenerateRequest(prompt="Once upon a time, once upon a time, once upon a time " * 2)
+                req.sampling.temperature = 0
+                req.stopping.max_new_tokens, req.stopping.ignore_eos = 24, True
+                req.speculative.method = method
+                [m async for m in harness.stub.Generate(req)]
+            text = scrape(telemetry)
+            telemetry.force_flush()
+            received = receiver.wait_for_metrics(lambda m: any(x.name == "lumen.speculative.drafts" for x in m))
+        finally:
+            await harness.close()
+    via_collector = {series for m in received
+                     for series in prometheus_names(m.name, m.unit, m.data_type, m.is_monotonic)}
+    return scraped_series(text), via_collector
+
+
+@needs_prometheus
+async def test_both_metric_paths_give_the_dashboard_the_same_names(stories_model, prometheus_env, monkeypatch):
+    """OTEL_METRICS_EXPORTER=prometheus and the collector's exporter name every series alike."""
+    direct, via_collector = await exercised_server_series(stories_model, monkeypatch)
+    ours = {n for n in via_collector if n.startswith(("lumen_", "gen_ai_"))}
+    assert ours <= direct, f"named differently on the direct endpoint: {sorted(ours - direct)}"
+    wanted = dashboard_series()
+    assert "lumen_kv_cache_usage_ratio" in wanted and len(wanted) > 15
+    assert wanted - EVENT_ONLY <= direct, f"dashboard queries missing from the scrape: {sorted(wanted - direct)}"

@@ -103,6 +103,14 @@ def test_truncated_and_garbage_files_fail_cleanly(tmp_path, vocab):
             load_gguf(tmp_path / name)
 
 
+def test_a_truncated_file_says_so_with_the_sizes(tmp_path, vocab):
+    data = write_tiny(tmp_path / "m.gguf", vocab).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ModelLoadError, match=rf"cut\.gguf: the file is truncated: its tensors need {len(data):,} "
+                                             rf"bytes, the file has {len(data) - 1000:,} \(1,000 missing\)"):
+        load_gguf(tmp_path / "cut.gguf")
+
+
 def test_randomly_corrupted_files_load_or_fail_cleanly(tmp_path, vocab):
     """Bytes flipped anywhere in the header, metadata or tensor infos: a clean ModelLoadError
     naming the file, or (damage inside tensor data or token text) a model that loads. Never
