@@ -32,14 +32,6 @@ from lumen.telemetry import EngineMetrics, Telemetry, extract_context
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
 
-STATUS_FOR = {
-    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
-    EngineStoppedError: grpc.StatusCode.UNAVAILABLE,
-    DuplicateRequestError: grpc.StatusCode.ALREADY_EXISTS,
-    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
 
 class StreamStalledError(LumenError):
     """The client accepted no message for the stream write timeout (gRPC RESOURCE_EXHAUSTED)."""
@@ -75,12 +67,20 @@ class WriteWatch:
                 timer.cancel()
 
 
+STATUS_FOR = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    EngineStoppedError: grpc.StatusCode.UNAVAILABLE,
+    DuplicateRequestError: grpc.StatusCode.ALREADY_EXISTS,
+    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StreamStalledError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
     for kind, code in STATUS_FOR.items():
         if isinstance(exc, kind):
             return code
-    if isinstance(exc, StreamStalledError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
 
 
