@@ -149,7 +149,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     @staticmethod
     async def _stream(stream: RequestStream, runtime: ModelRuntime, rt: RequestTrace,
                       context: grpc.aio.ServicerContext, watch: WriteWatch) -> None:
-        """Write each output as it comes (several steps' tokens in one message when the client is behind)."""
+        """Write each output as it comes, one message per engine step."""
         async for out in stream:
             if out.finish_reason is FinishReason.ABORTED:
                 raise EngineStoppedError("the request was aborted by the server")

@@ -1,7 +1,7 @@
 """Tracing, metrics and logs for Lumen: the only place OpenTelemetry is configured.
 
-`service` and `engine` both import from here; this package must never import
-either of them.
+`lumen.service` and `lumen.engine` both import from here; this package must never
+import either of them.
 """
 
 from lumen.telemetry.logs import JsonFormatter, LogSetup, TextFormatter, current_trace_ids, setup_logging

@@ -1,0 +1,1 @@
+"""The step loop: requests in, `schedule() -> forward -> update` each step, outputs out."""

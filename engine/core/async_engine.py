@@ -1,12 +1,12 @@
 """Runs an `LLMEngine` on its own thread and streams each request's outputs to asyncio.
 
 The event loop only enqueues requests and drains one stream per request; the model never
-runs on the event-loop thread, and a slow reader never stalls a step. Each stream holds at
-most one pending output: deltas a reader has not taken yet are merged into it. When that
-output carries `stream_buffer_tokens` tokens or more (each top-logprob alternative counts as
-a token too), the engine holds the request (computes nothing for it; its slot goes to a
-waiting request if there is one) until the reader catches up: back-pressure per stream, so a
-client that stops reading costs a bounded amount of memory, never an unbounded queue.
+runs on the event-loop thread, and a slow reader never stalls a step. Each stream queues the
+outputs its reader has not taken yet, one per step. When they carry `stream_buffer_tokens`
+tokens or more (each top-logprob alternative counts as a token too), the engine holds the
+request (computes nothing for it; its slot goes to a waiting request if there is one) until
+the reader catches up: back-pressure per stream, so a client that stops reading costs a
+bounded amount of memory, never an unbounded queue.
 
 A request counts against capacity from `submit` until its consumer `release`s it, so a
 finished request whose output is still undelivered still counts. A consumer that stops
@@ -35,24 +35,10 @@ def output_weight(out: RequestOutput) -> int:
             + sum(1 + len(lp.top) for lp in out.prompt_logprobs))
 
 
-def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """One output carrying both steps' new tokens and text; counters and finish from the later."""
-    first.text += then.text
-    first.token_ids += then.token_ids
-    first.logprobs += then.logprobs
-    first.prompt_logprobs += then.prompt_logprobs
-    for name in ("finish_reason", "stop_sequence", "prompt_tokens", "completion_tokens", "cached_tokens",
-                 "draft_tokens", "accepted_tokens", "error"):
-        setattr(first, name, getattr(then, name))
-    return first
-
-
 class RequestStream:
     """The outputs of one request, in order; iteration ends after the finished output.
 
-    The engine thread `put`s outputs; the asyncio consumer iterates. While the consumer is
-    behind, new outputs merge into the one pending output (a message may then carry several
-    tokens, as with speculative decoding)."""
+    The engine thread `put`s outputs; the asyncio consumer iterates."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, on_drained: Callable[[], None],
                  buffer_tokens: int) -> None:
@@ -61,8 +47,8 @@ class RequestStream:
         self._loop = loop
         self._on_drained = on_drained   # wakes the engine thread when a held stream is drained
         self._lock = threading.Lock()
-        self._pending: RequestOutput | None = None
-        self._pending_weight = 0        # output_weight of _pending
+        self._pending: deque[RequestOutput] = deque()
+        self._pending_weight = 0        # output_weight of everything in _pending
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self.finished = False           # the engine is done with it (finished, failed or aborted)
@@ -75,11 +61,11 @@ class RequestStream:
     def put(self, item: RequestOutput | BaseException) -> None:
         """Engine thread: add an output (or an error that ends the stream)."""
         with self._lock:
-            was_empty = self._pending is None and self._error is None
+            was_empty = not self._pending and self._error is None
             if isinstance(item, BaseException):
                 self._error, self.finished = item, True
             else:
-                self._pending = item if self._pending is None else merge_outputs(self._pending, item)
+                self._pending.append(item)
                 self._pending_weight += output_weight(item)
                 self.finished = self.finished or item.finished or item.error is not None
         if was_empty:
@@ -91,12 +77,15 @@ class RequestStream:
     def _take(self) -> RequestOutput | BaseException | None:
         with self._lock:
             held = self.held
-            item, self._pending, self._pending_weight = self._pending, None, 0
-            if item is None:
+            if self._pending:
+                item = self._pending.popleft()
+                self._pending_weight -= output_weight(item)
+            else:
                 item, self._error = self._error, None
             if item is None:
                 self._ready.clear()
-        if held:
+            drained = held and not self.held
+        if drained:
             self._on_drained()
         return item
 
