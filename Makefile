@@ -12,13 +12,21 @@ PORT   ?= 50051
 MODEL_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test setup setup-test bench clean
+.PHONY: serve test sanitize setup setup-test bench clean
 
 serve: setup
 	$(BIN)/lumen serve --host $(HOST) --port $(PORT) $(MODEL_ARGS)
 
 test: setup-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The C kernels' tests once more, with the library built under AddressSanitizer and UBSan
+# (a separate build, cached apart; the first takes a few minutes).
+SANITIZERS = $(shell $${CC:-cc} -print-file-name=libasan.so) $(shell $${CC:-cc} -print-file-name=libubsan.so)
+sanitize: setup-test
+	LUMEN_NATIVE_SANITIZE=1 LD_PRELOAD="$(SANITIZERS)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/engine/native $(PYTEST_ARGS)
 
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from lumen.engine.core.async_engine import DEFAULT_STREAM_BUFFER_TOKENS, AsyncEngine
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
 from lumen.engine.errors import LumenError
+from lumen.engine.native import library as native_library
 from lumen.engine.speculative import SpecMethod
 from lumen.engine.weights.loaded_model import LoadedModel
 from lumen.service.handlers import add_inference_service
@@ -128,8 +129,18 @@ class LumenServer:
         await asyncio.to_thread(self.telemetry.shutdown)  # bounded (about 5 s) even with a dead collector
 
 
+def _log_kernels() -> None:
+    """Say how the CPU kernels run here: a CPU they have no vector path for gets a warning."""
+    line = native_library.describe()
+    if native_library.vector_isa() is None:
+        log.warning(line)
+    else:
+        log.info(line)
+
+
 async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel],
                      draft: LoadedModel | None = None) -> None:
+    _log_kernels()
     registry = build_registry(loaded, config.engine, telemetry, draft, config.stream_buffer_tokens)
     server = LumenServer(registry, telemetry, config.engine, config.capture_content, config.limits)
     try:

@@ -164,11 +164,9 @@ class LlamaModel:
         return layer.wo(out.reshape(-1, nh * hd))
 
     def _rowwise_start(self, batch: ForwardBatch, num_layers: int) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """(residual stream x, its first norm h, the norm after each layer) for the C paths,
-        once this step's positions and KV slots are checked against the tables they index."""
+        """(residual stream x, its first norm h, the norm after each layer) for the C paths (which
+        check this step's positions and KV slots against the tables they index)."""
         cfg = self.cfg
-        native.check_positions_slots(batch.positions, batch.attn.slot_mapping, self.rope.cos.shape[0],
-                                     self.kv.keys[0].numel() // (cfg.n_kv_heads * cfg.head_dim))
         x = self.w.embed(batch.token_ids).contiguous()   # [num_tokens, dim]
         h = torch.empty_like(x)                           # normed input of the next matmul
         norms = [layer.attn_norm for layer in self.w.layers[:num_layers]] + [self.w.norm]
@@ -216,7 +214,10 @@ class LlamaModel:
         step = native.StepStruct(rows=rows, dim=cfg.dim, ffn=cfg.ffn_dim, nq=nh, nkv=nkv, hd=hd,
                                  rope_dim=self.rope.rope_dim, block_size=self.kv.keys[0].shape[1],
                                  nthreads=torch.get_num_threads(), eps=eps, scale=self.scale,
-                                 ldbt=block_tables.stride(0), **{k: t.data_ptr() for k, t in tensors.items()})
+                                 ldbt=block_tables.stride(0), rope_positions=self.rope.cos.shape[0],
+                                 num_blocks=self.kv.keys[0].shape[0], n_seqs=block_tables.shape[0],
+                                 table_width=block_tables.shape[1],
+                                 **{k: t.data_ptr() for k, t in tensors.items()})
         for index, layer in enumerate(layers):
             native.layer_forward(layer, step, norms[index + 1])
         return self.w.output(h[batch.logits_indices]).float()

@@ -1,6 +1,8 @@
 """Python entry points of the C kernels (see library.py for how they are built and loaded).
 
-Each function checks the tensors it is given before handing their addresses to C.
+Each function checks the tensors' dtypes and layouts before handing their addresses to C, and
+the C side checks every size and index it is given before it touches memory (qmatmul.h's
+error codes); a refusal becomes a `NativeInputError` saying what was wrong.
 """
 from __future__ import annotations
 
@@ -10,7 +12,36 @@ import torch
 
 from lumen.engine.native.library import LayerStruct, LinearStruct, NativeUnavailable, StepStruct, available, library
 
-__all__ = ["LayerStruct", "LinearStruct", "NativeUnavailable", "StepStruct", "available", "library"]
+__all__ = ["LayerStruct", "LinearStruct", "NativeInputError", "NativeUnavailable", "StepStruct", "available",
+           "library"]
+
+# qmatmul.h's return codes.
+OK, E_TYPE, E_NOMEM, E_SHAPE, E_INDEX = 0, -1, -2, -3, -4
+
+
+class NativeInputError(ValueError):
+    """A C kernel refused what it was given (a type it cannot decode, rows that do not hold k
+    values, an index out of range); the message says which."""
+
+
+def rows_problem(qtype: int, row_bytes: int, k: int) -> str:
+    """Why rows of `row_bytes` bytes cannot hold `k` values of `qtype` (for an error message)."""
+    layout = block_layout(qtype)
+    if layout is None:
+        return f"cannot decode GGML type {qtype} (the C kernels have no decoder for it)"
+    bs, ts = layout
+    if k <= 0 or k % bs:
+        return f"k = {k} is not a positive multiple of GGML type {qtype}'s {bs}-value blocks"
+    return f"a row of {k} values of GGML type {qtype} takes {k // bs * ts} bytes, the rows given have {row_bytes}"
+
+
+def _check(rc: int, what: str, problem) -> None:
+    """Raise for a C entry point's error code; `problem()` describes an input it refused."""
+    if rc == OK:
+        return
+    if rc == E_NOMEM:
+        raise MemoryError(f"{what} could not allocate its buffers")
+    raise NativeInputError(f"{what}: {problem()}")
 
 
 def block_layout(qtype: int) -> tuple[int, int] | None:
@@ -44,19 +75,19 @@ def qmatmul_checked_weight(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: 
     x and y of the right shapes: the per-call path of lumen.engine.model.linear.NativeQuantLinear."""
     rc = library().lumen_qmatmul(qtype, raw_ptr, row_bytes, n, k, x.data_ptr(), x.shape[0], x.stride(0),
                                  y.data_ptr(), y.stride(0), torch.get_num_threads())
-    if rc == -2:
-        raise MemoryError("lumen_qmatmul could not allocate its tile buffer")
-    if rc != 0:
-        raise ValueError(f"lumen_qmatmul cannot decode GGML type {qtype}")
+    _check(rc, "lumen_qmatmul", lambda: rows_problem(qtype, row_bytes, k))
 
 
 def decode_rows(qtype: int, raw: torch.Tensor, k: int) -> torch.Tensor:
     """Decode GGUF rows (uint8 [n, row_bytes]) to float32 [n, k] with the C decoders."""
     raw = raw.contiguous()
+    assert raw.dtype == torch.uint8 and raw.dim() == 2, f"raw must be uint8 [n, row_bytes], got {raw.dtype}"
     out = torch.empty((raw.shape[0], k), dtype=torch.float32)
     lib = library()
+    row_bytes = raw.shape[1]
     for i in range(raw.shape[0]):
-        lib.lumen_decode_row(int(qtype), raw[i].data_ptr(), k, out[i].data_ptr())
+        rc = lib.lumen_decode_row(int(qtype), raw[i].data_ptr(), row_bytes, k, out[i].data_ptr())
+        _check(rc, "lumen_decode_row", lambda: rows_problem(int(qtype), row_bytes, k))
     return out
 
 
@@ -86,9 +117,12 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     rc = library().lumen_paged_attention_rows(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
         block_tables.data_ptr(), block_tables.stride(0), rows.data_ptr(), seqs.data_ptr(), ctx_lens.data_ptr(),
-        rows.numel(), nh, nkv, hd, block_size, scale, out.data_ptr(), out.stride(0), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("lumen_paged_attention_rows could not allocate its score buffers")
+        rows.numel(), nh, nkv, hd, block_size, scale, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        q.shape[0], block_tables.shape[0], block_tables.shape[1], k_cache.shape[0])
+    _check(rc, "lumen_paged_attention_rows", lambda: (
+        f"a query row, sequence, context length or block id is out of range (q has {q.shape[0]} rows, the block "
+        f"table {block_tables.shape[0]} sequences of {block_tables.shape[1]} blocks, the cache "
+        f"{k_cache.shape[0]} blocks of {block_size})"))
 
 
 # The row-wise work between matmuls (rowwise.c). Callers (lumen.engine.model.llama's native
@@ -113,27 +147,34 @@ def add_rms_norm(x: torch.Tensor, dx: torch.Tensor | None, weight: torch.Tensor,
 def rope_store(qkv: torch.Tensor, nq: int, nkv: int, hd: int, rope_dim: int, positions: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                slots: torch.Tensor) -> None:
-    """RoPE on qkv's query and key heads in place, then its keys and values into cache slots.
-    `positions` and `slots` must have passed `check_positions_slots` for these tables and caches
-    (once per step: every layer uses the same)."""
+    """RoPE on qkv's query and key heads in place, then its keys and values into cache slots
+    (positions and slots checked against the tables and caches first, in C)."""
     rows = qkv.shape[0]
     assert _rows_ok(qkv, (nq + 2 * nkv) * hd) and positions.dtype == slots.dtype == torch.int64
     assert positions.numel() == slots.numel() == rows and positions.is_contiguous() and slots.is_contiguous()
     assert k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert cos.shape == sin.shape and cos.shape[1] == rope_dim // 2 and cos.is_contiguous() and sin.is_contiguous()
     assert k_cache.shape[-2:] == (nkv, hd) and k_cache.shape == v_cache.shape
-    library().lumen_rope_store(qkv.data_ptr(), qkv.stride(0), rows, nq, nkv, hd, rope_dim, positions.data_ptr(),
-                               cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                               slots.data_ptr())
+    cache_rows = k_cache.numel() // (nkv * hd)
+    rc = library().lumen_rope_store(qkv.data_ptr(), qkv.stride(0), rows, nq, nkv, hd, rope_dim, positions.data_ptr(),
+                                    cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                    slots.data_ptr(), cos.shape[0], cache_rows)
+    _check(rc, "lumen_rope_store", lambda: positions_slots_problem(positions, slots, cos.shape[0], cache_rows))
+
+
+def positions_slots_problem(positions: torch.Tensor, slots: torch.Tensor, table_rows: int, cache_rows: int) -> str:
+    if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < table_rows):
+        return f"position outside the RoPE table of {table_rows} positions"
+    return f"KV slot outside the cache's {cache_rows} slots"
 
 
 def check_positions_slots(positions: torch.Tensor, slots: torch.Tensor, table_rows: int, cache_rows: int) -> None:
     """Refuse positions beyond the RoPE table or KV slots outside a cache of `cache_rows` rows."""
-    if positions.numel():
-        if not (0 <= int(positions.min()) and int(positions.max()) < table_rows):
-            raise ValueError(f"position outside the RoPE table of {table_rows} positions")
-        if not (0 <= int(slots.min()) and int(slots.max()) < cache_rows):
-            raise ValueError(f"KV slot outside the cache's {cache_rows} slots")
+    assert positions.dtype == slots.dtype == torch.int64 and positions.numel() == slots.numel()
+    positions, slots = positions.contiguous(), slots.contiguous()
+    rc = library().lumen_check_positions_slots(positions.data_ptr(), slots.data_ptr(), positions.numel(),
+                                               table_rows, cache_rows)
+    _check(rc, "positions and slots", lambda: positions_slots_problem(positions, slots, table_rows, cache_rows))
 
 
 def silu_mul(h: torch.Tensor, out: torch.Tensor) -> None:
@@ -154,9 +195,11 @@ def linear_struct(parts: list[tuple[int, torch.Tensor]]) -> LinearStruct:
 
 
 def layer_forward(layer: LayerStruct, step: StepStruct, next_norm: torch.Tensor) -> None:
-    """Run one decoder layer (layer.h); the caller built both structures from checked tensors."""
+    """Run one decoder layer (layer.h); its sizes and indices are checked in C before any write."""
     rc = library().lumen_layer_forward(ctypes.byref(layer), ctypes.byref(step), next_norm.data_ptr())
-    if rc == -2:
-        raise MemoryError("lumen_layer_forward could not allocate its buffers")
-    if rc != 0:
-        raise ValueError("lumen_layer_forward met a weight type its matmul cannot decode")
+    _check(rc, "lumen_layer_forward", lambda: {
+        E_TYPE: "cannot decode a weight's GGML type (the C kernels have no decoder for it)",
+        E_SHAPE: "a weight's rows do not hold its input's values, or its parts do not add up to the layer's width",
+        E_INDEX: (f"a position, KV slot, sequence or block id is out of range (RoPE table {step.rope_positions} "
+                  f"positions, cache {step.num_blocks} blocks, block table {step.n_seqs} x {step.table_width})"),
+    }.get(rc, f"error {rc}"))

@@ -36,7 +36,19 @@ SOURCES = ("qmatmul.c", "attention.c", "rowwise.c", "layer.c")
 HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "rowwise.h", "layer.h", "simd.h")
 # No implicit fused multiply-adds: the decoders are bit-exact with ggml's only unfused, and
 # the matmul spells its fma out.
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-psabi")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-std=gnu11", "-fopenmp", "-ffp-contract=off",
+         "-Wall", "-Werror", "-Wno-psabi")
+# LUMEN_NATIVE_SANITIZE=1 builds (and caches apart) a library under AddressSanitizer and UBSan,
+# for `make sanitize`; loading it needs the sanitizer runtimes preloaded (the Makefile does that).
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+                  "-g")
+
+
+def _flags() -> tuple[str, ...]:
+    if os.environ.get("LUMEN_NATIVE_SANITIZE") != "1":
+        return FLAGS
+    # -O1: at -O3 the instrumented kernels take a quarter of an hour to compile on 2 cores.
+    return tuple("-O1" if flag == "-O3" else flag for flag in FLAGS) + SANITIZE_FLAGS
 
 
 class NativeUnavailable(RuntimeError):
@@ -53,6 +65,26 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+# The AVX-512 subsets the kernels' vector paths are written for (simd.h, decoders.h).
+VECTOR_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+
+
+def vector_isa() -> str | None:
+    """The vector instruction set the C kernels use on this CPU (they are built with
+    -march=native), or None where they run scalar code: every CPU without AVX-512 today."""
+    flags = set(_cpu_signature().split())
+    return "AVX-512" if all(f in flags for f in VECTOR_FLAGS) else None
+
+
+def describe() -> str:
+    """One line for the server's log: how the C kernels will run here."""
+    isa = vector_isa()
+    if isa is not None:
+        return f"C kernels: {isa} vector paths ({platform.machine()}, built with -march=native)"
+    return (f"C kernels: no vector path for this CPU ({platform.machine()}, no AVX-512): they run scalar code, "
+            "8-20x slower than llama.cpp on the same machine (BENCHMARKS.md, Machines)")
+
+
 def _compiler() -> str:
     return os.environ.get("CC") or "cc"
 
@@ -61,7 +93,7 @@ def _digest(cc: str) -> str:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
-    h.update(repr((FLAGS, platform.machine(), _cpu_signature())).encode())
+    h.update(repr((_flags(), platform.machine(), _cpu_signature())).encode())
     try:
         h.update(subprocess.run([cc, "--version"], capture_output=True, check=True).stdout)
     except (OSError, subprocess.CalledProcessError) as exc:
@@ -77,10 +109,11 @@ def _build(target: Path, cc: str, source_dir: Path = SOURCE_DIR) -> None:
         objects = []
         for name in SOURCES:
             obj = Path(tmp) / (name + ".o")
-            _run([cc, *FLAGS, "-c", str(source_dir / name), "-o", str(obj)])
+            _run([cc, *_flags(), "-c", str(source_dir / name), "-o", str(obj)])
             objects.append(str(obj))
         out = Path(tmp) / target.name
-        _run([cc, "-shared", "-fopenmp", *objects, "-o", str(out), "-lm"])
+        sanitize = [f for f in _flags() if f.startswith("-fsanitize")]
+        _run([cc, "-shared", "-fopenmp", *sanitize, *objects, "-o", str(out), "-lm"])
         os.replace(out, target)    # atomic: a racing build renames identical bytes
 
 
@@ -109,18 +142,23 @@ def load(path: Path) -> ctypes.CDLL:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.lumen_block_layout.argtypes = [i32, ctypes.POINTER(i32), ctypes.POINTER(i32)]
     lib.lumen_block_layout.restype = i32
-    lib.lumen_decode_row.argtypes = [i32, ptr, i64, ptr]
-    lib.lumen_decode_row.restype = None
+    lib.lumen_check_rows.argtypes = [i32, i64, i64]
+    lib.lumen_check_rows.restype = i32
+    lib.lumen_decode_row.argtypes = [i32, ptr, i64, i64, ptr]
+    lib.lumen_decode_row.restype = i32
     lib.lumen_qmatmul.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
     lib.lumen_qmatmul.restype = i32
     lib.lumen_paged_attention_rows.argtypes = [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, ptr, i64,
-                                               i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
+                                               i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32,
+                                               i64, i64, i64, i64]
     lib.lumen_paged_attention_rows.restype = i32
     f32 = ctypes.c_float
     lib.lumen_add_rms_norm.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, f32, ptr, i64]
     lib.lumen_add_rms_norm.restype = None
-    lib.lumen_rope_store.argtypes = [ptr, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr]
-    lib.lumen_rope_store.restype = None
+    lib.lumen_rope_store.argtypes = [ptr, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
+    lib.lumen_rope_store.restype = i32
+    lib.lumen_check_positions_slots.argtypes = [ptr, ptr, i64, i64, i64]
+    lib.lumen_check_positions_slots.restype = i32
     lib.lumen_silu_mul.argtypes = [ptr, i64, i64, i64, ptr, i64]
     lib.lumen_silu_mul.restype = None
     lib.lumen_layer_forward.argtypes = [ctypes.POINTER(LayerStruct), ctypes.POINTER(StepStruct), ptr]
@@ -157,4 +195,5 @@ class StepStruct(ctypes.Structure):
                 ("scale", ctypes.c_float)] + [(name, ctypes.c_void_p) for name in (
                     "x", "h", "qkv", "attn", "out", "gate_up", "act", "positions", "slots", "cos", "sin",
                     "block_tables")] + [("ldbt", _i64)] + [(name, ctypes.c_void_p) for name in (
-                        "attn_rows", "attn_seqs", "attn_ctx")]
+                        "attn_rows", "attn_seqs", "attn_ctx")] + [(name, _i64) for name in (
+                            "rope_positions", "num_blocks", "n_seqs", "table_width")]

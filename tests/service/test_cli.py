@@ -112,3 +112,12 @@ async def test_generate_prints_draft_tokens_in_its_summary(stories, capsys):
     argv = ["generate", "", "--server", stories.target, "--max-tokens", "5"]
     assert await asyncio.to_thread(main, argv) == 0
     assert "draft_tokens" not in capsys.readouterr().err
+
+
+def test_serve_warns_when_the_cpu_kernels_have_no_vector_path(monkeypatch, caplog):
+    from lumen.engine.native import library
+    monkeypatch.setattr(library, "_cpu_signature", lambda: "flags : fpu sse2 avx avx2 fma f16c")
+    with caplog.at_level("INFO", logger="lumen.service.server"):
+        server._log_kernels()
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "scalar" in record.getMessage()

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "qmatmul.h"
 #include "simd.h"
 
 static inline float dot(const float *a, const float *b, int n) {
@@ -41,11 +42,32 @@ static inline const float *cache_row(const void *cache, int bf16, int64_t offset
     return tmp;
 }
 
+int lumen_check_attention(const int32_t *block_tables, int64_t ldbt, const int64_t *rows, const int32_t *seqs,
+                          const int32_t *ctx_lens, int64_t n_rows, int nh, int nkv, int hd, int block_size,
+                          int64_t q_rows, int64_t n_seqs, int64_t table_width, int64_t num_blocks) {
+    if (n_rows < 0 || nh <= 0 || nkv <= 0 || nh % nkv != 0 || hd <= 0 || block_size <= 0 || table_width < 0
+        || (n_seqs > 0 && ldbt < table_width))
+        return LUMEN_E_SHAPE;
+    for (int64_t i = 0; i < n_rows; i++) {
+        if (rows[i] < 0 || rows[i] >= q_rows || seqs[i] < 0 || seqs[i] >= n_seqs || ctx_lens[i] < 0
+            || ctx_lens[i] > table_width * block_size)
+            return LUMEN_E_INDEX;
+        const int32_t *table = block_tables + (int64_t)seqs[i] * ldbt;
+        for (int64_t b = 0; b < (ctx_lens[i] + block_size - 1) / block_size; b++)
+            if (table[b] < 0 || table[b] >= num_blocks) return LUMEN_E_INDEX;
+    }
+    return LUMEN_OK;
+}
+
 int lumen_paged_attention_rows(const float *q, int64_t ldq, const void *k_cache, const void *v_cache,
                                int cache_bf16, const int32_t *block_tables, int64_t ldbt,
                                const int64_t *rows, const int32_t *seqs, const int32_t *ctx_lens,
                                int64_t n_rows, int nh, int nkv, int hd, int block_size, float scale,
-                               float *out, int64_t ldo, int nthreads) {
+                               float *out, int64_t ldo, int nthreads,
+                               int64_t q_rows, int64_t n_seqs, int64_t table_width, int64_t num_blocks) {
+    const int checked = lumen_check_attention(block_tables, ldbt, rows, seqs, ctx_lens, n_rows, nh, nkv, hd,
+                                              block_size, q_rows, n_seqs, table_width, num_blocks);
+    if (checked != LUMEN_OK) return checked;
     const int group = nh / nkv;
     int64_t max_ctx = 0;
     for (int64_t i = 0; i < n_rows; i++) max_ctx = ctx_lens[i] > max_ctx ? ctx_lens[i] : max_ctx;
@@ -106,5 +128,5 @@ int lumen_paged_attention_rows(const float *q, int64_t ldq, const void *k_cache,
         }
         free(buf);
     }
-    return failed ? -2 : 0;
+    return failed ? LUMEN_E_NOMEM : LUMEN_OK;
 }

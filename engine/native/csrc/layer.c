@@ -19,16 +19,46 @@ static int linear(const struct lumen_linear *l, const float *x, int64_t rows, in
     return 0;
 }
 
+/* Each part's rows hold k values, and the parts together give `width` outputs. */
+static int check_linear(const struct lumen_linear *l, int64_t k, int64_t width) {
+    int64_t n = 0;
+    if (l->parts < 1 || l->parts > 3) return LUMEN_E_SHAPE;
+    for (int p = 0; p < l->parts; p++) {
+        const int rc = lumen_check_rows(l->qtype[p], l->row_bytes[p], k);
+        if (rc != LUMEN_OK) return rc;
+        n += l->n[p];
+    }
+    return n == width ? LUMEN_OK : LUMEN_E_SHAPE;
+}
+
+static int check_layer(const struct lumen_layer *L, const struct lumen_step *S) {
+    const int64_t qkv_width = (int64_t)(S->nq + 2 * S->nkv) * S->hd, attn_width = (int64_t)S->nq * S->hd;
+    int rc;
+    if ((rc = check_linear(&L->qkv, S->dim, qkv_width)) || (rc = check_linear(&L->wo, attn_width, S->dim))
+        || (rc = check_linear(&L->gate_up, S->dim, 2 * S->ffn)) || (rc = check_linear(&L->down, S->ffn, S->dim)))
+        return rc;
+    if ((rc = lumen_check_positions_slots(S->positions, S->slots, S->rows, S->rope_positions,
+                                          S->num_blocks * S->block_size)))
+        return rc;
+    return lumen_check_attention(S->block_tables, S->ldbt, S->attn_rows, S->attn_seqs, S->attn_ctx, S->rows,
+                                 S->nq, S->nkv, S->hd, S->block_size, S->rows, S->n_seqs, S->table_width,
+                                 S->num_blocks);
+}
+
 int lumen_layer_forward(const struct lumen_layer *L, const struct lumen_step *S, const float *next_norm) {
     const int64_t rows = S->rows, dim = S->dim, ffn = S->ffn;
     const int64_t ldqkv = (int64_t)(S->nq + 2 * S->nkv) * S->hd, ldattn = (int64_t)S->nq * S->hd;
     int rc;
+    if ((rc = check_layer(L, S))) return rc;
     if ((rc = linear(&L->qkv, S->h, rows, dim, S->qkv, ldqkv, S->nthreads))) return rc;
-    lumen_rope_store(S->qkv, ldqkv, rows, S->nq, S->nkv, S->hd, S->rope_dim, S->positions, S->cos, S->sin,
-                     L->k_cache, L->v_cache, S->slots);
+    if ((rc = lumen_rope_store(S->qkv, ldqkv, rows, S->nq, S->nkv, S->hd, S->rope_dim, S->positions, S->cos,
+                               S->sin, L->k_cache, L->v_cache, S->slots, S->rope_positions,
+                               S->num_blocks * S->block_size)))
+        return rc;
     if ((rc = lumen_paged_attention_rows(S->qkv, ldqkv, L->k_cache, L->v_cache, 0, S->block_tables, S->ldbt,
                                          S->attn_rows, S->attn_seqs, S->attn_ctx, rows, S->nq, S->nkv, S->hd,
-                                         S->block_size, S->scale, S->attn, ldattn, S->nthreads)))
+                                         S->block_size, S->scale, S->attn, ldattn, S->nthreads, rows, S->n_seqs,
+                                         S->table_width, S->num_blocks)))
         return rc;
     if ((rc = linear(&L->wo, S->attn, rows, ldattn, S->out, dim, S->nthreads))) return rc;
     lumen_add_rms_norm(S->x, dim, S->out, dim, rows, dim, L->ffn_norm, S->eps, S->h, dim);

@@ -33,9 +33,14 @@ struct lumen_step {
     int64_t ldbt;
     const int64_t *attn_rows;
     const int32_t *attn_seqs, *attn_ctx;
+    /* Bounds every index is checked against before the first write: rows of the cos/sin
+     * tables, blocks of the KV cache, and the block tables' shape. */
+    int64_t rope_positions, num_blocks, n_seqs, table_width;
 };
 
 /* x += attention(h); h = norm(x); x += mlp(h); h = next_norm(x). Returns 0, -1 for a type the
  * matmul cannot decode, -2 when out of memory. */
+/* Returns LUMEN_OK, or an error (qmatmul.h) found by the checks that run before any write:
+ * a weight whose rows do not hold their k values, an index out of range, no memory. */
 int lumen_layer_forward(const struct lumen_layer *layer, const struct lumen_step *step, const float *next_norm);
 #endif

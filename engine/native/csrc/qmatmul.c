@@ -222,16 +222,26 @@ static int run_parallel(range_fn fn, const struct job *jb, int64_t units, int64_
     X(LUMEN_Q6_K, dec_q6_k, 256, 210)
 
 int lumen_block_layout(int qtype, int *block_size, int *type_size) {
-#define LAYOUT(id, fn, bs, ts) if (qtype == id) { *block_size = bs; *type_size = ts; return 0; }
+#define LAYOUT(id, fn, bs, ts) if (qtype == id) { *block_size = bs; *type_size = ts; return LUMEN_OK; }
     TYPES(LAYOUT)
 #undef LAYOUT
-    return -1;
+    return LUMEN_E_TYPE;
 }
 
-void lumen_decode_row(int qtype, const uint8_t *row, int64_t k, float *out) {
-#define DECODE(id, fn, bs, ts) if (qtype == id) { decode_row(fn, bs, ts, row, k, out); return; }
+int lumen_check_rows(int qtype, int64_t row_bytes, int64_t k) {
+    int bs, ts;
+    if (lumen_block_layout(qtype, &bs, &ts) != LUMEN_OK) return LUMEN_E_TYPE;
+    if (k <= 0 || k % bs != 0 || row_bytes != k / bs * ts) return LUMEN_E_SHAPE;
+    return LUMEN_OK;
+}
+
+int lumen_decode_row(int qtype, const uint8_t *row, int64_t row_bytes, int64_t k, float *out) {
+    const int rc = lumen_check_rows(qtype, row_bytes, k);
+    if (rc != LUMEN_OK) return rc;
+#define DECODE(id, fn, bs, ts) if (qtype == id) { decode_row(fn, bs, ts, row, k, out); return LUMEN_OK; }
     TYPES(DECODE)
 #undef DECODE
+    return LUMEN_E_TYPE;
 }
 
 #ifdef REGISTER_DECODERS
@@ -296,6 +306,9 @@ TYPES(RANGES)
 
 int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
                   const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+    const int rc = lumen_check_rows(qtype, row_bytes, K);
+    if (rc != LUMEN_OK) return rc;
+    if (N < 0 || M < 0 || ldx < K || ldy < N) return LUMEN_E_SHAPE;
     const struct job jb = {w, row_bytes, N, K, M, ldx, ldy, x, y};
 #ifdef REGISTER_DECODERS
 #define REGISTER_MATMUL(id, T)                                                               \
@@ -311,5 +324,5 @@ int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int
     }
     TYPES(MATMUL)
 #undef MATMUL
-    return -1;
+    return LUMEN_E_TYPE;
 }

@@ -10,16 +10,29 @@ enum {
     LUMEN_BF16 = 30,
 };
 
-/* Values per block and bytes per block of qtype; -1 when this library cannot decode it. */
+/* What every entry point returns. Each checks what it is given (types, row lengths, indices)
+ * before it touches memory, and returns one of these instead of reading out of bounds. */
+enum {
+    LUMEN_OK = 0,
+    LUMEN_E_TYPE = -1,    /* a type this library cannot decode */
+    LUMEN_E_NOMEM = -2,   /* a buffer could not be allocated */
+    LUMEN_E_SHAPE = -3,   /* a row's bytes do not hold k values of its type, or a size is negative */
+    LUMEN_E_INDEX = -4,   /* a position, slot, block id, sequence or row index out of range */
+};
+
+/* Values per block and bytes per block of qtype; LUMEN_E_TYPE when this library cannot decode it. */
 int lumen_block_layout(int qtype, int *block_size, int *type_size);
 
-/* Decode one row of k values (k a multiple of the block size) into out[k]. */
-void lumen_decode_row(int qtype, const uint8_t *row, int64_t k, float *out);
+/* LUMEN_OK when a row of row_bytes bytes holds exactly k values of qtype (k > 0), else an error. */
+int lumen_check_rows(int qtype, int64_t row_bytes, int64_t k);
+
+/* Decode one row of k values (row_bytes bytes of qtype blocks) into out[k]. */
+int lumen_decode_row(int qtype, const uint8_t *row, int64_t row_bytes, int64_t k, float *out);
 
 /* y[m * ldy + n] = sum_k x[m * ldx + k] * W[n][k] for m < M, n < N, where W's row n is the
  * GGUF blocks at w + n * row_bytes. Each output's float operations do not depend on M, N or
- * the thread count, so a row's result is the same alone or in any batch. Returns 0, or -1
- * for a type it cannot decode, -2 when out of memory. */
+ * the thread count, so a row's result is the same alone or in any batch. Returns LUMEN_OK or
+ * an error (unknown type, rows that do not hold K values, no memory). */
 int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
                   const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads);
 #endif

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "qmatmul.h"
 #include "rowwise.h"
 #include "simd.h"
 
@@ -30,9 +31,20 @@ void lumen_add_rms_norm(float *x, int64_t ldx, const float *dx, int64_t lddx, in
     }
 }
 
-void lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, int hd, int rope_dim,
-                      const int64_t *positions, const float *cos, const float *sin,
-                      float *k_cache, float *v_cache, const int64_t *slots) {
+int lumen_check_positions_slots(const int64_t *positions, const int64_t *slots, int64_t rows,
+                                int64_t positions_limit, int64_t slots_limit) {
+    for (int64_t r = 0; r < rows; r++)
+        if (positions[r] < 0 || positions[r] >= positions_limit || slots[r] < 0 || slots[r] >= slots_limit)
+            return LUMEN_E_INDEX;
+    return LUMEN_OK;
+}
+
+int lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, int hd, int rope_dim,
+                     const int64_t *positions, const float *cos, const float *sin,
+                     float *k_cache, float *v_cache, const int64_t *slots, int64_t positions_limit,
+                     int64_t slots_limit) {
+    const int checked = lumen_check_positions_slots(positions, slots, rows, positions_limit, slots_limit);
+    if (checked != LUMEN_OK) return checked;
     const int half = rope_dim / 2;
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * ldqkv;
@@ -49,6 +61,7 @@ void lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, 
         memcpy(k_cache + slots[r] * nkv * hd, row + (int64_t)nq * hd, kv_bytes);
         memcpy(v_cache + slots[r] * nkv * hd, row + (int64_t)(nq + nkv) * hd, kv_bytes);
     }
+    return LUMEN_OK;
 }
 
 void lumen_silu_mul(const float *h, int64_t ldh, int64_t rows, int64_t ffn, float *out, int64_t ldo) {

@@ -12,9 +12,15 @@ void lumen_add_rms_norm(float *x, int64_t ldx, const float *dx, int64_t lddx, in
  * the first rope_dim values of every query and key head by position positions[r] (GGUF pair layout,
  * cos/sin tables [context, rope_dim / 2]), then store the row's keys and values (float32) into
  * cache row slots[r] of k_cache / v_cache ([slots, nkv, hd]). */
-void lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, int hd, int rope_dim,
-                      const int64_t *positions, const float *cos, const float *sin,
-                      float *k_cache, float *v_cache, const int64_t *slots);
+int lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, int hd, int rope_dim,
+                     const int64_t *positions, const float *cos, const float *sin,
+                     float *k_cache, float *v_cache, const int64_t *slots, int64_t positions_limit,
+                     int64_t slots_limit);
+
+/* LUMEN_OK when every positions[r] < positions_limit (rows of the cos/sin tables) and every
+ * slots[r] < slots_limit (cache rows), none negative; LUMEN_E_INDEX otherwise. */
+int lumen_check_positions_slots(const int64_t *positions, const int64_t *slots, int64_t rows,
+                                int64_t positions_limit, int64_t slots_limit);
 
 /* out[r][j] = silu(h[r][j]) * h[r][ffn + j]: the gate and up halves of one gate/up matmul. */
 void lumen_silu_mul(const float *h, int64_t ldh, int64_t rows, int64_t ffn, float *out, int64_t ldo);
