@@ -12,7 +12,7 @@ PORT   ?= 50051
 MODEL_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test sanitize setup setup-test bench clean
+.PHONY: serve test sanitize test-isa setup setup-test bench clean
 
 serve: setup
 	$(BIN)/lumen serve --host $(HOST) --port $(PORT) $(MODEL_ARGS)
@@ -27,6 +27,12 @@ sanitize: setup-test
 	LUMEN_NATIVE_SANITIZE=1 LD_PRELOAD="$(SANITIZERS)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/engine/native $(PYTEST_ARGS)
+
+# The C kernels' tests with the library built for another instruction set this CPU can run
+# (default x86-64-v3: AVX2 + FMA + F16C without AVX-512), to check those code paths' bits.
+ISA ?= x86-64-v3
+test-isa: setup-test
+	LUMEN_NATIVE_MARCH=$(ISA) $(BIN)/python -m pytest -q -p no:cacheprovider tests/engine/native $(PYTEST_ARGS)
 
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test

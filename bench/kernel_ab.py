@@ -2,6 +2,11 @@
 
     cd bench && ../.venv/bin/python kernel_ab.py [--base HEAD] [--types Q8_0 Q4_0 Q4_K Q6_K]
                                                  [--rows 1 4 8 16 64] [--rounds 15] [--mib 512]
+                                                 [--march x86-64-v3]
+
+--march builds both for another instruction set than this CPU's (-march=native): x86-64-v3
+is AVX2 + FMA + F16C without AVX-512, which this CPU runs too, to time the AVX2 code paths
+on an AVX-512 machine.
 
 This machine's speed drifts by 30% from minute to minute (other tenants), so two builds timed
 in separate runs cannot be compared. Here both libraries are built with lumen.engine.native's flags
@@ -108,7 +113,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--mib", type=int, default=512, help="weight bytes per type, spread over copies")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--march", default="native", help="the -march both builds are compiled for")
     args = p.parse_args()
+    if args.march != "native":
+        library.FLAGS = tuple(f"-march={args.march}" if f.startswith("-march=") else f for f in library.FLAGS
+                              if f != "-mprefer-vector-width=512")
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="kernel-ab-") as tmp:
@@ -116,8 +125,8 @@ def main() -> None:
         (tmp / "base").mkdir()
         libs = {"base": build(base_sources(args.base, tmp / "base"), tmp / "base.so"),
                 "new": build(library.SOURCE_DIR, tmp / "new.so")}
-        print(f"base: {args.base}; new: the working tree. {args.threads} threads, {args.rounds} rounds, "
-              f"{N} x {K} weights.")
+        print(f"base: {args.base}; new: the working tree; -march={args.march}. {args.threads} threads, "
+              f"{args.rounds} rounds, {N} x {K} weights.")
         print("| type | rows | base ms | new ms | base / new (median) | range |")
         print("|---|---|---|---|---|---|")
         for type_name in args.types:

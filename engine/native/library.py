@@ -45,10 +45,16 @@ SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefin
 
 
 def _flags() -> tuple[str, ...]:
-    if os.environ.get("LUMEN_NATIVE_SANITIZE") != "1":
-        return FLAGS
-    # -O1: at -O3 the instrumented kernels take a quarter of an hour to compile on 2 cores.
-    return tuple("-O1" if flag == "-O3" else flag for flag in FLAGS) + SANITIZE_FLAGS
+    flags = FLAGS
+    # LUMEN_NATIVE_MARCH=x86-64-v3 (say) builds for another instruction set than this CPU's, so the
+    # kernel tests can run the AVX2 paths on an AVX-512 machine (`make test-isa`).
+    if march := os.environ.get("LUMEN_NATIVE_MARCH"):
+        flags = tuple(f"-march={march}" if f.startswith("-march=") else f for f in flags
+                      if f != "-mprefer-vector-width=512")
+    if os.environ.get("LUMEN_NATIVE_SANITIZE") == "1":
+        # -O1: at -O3 the instrumented kernels take a quarter of an hour to compile on 2 cores.
+        flags = tuple("-O1" if f == "-O3" else f for f in flags) + SANITIZE_FLAGS
+    return flags
 
 
 class NativeUnavailable(RuntimeError):
