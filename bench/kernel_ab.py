@@ -34,7 +34,7 @@ from common import REPO  # noqa: E402  (sets sys.path)
 from lumen.engine.native import kernels as native  # noqa: E402
 from lumen.engine.native import library  # noqa: E402
 
-TYPES = {"Q8_0": (8, 0), "Q4_0": (2, 0), "Q4_K": (12, 0, 2), "Q6_K": (14, 208), "Q5_K": (13, 0, 2),
+TYPES = {"Q8_0": (8, 0), "Q4_0": (2, 0), "Q4_1": (3, 0, 2), "Q4_K": (12, 0, 2), "Q6_K": (14, 208), "Q5_K": (13, 0, 2),
          "Q3_K": (11, 108), "Q2_K": (10, 80, 82), "F16": (1,), "BF16": (30,), "F32": (0,)}   # GGML type id, fp16 scale offsets
 N, K = 5632, 2048
 FLOATS = {1: lambda v: v.astype(np.float16).view(np.uint8), 0: lambda v: v.view(np.uint8),

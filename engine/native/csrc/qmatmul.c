@@ -7,6 +7,7 @@
  * micro-kernel over every group of MR activation rows, so decoding is paid once per tile.
  * With AVX-512 (F, BW, VL), batches of up to WIDE_MAX_M rows of the quantized types that decoders.h has
  * register decoders for skip the L1 buffer: 16 weights at a time go straight to a register.
+ * AVX2 builds do the same for 1-4 rows of Q8_0, Q4_0 and Q4_1 (AVX2_STREAM below).
  * Whatever the path, output (m, n) is the same sequence of fused multiply-adds: lane l of a
  * 16-lane accumulator sums k = l, l + 16, ... in order, then the lanes are added in a fixed
  * tree. So a row's result does not depend on the batch it is in, the tile it falls in or
@@ -151,6 +152,104 @@ struct job {
     const float *x;
     float *y;
 };
+
+#if !defined(REGISTER_DECODERS) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define AVX2_DECODERS 1
+/* AVX2 builds (no AVX-512): small batches of Q8_0, Q4_0 and Q4_1 decode 16 weights at a time into a
+ * v16 (two ymm) and consume them at once, as the AVX-512 register paths do, computing each
+ * value as the block decoder does (same operations, same order), so the same bits. At most 4
+ * v16 accumulators (8 of the 16 ymm registers): 1 x 4 outputs for one activation row, 2 x 2
+ * for two, 4 x 1 for three or four. */
+typedef union { v16 v; __m256 h[2]; } v16_halves;
+
+static inline __attribute__((always_inline)) v16 from_int32(__m256i lo, __m256i hi, __m256 d) {
+    v16_halves r;
+    r.h[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(lo), d);
+    r.h[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(hi), d);
+    return r.v;
+}
+
+/* Q8_0 group g: int8 values 16g .. 16g + 15, times d. */
+static inline __attribute__((always_inline)) v16 q8_0_avx2(const uint8_t *b, __m256 d, __m256 m, int g) {
+    (void)m;
+    const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2 + 16 * g));
+    return from_int32(_mm256_cvtepi8_epi32(q), _mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)), d);
+}
+
+/* The 16 nibbles of a Q4 block's 16 bytes: low ones for group 0, high ones for group 1. */
+static inline __attribute__((always_inline)) __m128i nibbles(const uint8_t *qs, int g) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    return _mm_and_si128(g == 0 ? q : _mm_srli_epi16(q, 4), _mm_set1_epi8(15));
+}
+
+static inline __attribute__((always_inline)) v16 q4_0_avx2(const uint8_t *b, __m256 d, __m256 m, int g) {
+    (void)m;
+    const __m128i q = _mm_sub_epi8(nibbles(b + 2, g), _mm_set1_epi8(8));
+    return from_int32(_mm256_cvtepi8_epi32(q), _mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)), d);
+}
+
+static inline __attribute__((always_inline)) v16 q4_1_avx2(const uint8_t *b, __m256 d, __m256 m, int g) {
+    const __m128i q = nibbles(b + 4, g);
+    v16_halves r = {from_int32(_mm256_cvtepu8_epi32(q), _mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)), d)};
+    r.h[0] = _mm256_add_ps(r.h[0], m);      /* (float)q * d + m: two roundings, as the decoder */
+    r.h[1] = _mm256_add_ps(r.h[1], m);
+    return r.v;
+}
+
+#define AVX2_CALL(T, MRC, NRC) \
+    T##_stream_avx2(wn, jb->row_bytes, jb->K, jb->x, jb->ldx, jb->y + n, jb->ldy, MRC, NRC)
+#define AVX2_STREAM(T, HAS_MIN)                                                                  \
+static inline __attribute__((always_inline)) void T##_stream_avx2(                               \
+        const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t ldx, float *y,    \
+        int64_t ldy, const int mr, const int nr) {                                               \
+    v16 acc[4][4];                                                                               \
+    for (int i = 0; i < mr; i++)                                                                 \
+        for (int j = 0; j < nr; j++) acc[i][j] = (v16){0};                                       \
+    for (int64_t b = 0; b < K / 32; b++) {                                                       \
+        __m256 d[4], m[4];                                                                       \
+        for (int j = 0; j < nr; j++) {                                                           \
+            const uint8_t *blk = w + j * row_bytes + b * T##_TS;                                 \
+            _mm_prefetch((const char *)blk + nr * row_bytes, _MM_HINT_T1);                       \
+            d[j] = _mm256_set1_ps(fp16_to_fp32(blk));                                            \
+            m[j] = HAS_MIN ? _mm256_set1_ps(fp16_to_fp32(blk + 2)) : d[j];                       \
+        }                                                                                        \
+        for (int g = 0; g < 2; g++) {                                                            \
+            v16 wv[4];                                                                           \
+            for (int j = 0; j < nr; j++)                                                         \
+                wv[j] = T##_avx2(w + j * row_bytes + b * T##_TS, d[j], m[j], g);                 \
+            for (int i = 0; i < mr; i++) {                                                       \
+                const v16 xv = load(x + i * ldx + b * 32 + 16 * g);                              \
+                for (int j = 0; j < nr; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);             \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+    for (int i = 0; i < mr; i++)                                                                 \
+        for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum(acc[i][j]);                           \
+}                                                                                                \
+static int T##_range_avx2(const struct job *jb, int64_t lo, int64_t hi) {                        \
+    const int mr = (int)jb->M, full = mr == 1 ? 4 : mr == 2 ? 2 : 1;                             \
+    for (int64_t n = lo; n < hi;) {                                                              \
+        const int nr = hi - n >= full ? full : 1;                                                \
+        const uint8_t *wn = jb->w + n * jb->row_bytes;                                           \
+        switch (mr * 8 + nr) {                                                                   \
+            case 1 * 8 + 4: AVX2_CALL(T, 1, 4); break;                                           \
+            case 2 * 8 + 2: AVX2_CALL(T, 2, 2); break;                                           \
+            case 2 * 8 + 1: AVX2_CALL(T, 2, 1); break;                                           \
+            case 3 * 8 + 1: AVX2_CALL(T, 3, 1); break;                                           \
+            case 4 * 8 + 1: AVX2_CALL(T, 4, 1); break;                                           \
+            default: AVX2_CALL(T, 1, 1); break;                                                  \
+        }                                                                                        \
+        n += nr;                                                                                 \
+    }                                                                                            \
+    return 0;                                                                                    \
+}
+enum { q8_0_TS = 34, q4_0_TS = 18, q4_1_TS = 20 };
+AVX2_STREAM(q8_0, 0)
+AVX2_STREAM(q4_0, 0)
+AVX2_STREAM(q4_1, 1)
+#define AVX2_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q4_1, q4_1)
+#endif
 
 /* Small batches: output rows [lo, hi) (multiples of NR, but for the last), all M <= MR rows. */
 static inline __attribute__((always_inline)) int stream_range(
@@ -316,6 +415,11 @@ int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int
     if (qtype == id && M <= WIDE_MAX_M) return run_parallel(wide_regs_range_##T, &jb, N, WNR, nthreads);
     REGISTER_TYPES(REGISTER_MATMUL)
 #undef REGISTER_MATMUL
+#endif
+#ifdef AVX2_DECODERS
+#define AVX2_MATMUL(id, T) if (qtype == id && M <= MR) return run_parallel(T##_range_avx2, &jb, N, M == 1 ? 4 : 2, nthreads);
+    AVX2_TYPES(AVX2_MATMUL)
+#undef AVX2_MATMUL
 #endif
 #define MATMUL(id, fn, bs, ts)                                                               \
     if (qtype == id) {                                                                       \
