@@ -130,9 +130,9 @@ class LumenServer:
 
 
 def _log_kernels() -> None:
-    """Say how the CPU kernels run here: a CPU they have no vector path for gets a warning."""
+    """Say how the CPU kernels run here: a CPU without their full (AVX-512) vector paths gets a warning."""
     line = native_library.describe()
-    if native_library.vector_isa() is None:
+    if native_library.vector_isa() != "AVX-512":
         log.warning(line)
     else:
         log.info(line)

@@ -71,23 +71,30 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-# The AVX-512 subsets the kernels' vector paths are written for (simd.h, decoders.h).
+# The AVX-512 subsets the kernels' full vector paths are written for (simd.h, decoders.h), and
+# what the AVX2 paths need (simd.h's fma, qmatmul.c's AVX2_STREAM).
 VECTOR_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+AVX2_FLAGS = ("avx2", "fma", "f16c")
 
 
 def vector_isa() -> str | None:
     """The vector instruction set the C kernels use on this CPU (they are built with
-    -march=native), or None where they run scalar code: every CPU without AVX-512 today."""
+    -march=native): "AVX-512" (every path), "AVX2" (some paths), or None (scalar code)."""
     flags = set(_cpu_signature().split())
-    return "AVX-512" if all(f in flags for f in VECTOR_FLAGS) else None
+    if all(f in flags for f in VECTOR_FLAGS):
+        return "AVX-512"
+    return "AVX2" if all(f in flags for f in AVX2_FLAGS) else None
 
 
 def describe() -> str:
     """One line for the server's log: how the C kernels will run here."""
-    isa = vector_isa()
-    if isa is not None:
-        return f"C kernels: {isa} vector paths ({platform.machine()}, built with -march=native)"
-    return (f"C kernels: no vector path for this CPU ({platform.machine()}, no AVX-512): they run scalar code, "
+    isa, machine = vector_isa(), platform.machine()
+    if isa == "AVX-512":
+        return f"C kernels: AVX-512 vector paths ({machine}, built with -march=native)"
+    if isa == "AVX2":
+        return (f"C kernels: AVX2 vector paths for Q8_0, Q4_0 and Q4_1 at 1-4 rows only ({machine}, no AVX-512); "
+                "other types and larger batches run scalar code, several times slower than llama.cpp")
+    return (f"C kernels: no vector path for this CPU ({machine}, no AVX-512 or AVX2): they run scalar code, "
             "8-20x slower than llama.cpp on the same machine (BENCHMARKS.md, Machines)")
 
 

@@ -192,12 +192,15 @@ def test_first_build_is_logged(monkeypatch, tmp_path, caplog):
 
 def test_the_vector_path_in_use_is_named_and_its_absence_warned():
     flags = set(library._cpu_signature().split())
-    expected = "AVX-512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else None
+    expected = ("AVX-512" if {"avx512f", "avx512bw", "avx512vl"} <= flags
+                else "AVX2" if {"avx2", "fma", "f16c"} <= flags else None)
     assert library.vector_isa() == expected
     assert ("no vector path" in library.describe()) == (expected is None)
 
 
-def test_a_cpu_without_avx512_is_told_it_runs_scalar_code(monkeypatch):
-    monkeypatch.setattr(library, "_cpu_signature", lambda: "flags : fpu sse2 avx avx2 fma f16c")
-    assert library.vector_isa() is None
-    assert "no vector path for this CPU" in library.describe() and "scalar" in library.describe()
+@pytest.mark.parametrize("flags,isa,says", [("fpu sse2 avx avx2 fma f16c", "AVX2", "other types and larger batches"),
+                                            ("fpu sse2 avx", None, "no vector path for this CPU")])
+def test_a_cpu_without_avx512_is_told_what_runs_scalar(monkeypatch, flags, isa, says):
+    monkeypatch.setattr(library, "_cpu_signature", lambda: f"flags : {flags}")
+    assert library.vector_isa() == isa
+    assert says in library.describe() and "scalar" in library.describe()
