@@ -47,8 +47,8 @@ class RequestStream:
         self._loop = loop
         self._on_drained = on_drained   # wakes the engine thread when a held stream is drained
         self._lock = threading.Lock()
-        self._pending: deque[RequestOutput] = deque()
-        self._pending_weight = 0        # output_weight of everything in _pending
+        self._pending: deque[tuple[RequestOutput, int]] = deque()   # (output, its output_weight)
+        self._pending_weight = 0        # the sum of the weights in _pending
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self.finished = False           # the engine is done with it (finished, failed or aborted)
@@ -65,8 +65,9 @@ class RequestStream:
             if isinstance(item, BaseException):
                 self._error, self.finished = item, True
             else:
-                self._pending.append(item)
-                self._pending_weight += output_weight(item)
+                weight = output_weight(item)
+                self._pending.append((item, weight))
+                self._pending_weight += weight
                 self.finished = self.finished or item.finished or item.error is not None
         if was_empty:
             try:
@@ -78,8 +79,8 @@ class RequestStream:
         with self._lock:
             held = self.held
             if self._pending:
-                item = self._pending.popleft()
-                self._pending_weight -= output_weight(item)
+                item, weight = self._pending.popleft()
+                self._pending_weight -= weight
             else:
                 item, self._error = self._error, None
             if item is None:
@@ -152,10 +153,6 @@ class AsyncEngine:
             self._cond.notify_all()
         return stream
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request; takes effect before the engine's next step."""
-        self._queue_abort(request_id, lambda: None)
-
     async def drop(self, stream: RequestStream, timeout: float = 10.0) -> None:
         """Abort `stream`'s request if the engine still runs it, and return once the engine has
         dropped it (so its spans have ended); at once if it is finished."""
@@ -222,15 +219,16 @@ class AsyncEngine:
         while True:
             with self._cond:
                 # Held requests are not work: with nothing else to do, sleep until a reader drains one.
-                while not (self._stopped or self._new or self._aborts
-                           or self.engine.num_active > len(self._held())):
+                while True:
+                    held = self._held()
+                    if self._stopped or self._new or self._aborts or self.engine.num_active > len(held):
+                        break
                     self._cond.wait()
                 if self._stopped:
                     self._fail_remaining(EngineStoppedError("the server is shutting down"))
                     return
                 new, self._new = list(self._new), deque()
                 aborts, self._aborts = list(self._aborts), deque()
-                held = self._held()
             self._apply(new, aborts)
             try:
                 outputs = self.engine.step(held)
@@ -264,12 +262,9 @@ class AsyncEngine:
             self._cond.notify_all()
 
     def _fail_remaining(self, error: BaseException) -> None:
-        for out in self.engine.fail_all(error):
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put(error)
-        for request, stream in self._new:
-            stream.put(error)
+        """Shutdown: end the engine's requests (their spans), then every unfinished stream, queued
+        submissions included (every submitted stream is in _streams)."""
+        self.engine.fail_all(error)
         for stream in self._streams.values():
             if not stream.finished:
                 stream.put(error)

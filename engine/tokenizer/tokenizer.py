@@ -134,6 +134,7 @@ class Tokenizer:
         self._token_to_id = {t: i for i, t in enumerate(vocab.tokens)}
         spm = vocab.model == "llama"
         self._bytes = [_token_bytes(t, k, spm) for t, k in zip(vocab.tokens, types)]
+        self._max_token_bytes = max(4, max(map(len, self._bytes), default=0))   # per request: computed once
         user = [i for i, k in enumerate(types) if k == _T.USER_DEFINED]
         self._user_defined = sorted(((vocab.tokens[i], i) for i in user), key=lambda p: -len(p[0].encode()))
         self._byte_ids = [self._byte_token(b) for b in range(256)] if spm else []
@@ -164,7 +165,7 @@ class Tokenizer:
         """Bytes of text one token can stand for: the longest token's, and at least a whole UTF-8
         character (an unknown one may become a single token). A text of B bytes needs at least
         B / max_token_bytes tokens."""
-        return max(4, max(map(len, self._bytes), default=0))
+        return self._max_token_bytes
 
     @property
     def vocab_size(self) -> int:

@@ -16,6 +16,11 @@ from lumen.telemetry import Telemetry, setup_telemetry
 from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
 
+# Client channel options for a client that really stops reading: 1 KiB of HTTP/2 window per
+# stream and no BDP probing, so the server's writes block (a default client would take
+# megabytes into its own buffers first).
+SLOW_READER = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
+
 
 @dataclass
 class Harness:

@@ -12,11 +12,7 @@ from lumen.engine.core.llm_engine import EngineConfig
 from lumen.telemetry import setup_telemetry
 from lumen.v1 import inference_pb2 as pb
 from tests.otlp_receiver import exporting_to_receiver
-from tests.service.conftest import StepGate, start_harness
-
-# A client whose transport takes only 1 KiB per stream ahead of its reads: it stops reading
-# for real, so the server's writes block (the case where the old handler saw GeneratorExit).
-SLOW_READER = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
+from tests.service.conftest import SLOW_READER, StepGate, start_harness
 
 
 @pytest.fixture

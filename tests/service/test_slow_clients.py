@@ -16,9 +16,7 @@ from lumen.engine.core.llm_engine import EngineConfig
 from lumen.engine.core.scheduler import SchedulerConfig
 from lumen.service.limits import RequestLimits
 from lumen.v1 import inference_pb2 as pb
-from tests.service.conftest import read_rest, start_harness
-
-SLOW_READER = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
+from tests.service.conftest import SLOW_READER, read_rest, start_harness
 
 
 def resident_mib() -> float:

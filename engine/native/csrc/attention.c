@@ -68,6 +68,15 @@ int lumen_paged_attention_rows(const float *q, int64_t ldq, const void *k_cache,
     const int checked = lumen_check_attention(block_tables, ldbt, rows, seqs, ctx_lens, n_rows, nh, nkv, hd,
                                               block_size, q_rows, n_seqs, table_width, num_blocks);
     if (checked != LUMEN_OK) return checked;
+    return lumen_paged_attention_checked(q, ldq, k_cache, v_cache, cache_bf16, block_tables, ldbt, rows, seqs,
+                                         ctx_lens, n_rows, nh, nkv, hd, block_size, scale, out, ldo, nthreads);
+}
+
+int lumen_paged_attention_checked(const float *q, int64_t ldq, const void *k_cache, const void *v_cache,
+                                  int cache_bf16, const int32_t *block_tables, int64_t ldbt,
+                                  const int64_t *rows, const int32_t *seqs, const int32_t *ctx_lens,
+                                  int64_t n_rows, int nh, int nkv, int hd, int block_size, float scale,
+                                  float *out, int64_t ldo, int nthreads) {
     const int group = nh / nkv;
     int64_t max_ctx = 0;
     for (int64_t i = 0; i < n_rows; i++) max_ctx = ctx_lens[i] > max_ctx ? ctx_lens[i] : max_ctx;

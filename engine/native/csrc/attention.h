@@ -19,7 +19,15 @@ int lumen_paged_attention_rows(const float *q, int64_t ldq, const void *k_cache,
                                float *out, int64_t ldo, int nthreads,
                                int64_t q_rows, int64_t n_seqs, int64_t table_width, int64_t num_blocks);
 
-/* The same checks alone (lumen_layer_forward runs them before its first write). */
+/* The attention itself, for a caller that ran lumen_check_attention on these arguments
+ * (lumen_layer_forward checks once, before its first write). */
+int lumen_paged_attention_checked(const float *q, int64_t ldq, const void *k_cache, const void *v_cache,
+                                  int cache_bf16, const int32_t *block_tables, int64_t ldbt,
+                                  const int64_t *rows, const int32_t *seqs, const int32_t *ctx_lens,
+                                  int64_t n_rows, int nh, int nkv, int hd, int block_size, float scale,
+                                  float *out, int64_t ldo, int nthreads);
+
+/* The checks alone. */
 int lumen_check_attention(const int32_t *block_tables, int64_t ldbt, const int64_t *rows, const int32_t *seqs,
                           const int32_t *ctx_lens, int64_t n_rows, int nh, int nkv, int hd, int block_size,
                           int64_t q_rows, int64_t n_seqs, int64_t table_width, int64_t num_blocks);

@@ -51,14 +51,12 @@ int lumen_layer_forward(const struct lumen_layer *L, const struct lumen_step *S,
     int rc;
     if ((rc = check_layer(L, S))) return rc;
     if ((rc = linear(&L->qkv, S->h, rows, dim, S->qkv, ldqkv, S->nthreads))) return rc;
-    if ((rc = lumen_rope_store(S->qkv, ldqkv, rows, S->nq, S->nkv, S->hd, S->rope_dim, S->positions, S->cos,
-                               S->sin, L->k_cache, L->v_cache, S->slots, S->rope_positions,
-                               S->num_blocks * S->block_size)))
-        return rc;
-    if ((rc = lumen_paged_attention_rows(S->qkv, ldqkv, L->k_cache, L->v_cache, 0, S->block_tables, S->ldbt,
-                                         S->attn_rows, S->attn_seqs, S->attn_ctx, rows, S->nq, S->nkv, S->hd,
-                                         S->block_size, S->scale, S->attn, ldattn, S->nthreads, rows, S->n_seqs,
-                                         S->table_width, S->num_blocks)))
+    /* check_layer has checked positions, slots and the attention's indices: the unchecked forms. */
+    lumen_rope_store_checked(S->qkv, ldqkv, rows, S->nq, S->nkv, S->hd, S->rope_dim, S->positions, S->cos, S->sin,
+                             L->k_cache, L->v_cache, S->slots);
+    if ((rc = lumen_paged_attention_checked(S->qkv, ldqkv, L->k_cache, L->v_cache, 0, S->block_tables, S->ldbt,
+                                            S->attn_rows, S->attn_seqs, S->attn_ctx, rows, S->nq, S->nkv, S->hd,
+                                            S->block_size, S->scale, S->attn, ldattn, S->nthreads)))
         return rc;
     if ((rc = linear(&L->wo, S->attn, rows, ldattn, S->out, dim, S->nthreads))) return rc;
     lumen_add_rms_norm(S->x, dim, S->out, dim, rows, dim, L->ffn_norm, S->eps, S->h, dim);

@@ -45,6 +45,13 @@ int lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, i
                      int64_t slots_limit) {
     const int checked = lumen_check_positions_slots(positions, slots, rows, positions_limit, slots_limit);
     if (checked != LUMEN_OK) return checked;
+    lumen_rope_store_checked(qkv, ldqkv, rows, nq, nkv, hd, rope_dim, positions, cos, sin, k_cache, v_cache, slots);
+    return LUMEN_OK;
+}
+
+void lumen_rope_store_checked(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, int hd, int rope_dim,
+                              const int64_t *positions, const float *cos, const float *sin,
+                              float *k_cache, float *v_cache, const int64_t *slots) {
     const int half = rope_dim / 2;
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * ldqkv;
@@ -61,7 +68,6 @@ int lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, i
         memcpy(k_cache + slots[r] * nkv * hd, row + (int64_t)nq * hd, kv_bytes);
         memcpy(v_cache + slots[r] * nkv * hd, row + (int64_t)(nq + nkv) * hd, kv_bytes);
     }
-    return LUMEN_OK;
 }
 
 void lumen_silu_mul(const float *h, int64_t ldh, int64_t rows, int64_t ffn, float *out, int64_t ldo) {

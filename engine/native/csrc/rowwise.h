@@ -17,6 +17,11 @@ int lumen_rope_store(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, i
                      float *k_cache, float *v_cache, const int64_t *slots, int64_t positions_limit,
                      int64_t slots_limit);
 
+/* The same, for a caller that ran lumen_check_positions_slots on these positions and slots. */
+void lumen_rope_store_checked(float *qkv, int64_t ldqkv, int64_t rows, int nq, int nkv, int hd, int rope_dim,
+                              const int64_t *positions, const float *cos, const float *sin,
+                              float *k_cache, float *v_cache, const int64_t *slots);
+
 /* LUMEN_OK when every positions[r] < positions_limit (rows of the cos/sin tables) and every
  * slots[r] < slots_limit (cache rows), none negative; LUMEN_E_INDEX otherwise. */
 int lumen_check_positions_slots(const int64_t *positions, const int64_t *slots, int64_t rows,
