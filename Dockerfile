@@ -24,8 +24,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# A C compiler: lumen.engine.native builds the CPU kernels for quantized weights on first use,
-# for the CPU it runs on (-march=native).
+# A C compiler: `pip install .` compiles the CPU kernels (one library per x86-64 level, or
+# aarch64), and the image runs the best one its host's CPU supports.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -53,9 +53,8 @@ RUN useradd --system --create-home --uid 10001 --shell /usr/sbin/nologin lumen \
  && chown lumen:lumen /var/cache/lumen
 ENV LUMEN_CACHE_DIR=/var/cache/lumen
 USER lumen
-# Build the CPU kernels now (a host with another CPU rebuilds them at first use: the build is
-# keyed by the CPU's flags).
-RUN python -I -c "from lumen.engine.native import library; library.library()"
+# The kernels were compiled by the install; this loads the ones the build host gets and says which.
+RUN python -I -c "from lumen.engine.native import library; print(library.describe())"
 WORKDIR /home/lumen
 
 EXPOSE 50051

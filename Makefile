@@ -12,7 +12,7 @@ PORT   ?= 50051
 MODEL_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test sanitize test-isa setup setup-test bench clean
+.PHONY: serve test sanitize test-isa test-aarch64 setup setup-test bench clean
 
 serve: setup
 	$(BIN)/lumen serve --host $(HOST) --port $(PORT) $(MODEL_ARGS)
@@ -28,11 +28,17 @@ sanitize: setup-test
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/engine/native $(PYTEST_ARGS)
 
-# The C kernels' tests with the library built for another instruction set this CPU can run
-# (default x86-64-v3: AVX2 + FMA + F16C without AVX-512), to check those code paths' bits.
+# The C kernels' tests with one installed variant (default x86-64-v3: AVX2 + FMA + F16C without
+# AVX-512) that this CPU can run. `make test` already runs them for every such variant.
 ISA ?= x86-64-v3
 test-isa: setup-test
-	LUMEN_NATIVE_MARCH=$(ISA) $(BIN)/python -m pytest -q -p no:cacheprovider tests/engine/native $(PYTEST_ARGS)
+	LUMEN_NATIVE_VARIANT=$(ISA) $(BIN)/python -m pytest -q -p no:cacheprovider tests/engine/native $(PYTEST_ARGS)
+
+# The kernels cross-compiled for aarch64 (the armv8-a variant's flags) must reproduce this machine's
+# bits under qemu-user. Needs `apt-get install gcc-aarch64-linux-gnu qemu-user-static`; `make test`
+# runs this too where they are installed, and skips it, saying why, where they are not.
+test-aarch64: setup-test
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/engine/native/test_cross_arch.py $(PYTEST_ARGS)
 
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
@@ -42,13 +48,17 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 
-$(VENV)/.runtime: pyproject.toml setup.py $(PROTO) $(BIN)/python
+# The install compiles the C kernels (setup.py, engine/native/build.py), so it is redone when they change.
+CSRC := $(wildcard engine/native/csrc/*.c engine/native/csrc/*.h) engine/native/build.py
+
+$(VENV)/.runtime: pyproject.toml setup.py $(PROTO) $(CSRC) $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime
+# The test install includes the runtime one (one kernel build, not two).
+$(VENV)/.test: pyproject.toml setup.py $(PROTO) $(CSRC) $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.runtime
 
 bench: setup
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \

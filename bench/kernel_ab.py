@@ -2,11 +2,13 @@
 
     cd bench && ../.venv/bin/python kernel_ab.py [--base HEAD] [--types Q8_0 Q4_0 Q4_K Q6_K]
                                                  [--rows 1 4 8 16 64] [--rounds 15] [--mib 512]
-                                                 [--march x86-64-v3]
+                                                 [--variant x86-64-v3] [--base-march native]
 
---march builds both for another instruction set than this CPU's (-march=native): x86-64-v3
-is AVX2 + FMA + F16C without AVX-512, which this CPU runs too, to time the AVX2 code paths
-on an AVX-512 machine.
+Both builds use the flags of one of the installed kernel variants (lumen.engine.native.build),
+by default the one this CPU gets; --variant x86-64-v3 (AVX2 + FMA + F16C without AVX-512, which
+an AVX-512 CPU runs too) times the AVX2 code paths on an AVX-512 machine. --base-march native
+builds the base for this very CPU instead (-march=native): with --base HEAD, what the portable
+variant costs against a build for this machine alone.
 
 This machine's speed drifts by 30% from minute to minute (other tenants), so two builds timed
 in separate runs cannot be compared. Here both libraries are built with lumen.engine.native's flags
@@ -41,8 +43,8 @@ FLOATS = {1: lambda v: v.astype(np.float16).view(np.uint8), 0: lambda v: v.view(
           30: lambda v: (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)}   # F16, F32, BF16 bytes
 
 
-def build(source_dir: Path, out: Path) -> ctypes.CDLL:
-    library._build(out, library._compiler(), source_dir)
+def build(source_dir: Path, out: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
+    library._build(out, flags, library._compiler(), source_dir)
     return library.load(out)
 
 
@@ -113,19 +115,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--mib", type=int, default=512, help="weight bytes per type, spread over copies")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--march", default="native", help="the -march both builds are compiled for")
+    p.add_argument("--variant", default=None, help="the kernel variant whose flags both builds use "
+                                                   "(default: the one this CPU runs)")
+    p.add_argument("--base-march", default=None, help="build the base with -march=THIS (e.g. native) instead")
     args = p.parse_args()
-    if args.march != "native":
-        library.FLAGS = tuple(f"-march={args.march}" if f.startswith("-march=") else f for f in library.FLAGS
-                              if f != "-mprefer-vector-width=512")
+    variant = library.build.variant(args.variant) if args.variant else library.selected()
+    new_flags = library.flags(variant)
+    base_flags = new_flags
+    if args.base_march:
+        base_flags = tuple(f for f in new_flags if not f.startswith(("-march=", "-mtune="))) + (f"-march={args.base_march}",)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="kernel-ab-") as tmp:
         tmp = Path(tmp)
         (tmp / "base").mkdir()
-        libs = {"base": build(base_sources(args.base, tmp / "base"), tmp / "base.so"),
-                "new": build(library.SOURCE_DIR, tmp / "new.so")}
-        print(f"base: {args.base}; new: the working tree; -march={args.march}. {args.threads} threads, "
+        libs = {"base": build(base_sources(args.base, tmp / "base"), tmp / "base.so", base_flags),
+                "new": build(library.SOURCE_DIR, tmp / "new.so", new_flags)}
+        print(f"base: {args.base} ({' '.join(base_flags[-4:])}); new: the working tree ({variant.name}). "
+              f"{args.threads} threads, "
               f"{args.rounds} rounds, {N} x {K} weights.")
         print("| type | rows | base ms | new ms | base / new (median) | range |")
         print("|---|---|---|---|---|---|")

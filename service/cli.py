@@ -84,6 +84,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_new_tokens of requests that do not set it (clipped to the context)")
     _limit_options(p)
+    p.add_argument("--allow-slow-kernels", action="store_true",
+                   help="serve even where the C kernels have no vector path for this CPU (scalar code, "
+                        "8-20x slower) or could not be loaded (torch's path); logged as a warning")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=["json", "text"], default="json",
                    help="json: one object per line with trace_id/span_id; text: the classic line")
@@ -193,7 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
     from lumen.engine.core.scheduler import SchedulerConfig
     from lumen.engine.speculative import SpecMethod, SpeculativeConfig
     from lumen.service.loading import load_models, load_with_progress
-    from lumen.service.server import ServerConfig, ServerConfigError, run_server
+    from lumen.service.server import ServerConfig, ServerConfigError, check_kernels, run_server
     from lumen.telemetry import setup_telemetry
 
     if args.speculative == "draft" and args.draft_model is None:  # refused before any model is loaded
@@ -201,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
                                 "(a small GGUF with the served model's vocabulary)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_kernels(args.allow_slow_kernels)   # before the models load: a refusal comes at once
     config = ServerConfig(
         models=args.model or [], host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
         engine=EngineConfig(
@@ -215,7 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
                 adaptive=args.adaptive_speculative_tokens)),
         draft_model=args.draft_model, capture_content=args.trace_content,
         limits=_limits(args),
-        stream_buffer_tokens=args.stream_buffer_tokens)
+        stream_buffer_tokens=args.stream_buffer_tokens, allow_slow_kernels=args.allow_slow_kernels)
     loaded = load_models(config.models, config.dtype)
     draft = load_with_progress(config.draft_model, config.dtype) if config.draft_model else None
     asyncio.run(run_server(config, setup_telemetry(), loaded, draft))

@@ -41,6 +41,7 @@ class ServerConfig:
     capture_content: bool = False    # record prompt and completion text in the spans (opt-in)
     limits: RequestLimits = field(default_factory=RequestLimits)
     stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS  # undelivered tokens before a request is held
+    allow_slow_kernels: bool = False  # serve even where the C kernels have no vector path (check_kernels)
 
 
 class ServerConfigError(LumenError):
@@ -129,10 +130,18 @@ class LumenServer:
         await asyncio.to_thread(self.telemetry.shutdown)  # bounded (about 5 s) even with a dead collector
 
 
-def _log_kernels() -> None:
-    """Say how the CPU kernels run here: a CPU without their full (AVX-512) vector paths gets a warning."""
-    line = native_library.describe()
-    if native_library.vector_isa() != "AVX-512":
+def check_kernels(allow_slow: bool) -> None:
+    """Say which build of the CPU kernels runs here (a CPU without their full, AVX-512, vector paths
+    gets a warning). With no vector path at all (or no kernels), refuse unless allow_slow: a server
+    10x slower than it should be is an explicit choice, never a silent fallback."""
+    try:
+        line = native_library.describe()
+        vector = native_library.vector_isa()
+    except native_library.NativeUnavailable as exc:
+        line, vector = f"C kernels unavailable ({exc}): matmuls and attention run on torch's slower path", None
+    if vector is None and not allow_slow:
+        raise ServerConfigError(f"{line}. To serve anyway, start with --allow-slow-kernels")
+    if vector != "AVX-512":
         log.warning(line)
     else:
         log.info(line)
@@ -140,7 +149,7 @@ def _log_kernels() -> None:
 
 async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel],
                      draft: LoadedModel | None = None) -> None:
-    _log_kernels()
+    check_kernels(config.allow_slow_kernels)
     registry = build_registry(loaded, config.engine, telemetry, draft, config.stream_buffer_tokens)
     server = LumenServer(registry, telemetry, config.engine, config.capture_content, config.limits)
     try:

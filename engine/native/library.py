@@ -1,16 +1,22 @@
-"""Lumen's C kernels for CPU, compiled on first use and called through ctypes.
+"""Lumen's C kernels for CPU: which of the built libraries runs here, loaded through ctypes.
 
 `engine/native/csrc/` holds the sources: per-format block decoders (bit-exact with ggml), a
 batch-invariant matmul that decodes a tile of weight rows once and multiplies it by every
 activation row (see qmatmul.c), the decode attention over the paged KV cache (attention.c),
 the row-wise work between a layer's matmuls (rowwise.c: RMSNorm, RoPE with the KV store, SiLU
-gating), and a whole decoder layer chaining them in one call (layer.c). They are built for
-the machine they run on (`-march=native`) into the cache directory (`$LUMEN_CACHE_DIR`, else
-`$XDG_CACHE_HOME/lumen`, else `~/.cache/lumen`), named by a digest of the sources, flags,
-compiler and CPU, so a stale or foreign build is never loaded. Building with the system C
-compiler (`$CC`, else `cc`) takes most of a minute (qmatmul.c instantiates its kernels for
-every type and batch shape), once per machine and source version; it is logged. Without a
-compiler `library()` raises `NativeUnavailable` and callers use their torch path.
+gating), and a whole decoder layer chaining them in one call (layer.c).
+
+They are compiled when Lumen is installed (build.py, run by setup.py), once per instruction-set
+level of the architecture (x86-64-v2, v3 = AVX2, v4 = AVX-512; aarch64), and `library()` loads
+the highest level this CPU runs, as cpu.c's probe reports it (cpuid). `LUMEN_NATIVE_VARIANT=NAME`
+picks a lower one this CPU runs (the kernel tests run every such variant).
+
+Two cases build at run time instead, into the cache directory (`$LUMEN_CACHE_DIR`, else
+`$XDG_CACHE_HOME/lumen`, else `~/.cache/lumen`), named by a digest of sources, flags and compiler,
+and logged, since they take a minute: an editable checkout whose csrc/ changed after the install
+(the installed library's build id no longer matches its sources), and `LUMEN_NATIVE_SANITIZE=1`
+(`make sanitize`: AddressSanitizer and UBSan). A library that is not installed is not built
+behind the user's back: `library()` raises `NativeUnavailable` saying how to install it.
 
 The library is linked with -fopenmp and resolves `libgomp.so.1` to the copy torch has
 already loaded, so it shares torch's thread pool instead of starting a second one.
@@ -22,136 +28,148 @@ import functools
 import hashlib
 import logging
 import os
-import platform
-import subprocess
-import tempfile
 from pathlib import Path
 
 from lumen.engine.cache_dir import default_cache_dir
+from lumen.engine.native import build
+from lumen.engine.native.build import HEADERS, SOURCE_DIR, SOURCES, Variant  # noqa: F401 (bench/kernel_ab.py)
 
 log = logging.getLogger(__name__)
 
-SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("qmatmul.c", "attention.c", "rowwise.c", "layer.c")
-HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "rowwise.h", "layer.h", "simd.h")
-# No implicit fused multiply-adds: the decoders are bit-exact with ggml's only unfused, and
-# the matmul spells its fma out.
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-std=gnu11", "-fopenmp", "-ffp-contract=off",
-         "-Wall", "-Werror", "-Wno-psabi")
 # LUMEN_NATIVE_SANITIZE=1 builds (and caches apart) a library under AddressSanitizer and UBSan,
 # for `make sanitize`; loading it needs the sanitizer runtimes preloaded (the Makefile does that).
+# -O1: at -O3 the instrumented kernels take a quarter of an hour to compile on 2 cores.
 SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
                   "-g")
 
 
-def _flags() -> tuple[str, ...]:
-    flags = FLAGS
-    # LUMEN_NATIVE_MARCH=x86-64-v3 (say) builds for another instruction set than this CPU's, so the
-    # kernel tests can run the AVX2 paths on an AVX-512 machine (`make test-isa`).
-    if march := os.environ.get("LUMEN_NATIVE_MARCH"):
-        flags = tuple(f"-march={march}" if f.startswith("-march=") else f for f in flags
-                      if f != "-mprefer-vector-width=512")
-    if os.environ.get("LUMEN_NATIVE_SANITIZE") == "1":
-        # -O1: at -O3 the instrumented kernels take a quarter of an hour to compile on 2 cores.
-        flags = tuple("-O1" if f == "-O3" else f for f in flags) + SANITIZE_FLAGS
-    return flags
-
-
 class NativeUnavailable(RuntimeError):
-    """The C kernels cannot be built or loaded here (the message says why)."""
+    """The C kernels cannot be loaded here (the message says why and what to do)."""
 
 
-def _cpu_signature() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-# The AVX-512 subsets the kernels' full vector paths are written for (simd.h, decoders.h), and
-# what the AVX2 paths need (simd.h's fma, qmatmul.c's AVX2_STREAM).
-VECTOR_FLAGS = ("avx512f", "avx512bw", "avx512vl")
-AVX2_FLAGS = ("avx2", "fma", "f16c")
-
-
-def vector_isa() -> str | None:
-    """The vector instruction set the C kernels use on this CPU (they are built with
-    -march=native): "AVX-512" (every path), "AVX2" (some paths), or None (scalar code)."""
-    flags = set(_cpu_signature().split())
-    if all(f in flags for f in VECTOR_FLAGS):
-        return "AVX-512"
-    return "AVX2" if all(f in flags for f in AVX2_FLAGS) else None
-
-
-def describe() -> str:
-    """One line for the server's log: how the C kernels will run here."""
-    isa, machine = vector_isa(), platform.machine()
-    if isa == "AVX-512":
-        return f"C kernels: AVX-512 vector paths ({machine}, built with -march=native)"
-    if isa == "AVX2":
-        return (f"C kernels: AVX2 vector paths for Q8_0, Q4_0 and Q4_1 at 1-4 rows only ({machine}, no AVX-512); "
-                "other types and larger batches run scalar code, several times slower than llama.cpp")
-    return (f"C kernels: no vector path for this CPU ({machine}, no AVX-512 or AVX2): they run scalar code, "
-            "8-20x slower than llama.cpp on the same machine (BENCHMARKS.md, Machines)")
+def flags(v: Variant) -> tuple[str, ...]:
+    """The compiler flags of variant v (with the sanitizers under LUMEN_NATIVE_SANITIZE=1)."""
+    out = build.BASE_FLAGS + v.flags
+    if os.environ.get("LUMEN_NATIVE_SANITIZE") == "1":
+        out = tuple("-O1" if f == "-O3" else f for f in out) + SANITIZE_FLAGS
+    return out
 
 
 def _compiler() -> str:
-    return os.environ.get("CC") or "cc"
+    return build.compiler()
 
 
-def _digest(cc: str) -> str:
-    h = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        h.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
-    h.update(repr((_flags(), platform.machine(), _cpu_signature())).encode())
+def _cache_build(name: str, flag_set: tuple[str, ...], cc: str) -> Path:
+    """A library built at run time into the cache directory, named by a digest of what went in."""
     try:
-        h.update(subprocess.run([cc, "--version"], capture_output=True, check=True).stdout)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise NativeUnavailable(f"no working C compiler {cc!r} ({exc}); set CC to one") from exc
-    return h.hexdigest()[:16]
+        version = build.compiler_version(cc)
+    except build.BuildError as exc:
+        raise NativeUnavailable(str(exc)) from exc
+    digest = hashlib.sha256(repr((build.build_id(flag_set), flag_set, version)).encode()).hexdigest()[:16]
+    target = default_cache_dir() / "native" / f"lib{name}-{digest}.so"
+    if not target.exists():
+        log.warning("building the C kernels (%s) into %s (about a minute, once for these sources)", name, target.parent)
+        try:
+            _build(target, flag_set, cc)
+        except build.BuildError as exc:
+            raise NativeUnavailable(str(exc)) from exc
+    return target
 
 
-def _build(target: Path, cc: str, source_dir: Path = SOURCE_DIR) -> None:
-    """Compile SOURCES from source_dir into the shared library `target` (bench/kernel_ab.py
-    also builds an older revision's sources with it)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        objects = []
-        for name in SOURCES:
-            obj = Path(tmp) / (name + ".o")
-            _run([cc, *_flags(), "-c", str(source_dir / name), "-o", str(obj)])
-            objects.append(str(obj))
-        out = Path(tmp) / target.name
-        sanitize = [f for f in _flags() if f.startswith("-fsanitize")]
-        _run([cc, "-shared", "-fopenmp", *sanitize, *objects, "-o", str(out), "-lm"])
-        os.replace(out, target)    # atomic: a racing build renames identical bytes
+def _build(target: Path, flag_set: tuple[str, ...], cc: str, source_dir: Path = SOURCE_DIR) -> None:
+    build.build_libraries({target: flag_set}, cc, source_dir)
 
 
-def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise NativeUnavailable(f"building the C kernels failed: {' '.join(cmd)}\n{done.stderr.strip()}")
+@functools.cache
+def cpu_level() -> int:
+    """cpu.c's answer for this CPU: the highest x86-64 level it runs (1-4), 0 on other architectures."""
+    path = build.installed_path(build.PROBE_MODULE)
+    if not path.exists():
+        raise NativeUnavailable(_not_installed(path))
+    probe = ctypes.CDLL(str(path))
+    probe.lumen_cpu_level.restype = ctypes.c_int
+    return int(probe.lumen_cpu_level())
+
+
+def runnable() -> list[Variant]:
+    """The variants of this architecture that this CPU can execute, lowest first."""
+    level = cpu_level()
+    return [v for v in build.variants() if v.level <= level]
+
+
+def selected() -> Variant:
+    """The variant library() loads: LUMEN_NATIVE_VARIANT if set, else the best this CPU runs."""
+    ok = runnable()
+    if name := os.environ.get("LUMEN_NATIVE_VARIANT"):
+        try:
+            v = build.variant(name)
+        except ValueError as exc:
+            raise NativeUnavailable(f"LUMEN_NATIVE_VARIANT: {exc}") from exc
+        if v not in ok:
+            raise NativeUnavailable(f"LUMEN_NATIVE_VARIANT={name}: this CPU runs only "
+                                    + (", ".join(x.name for x in ok) or "none of this architecture's variants"))
+        return v
+    if not ok:
+        raise NativeUnavailable(f"this CPU (x86-64 level {cpu_level()}) runs none of the built kernel variants "
+                                f"({', '.join(v.name for v in build.variants())}); the lowest needs SSE4.2 and POPCNT")
+    return ok[-1]
+
+
+def _not_installed(path: Path) -> str:
+    return (f"the C kernels are not built ({path.name} is missing next to {Path(__file__).name}): they are compiled "
+            "when Lumen is installed, so install it with a C compiler present (`make setup`, or `pip install .`)")
 
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """The loaded kernel library, built first if this machine has no current build."""
-    cc = _compiler()
-    target = default_cache_dir() / "native" / f"liblumen_cpu-{_digest(cc)}.so"
-    if not target.exists():
-        log.warning("building the C kernels into %s (once for this machine and source version, "
-                    "about a minute)", target.parent)
-        _build(target, cc)
-    return load(target)
+    """The loaded kernel library: the selected variant as installed, or a run-time build of it
+    when the sources changed since the install or the sanitizers are asked for."""
+    v = selected()
+    flag_set = flags(v)
+    if os.environ.get("LUMEN_NATIVE_SANITIZE") == "1":
+        lib = load(_cache_build(f"lumen_cpu-{v.name}-sanitize", flag_set, _compiler()))
+    else:
+        path = build.installed_path(v.module)
+        if not path.exists():
+            raise NativeUnavailable(_not_installed(path))
+        lib = load(path)
+        if lib.lumen_build_id().decode() != build.build_id(flag_set):
+            log.warning("the C kernels' sources changed since Lumen was installed; using a build of the current ones")
+            lib = load(_cache_build(f"lumen_cpu-{v.name}", flag_set, _compiler()))
+    lib.lumen_variant = v
+    return lib
+
+
+def vector_isa() -> str | None:
+    """The vector instruction set of the loaded kernels: "AVX-512" (every path), "AVX2" (some
+    paths), or None (scalar code)."""
+    isa = library().lumen_vector_isa().decode()
+    return None if isa == "none" else isa
+
+
+def describe() -> str:
+    """One line for the server's log: which build of the C kernels runs here, and how fast."""
+    lib = library()
+    v, built = lib.lumen_variant, ", ".join(x.name for x in build.variants())
+    head = f"C kernels: the {v.name} build (of {built}; this CPU runs up to x86-64 level {cpu_level()})" \
+        if v.level else f"C kernels: the {v.name} build"
+    isa = vector_isa()
+    if isa == "AVX-512":
+        return f"{head}, AVX-512 vector paths"
+    if isa == "AVX2":
+        return (f"{head}, AVX2 vector paths for Q8_0, Q4_0 and Q4_1 at 1-4 rows only; "
+                "other types and larger batches run scalar code, several times slower than llama.cpp")
+    return (f"{head}, no vector path: scalar code, 8-20x slower than llama.cpp on the same machine "
+            "(BENCHMARKS.md, Machines)")
 
 
 def load(path: Path) -> ctypes.CDLL:
     """A built kernel library with its functions' C signatures declared (bench/kernel_ab.py loads
     an older revision's build with it too)."""
     lib = ctypes.CDLL(str(path))
+    for name in ("lumen_build_id", "lumen_vector_isa"):
+        if hasattr(lib, name):         # (builds of sources older than these have neither)
+            getattr(lib, name).restype, getattr(lib, name).argtypes = ctypes.c_char_p, []
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.lumen_block_layout.argtypes = [i32, ctypes.POINTER(i32), ctypes.POINTER(i32)]
     lib.lumen_block_layout.restype = i32

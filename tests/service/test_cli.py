@@ -114,10 +114,35 @@ async def test_generate_prints_draft_tokens_in_its_summary(stories, capsys):
     assert "draft_tokens" not in capsys.readouterr().err
 
 
-def test_serve_warns_when_the_cpu_kernels_have_no_vector_path(monkeypatch, caplog):
+def test_serve_warns_when_the_cpu_kernels_have_only_some_vector_paths(monkeypatch, caplog):
     from lumen.engine.native import library
-    monkeypatch.setattr(library, "_cpu_signature", lambda: "flags : fpu sse2 avx avx2 fma f16c")
-    with caplog.at_level("INFO", logger="lumen.service.server"):
-        server._log_kernels()
+    monkeypatch.setenv("LUMEN_NATIVE_VARIANT", "x86-64-v3")
+    monkeypatch.setattr(library, "cpu_level", lambda: 3)
+    library.library.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="lumen.service.server"):
+            server.check_kernels(allow_slow=False)
+    finally:
+        library.library.cache_clear()
     (record,) = caplog.records
-    assert record.levelname == "WARNING" and "scalar" in record.getMessage()
+    assert record.levelname == "WARNING" and "x86-64-v3 build" in record.getMessage()
+    assert "scalar" in record.getMessage()
+
+
+@pytest.mark.parametrize("why", ["scalar build", "no kernels"])
+def test_serve_without_a_vector_path_needs_an_explicit_flag(monkeypatch, caplog, capsys, why, server_never_starts):
+    """No silent fallback to a path 10x slower: refused, unless --allow-slow-kernels (then a warning)."""
+    from lumen.engine.native import library
+    if why == "scalar build":
+        monkeypatch.setattr(library, "vector_isa", lambda: None)
+        monkeypatch.setattr(library, "describe", lambda: "C kernels: the x86-64-v2 build, no vector path")
+    else:
+        def missing():
+            raise library.NativeUnavailable("the C kernels are not built")
+        monkeypatch.setattr(library, "describe", missing)
+    assert main(["serve", "--log-level", "ERROR"]) == 1
+    error = one_line_error(capsys)
+    assert "--allow-slow-kernels" in error and ("no vector path" in error or "not built" in error)
+    with caplog.at_level("WARNING", logger="lumen.service.server"):
+        server.check_kernels(allow_slow=True)
+    assert caplog.records[-1].levelname == "WARNING"

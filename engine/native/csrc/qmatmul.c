@@ -320,6 +320,21 @@ static int run_parallel(range_fn fn, const struct job *jb, int64_t units, int64_
     X(LUMEN_Q3_K, dec_q3_k, 256, 110) X(LUMEN_Q4_K, dec_q4_k, 256, 144) X(LUMEN_Q5_K, dec_q5_k, 256, 176) \
     X(LUMEN_Q6_K, dec_q6_k, 256, 210)
 
+#ifndef LUMEN_BUILD_ID
+#define LUMEN_BUILD_ID "unversioned"
+#endif
+const char *lumen_build_id(void) { return LUMEN_BUILD_ID; }
+
+const char *lumen_vector_isa(void) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    return "AVX-512";
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    return "AVX2";
+#else
+    return "none";
+#endif
+}
+
 int lumen_block_layout(int qtype, int *block_size, int *type_size) {
 #define LAYOUT(id, fn, bs, ts) if (qtype == id) { *block_size = bs; *type_size = ts; return LUMEN_OK; }
     TYPES(LAYOUT)

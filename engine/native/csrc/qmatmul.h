@@ -20,6 +20,13 @@ enum {
     LUMEN_E_INDEX = -4,   /* a position, slot, block id, sequence or row index out of range */
 };
 
+/* The digest of the sources and flags this library was compiled from (build.py's build_id). */
+const char *lumen_build_id(void);
+
+/* The vector instruction set this build's kernels use: "AVX-512", "AVX2" or "none"
+ * (aarch64 has no hand-written NEON paths yet: "none"). */
+const char *lumen_vector_isa(void);
+
 /* Values per block and bytes per block of qtype; LUMEN_E_TYPE when this library cannot decode it. */
 int lumen_block_layout(int qtype, int *block_size, int *type_size);
 

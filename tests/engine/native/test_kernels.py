@@ -7,7 +7,6 @@ decoding is checked over the whole fp16 range.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from gguf import GGMLQuantizationType as T
 
 from lumen.engine.model.linear import ChunkedQuantLinear, ConcatLinear, GGUFWeight, NativeQuantLinear, make_quant_linear
 from lumen.engine.native import kernels as native
-from lumen.engine.native import library
 from lumen.engine.weights.quant import dequantize
 from tests.engine.weights.quant.blocks import random_blocks
 
@@ -162,45 +160,3 @@ def test_bad_arguments_are_refused(rng):
     with pytest.raises(ValueError, match="cannot decode GGML type"):
         native.qmatmul_into(int(T.IQ4_NL), w.raw, 64, torch.randn(2, 64), torch.empty(2, 8))
     assert native.block_layout(int(T.IQ4_NL)) is None
-
-
-def test_build_failure_is_reported(monkeypatch, tmp_path):
-    """A broken compiler gives NativeUnavailable with the reason, never a crash."""
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    with pytest.raises(native.NativeUnavailable, match="no-such-compiler"):
-        library._digest(library._compiler())
-
-
-def test_first_build_is_logged(monkeypatch, tmp_path, caplog):
-    """Building takes most of a minute, so the first use says so instead of looking hung."""
-    built = Path(native.library()._name)
-
-    def copy_build(target: Path, cc: str) -> None:   # the real build, copied instead of rebuilt
-        target.parent.mkdir(parents=True)
-        target.write_bytes(built.read_bytes())
-
-    monkeypatch.setenv("LUMEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(library, "_build", copy_build)
-    native.library.cache_clear()
-    try:
-        with caplog.at_level("WARNING", logger="lumen.engine.native.library"):
-            native.library()
-        assert "building the C kernels" in caplog.text and str(tmp_path) in caplog.text
-    finally:
-        native.library.cache_clear()
-
-
-def test_the_vector_path_in_use_is_named_and_its_absence_warned():
-    flags = set(library._cpu_signature().split())
-    expected = ("AVX-512" if {"avx512f", "avx512bw", "avx512vl"} <= flags
-                else "AVX2" if {"avx2", "fma", "f16c"} <= flags else None)
-    assert library.vector_isa() == expected
-    assert ("no vector path" in library.describe()) == (expected is None)
-
-
-@pytest.mark.parametrize("flags,isa,says", [("fpu sse2 avx avx2 fma f16c", "AVX2", "other types and larger batches"),
-                                            ("fpu sse2 avx", None, "no vector path for this CPU")])
-def test_a_cpu_without_avx512_is_told_what_runs_scalar(monkeypatch, flags, isa, says):
-    monkeypatch.setattr(library, "_cpu_signature", lambda: f"flags : {flags}")
-    assert library.vector_isa() == isa
-    assert says in library.describe() and "scalar" in library.describe()

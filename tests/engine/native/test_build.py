@@ -1,0 +1,157 @@
+"""How the C kernels are built and chosen: at install time, one library per instruction-set level,
+the best one this CPU runs loaded at run time, stale or missing builds never loaded silently, and
+every variant this CPU can execute passing the kernel tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lumen.engine.native import build, library
+
+REPO = Path(__file__).resolve().parents[3]
+NATIVE_TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def fresh_library():
+    library.library.cache_clear()
+    yield library
+    library.library.cache_clear()
+
+
+def test_every_variant_of_this_architecture_is_installed():
+    """`pip install` compiled them all (setup.py), with the probe, next to library.py."""
+    for module in [build.PROBE_MODULE] + [v.module for v in build.variants()]:
+        assert build.installed_path(module).is_file(), f"{module} was not built at install time"
+
+
+def test_the_best_variant_this_cpu_runs_is_loaded(fresh_library):
+    level = library.cpu_level()
+    best = [v for v in build.variants() if v.level <= level][-1]
+    if "LUMEN_NATIVE_VARIANT" not in os.environ:
+        assert library.selected() == best
+    lib = library.library()
+    assert lib.lumen_variant == library.selected()
+    assert lib.lumen_build_id().decode() == build.build_id(library.flags(lib.lumen_variant))
+
+
+def test_the_probe_agrees_with_the_kernel_flags_linux_reports():
+    """cpu.c reads cpuid; Linux's /proc/cpuinfo flags come from it too (x86 only)."""
+    if build.variants() != build.X86:
+        pytest.skip("x86-64 levels only")
+    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")).split())
+    v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
+    v3 = {"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"} <= flags
+    assert library.cpu_level() == (4 if v4 and v3 else 3 if v3 else 2)
+
+
+@pytest.mark.parametrize("level,expected", [(4, "x86-64-v4"), (3, "x86-64-v3"), (2, "x86-64-v2")])
+def test_selection_follows_the_cpu_level(monkeypatch, level, expected):
+    monkeypatch.delenv("LUMEN_NATIVE_VARIANT", raising=False)
+    monkeypatch.setattr(library, "cpu_level", lambda: level)
+    monkeypatch.setattr(build, "variants", lambda machine=None: build.X86)
+    assert library.selected().name == expected
+
+
+def test_a_variant_this_cpu_cannot_run_is_refused(monkeypatch, fresh_library):
+    monkeypatch.setattr(library, "cpu_level", lambda: 3)
+    monkeypatch.setattr(build, "variants", lambda machine=None: build.X86)
+    monkeypatch.setenv("LUMEN_NATIVE_VARIANT", "x86-64-v4")
+    with pytest.raises(library.NativeUnavailable, match="this CPU runs only x86-64-v2, x86-64-v3"):
+        library.library()
+    monkeypatch.setenv("LUMEN_NATIVE_VARIANT", "x86-64-v9")
+    with pytest.raises(library.NativeUnavailable, match="no kernel variant 'x86-64-v9'"):
+        library.library()
+    monkeypatch.setattr(library, "cpu_level", lambda: 1)
+    monkeypatch.delenv("LUMEN_NATIVE_VARIANT")
+    with pytest.raises(library.NativeUnavailable, match="runs none of the built kernel variants"):
+        library.library()
+
+
+def test_a_missing_build_is_an_error_saying_how_to_install(monkeypatch, fresh_library, tmp_path):
+    """Not built behind the user's back at first use: the message says to install with a compiler."""
+    monkeypatch.setattr(build, "PACKAGE_DIR", tmp_path)
+    monkeypatch.setattr(build, "installed_path",
+                        lambda module, package_dir=tmp_path: tmp_path / (module + build.ext_suffix()))
+    library.cpu_level.cache_clear()
+    try:
+        with pytest.raises(library.NativeUnavailable, match=r"not built .* install it with a C compiler"):
+            library.library()
+        assert not library.available()
+    finally:
+        library.cpu_level.cache_clear()
+
+
+def test_changed_sources_are_built_once_into_the_cache_and_logged(monkeypatch, fresh_library, tmp_path, caplog):
+    """An editable checkout whose csrc/ changed after the install: the installed library's build id
+    no longer matches, so the current sources are built (logged, it takes a minute), not the old loaded."""
+    v = library.selected()
+    installed = build.installed_path(v.module)
+    built: list[Path] = []
+
+    def copy_build(target: Path, flags, cc, source_dir=build.SOURCE_DIR) -> None:   # the real build, copied
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(installed.read_bytes())
+        built.append(target)
+
+    real_id = build.build_id
+    monkeypatch.setattr(build, "build_id", lambda flags, source_dir=build.SOURCE_DIR: "changed-" + real_id(flags)[:8])
+    monkeypatch.setenv("LUMEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(library, "_build", copy_build)
+    with caplog.at_level("WARNING", logger="lumen.engine.native.library"):
+        lib = library.library()
+    assert "sources changed since Lumen was installed" in caplog.text and str(tmp_path) in caplog.text
+    assert len(built) == 1 and built[0].parent == tmp_path / "native" and lib._name == str(built[0])
+    library.library.cache_clear()
+    library.library()
+    assert len(built) == 1, "the cached build is reused"
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(build.BuildError, match=r"no working C compiler .*no-such-compiler.* apt-get install gcc"):
+        build.compiler_version(build.compiler())
+    with pytest.raises(library.NativeUnavailable, match="no-such-compiler"):
+        library._cache_build("x", build.BASE_FLAGS, build.compiler())
+
+
+@pytest.mark.skipif(os.environ.get("LUMEN_NATIVE_SANITIZE") == "1", reason="not under the sanitizers' preload")
+def test_installing_without_a_compiler_fails_with_that_message(tmp_path):
+    """setup.py's build step, as pip runs it, with CC pointing nowhere: a clear error, no traceback."""
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler")}
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                           "--build-temp", str(tmp_path / "tmp")], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode != 0
+    assert "no working C compiler" in done.stderr and "apt-get install gcc" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name,isa", [("x86-64-v2", "none"), ("x86-64-v3", "AVX2"), ("x86-64-v4", "AVX-512"),
+                                      ("armv8-a", "none"), ("generic", "none")])
+def test_each_variant_reports_its_vector_paths(name, isa):
+    v = build.variant(name)
+    if v not in build.variants() or v.level > library.cpu_level():
+        pytest.skip(f"{name} is not built for or not executable on this CPU")
+    lib = library.load(build.installed_path(v.module))
+    assert lib.lumen_vector_isa().decode() == isa
+
+
+@pytest.mark.skipif("LUMEN_NATIVE_VARIANT" in os.environ, reason="already a run of one variant")
+@pytest.mark.skipif(os.environ.get("LUMEN_NATIVE_SANITIZE") == "1", reason="make sanitize checks one variant")
+def test_every_other_variant_this_cpu_runs_passes_the_kernel_tests():
+    """The kernel tests (bit-exact decoding, matmuls against float64, batch invariance, boundary
+    checks) once more for each built variant below the one this CPU gets, in a subprocess each."""
+    others = [v for v in library.runnable() if v != library.selected()]
+    if not others:
+        pytest.skip("this CPU runs only one variant")
+    for v in others:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                               str(NATIVE_TESTS)], cwd=REPO, env={**os.environ, "LUMEN_NATIVE_VARIANT": v.name},
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"{v.name}:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
+        assert " passed" in done.stdout.splitlines()[-1]
