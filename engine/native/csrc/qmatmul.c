@@ -40,7 +40,7 @@ typedef void (*block_decoder)(const uint8_t *, float *);
 #endif
 
 /* acc[i][j] += x row i . w row j over k in [0, len) (len a multiple of 16). */
-#define ACCUMULATE(acc, x, ldx, w, ldw, len, mr, nr)                                   \
+#define ACCUMULATE_V16(acc, x, ldx, w, ldw, len, mr, nr)                               \
     for (int64_t k_ = 0; k_ < (len); k_ += 16) {                                      \
         v16 wv_[NR], xv_[MR];                                                          \
         for (int j_ = 0; j_ < (nr); j_++) { wv_[j_] = load((w) + j_ * (ldw) + k_); IN_REGISTER(wv_[j_]); } \
@@ -48,6 +48,49 @@ typedef void (*block_decoder)(const uint8_t *, float *);
         for (int i_ = 0; i_ < (mr); i_++)                                              \
             for (int j_ = 0; j_ < (nr); j_++) acc[i_][j_] = vfma(xv_[i_], wv_[j_], acc[i_][j_]); \
     }
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+/* AVX2 has 16 ymm registers, and MR x NR v16 accumulators (two ymm each) would take 32: GCC
+ * spilled them, and batches of 2-64 rows ran about 10x slower than AVX-512 builds. Each lane of
+ * a v16 accumulator is a chain of its own (lane l sums k = l, l + 16, ... in order), so with more
+ * than one activation row the chains run in passes, one 8-lane half of at most 8 outputs at a
+ * time, staying in acc between passes: each lane gets the same operations in the same order,
+ * so the same bits as ACCUMULATE_V16. One row (4 outputs, 8 ymm) keeps the v16 form. */
+static inline __attribute__((always_inline)) void accumulate_halves(
+        v16 (*acc)[NR], const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t len,
+        const int mr, const int nr) {
+    const int cols = mr <= 2 ? NR : 2;
+    for (int j0 = 0; j0 < nr; j0 += cols) {
+        const int nc = nr - j0 < cols ? nr - j0 : cols;
+        for (int h = 0; h < 2; h++) {
+            __m256 a[MR][NR];
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < nc; j++) a[i][j] = ((v16_halves *)&acc[i][j0 + j])->h[h];
+            for (int64_t k = 8 * h; k < len; k += 16) {
+                __m256 wv[NR];
+                for (int j = 0; j < nc; j++) wv[j] = _mm256_loadu_ps(w + (j0 + j) * ldw + k);
+                for (int i = 0; i < mr; i++) {
+                    const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+                    for (int j = 0; j < nc; j++) a[i][j] = _mm256_fmadd_ps(xv, wv[j], a[i][j]);
+                }
+            }
+            for (int i = 0; i < mr; i++)
+                for (int j = 0; j < nc; j++) ((v16_halves *)&acc[i][j0 + j])->h[h] = a[i][j];
+        }
+    }
+}
+#define ACCUMULATE(acc, x, ldx, w, ldw, len, mr, nr)                                   \
+    do {                                                                               \
+        if ((mr) == 1) { ACCUMULATE_V16(acc, x, ldx, w, ldw, len, mr, nr); }           \
+        else accumulate_halves(acc, x, ldx, w, ldw, len, mr, nr);                      \
+    } while (0)
+/* The passes of a large batch's tile over K_CHUNK values at a time, so that the rows they
+ * read stay in L1 between the two halves. */
+enum { K_CHUNK = 512 };
+#else
+#define ACCUMULATE ACCUMULATE_V16
+enum { K_CHUNK = 1 << 30 };
+#endif
 
 /* Small batches: mr x nr outputs, decoding block by block into L1 as it goes. */
 static inline __attribute__((always_inline)) void stream_block(
@@ -79,7 +122,8 @@ static inline __attribute__((always_inline)) void decoded_block(
     v16 acc[MR][NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) acc[i][j] = (v16){0};
-    ACCUMULATE(acc, x, ldx, w, K, K, mr, nr);
+    for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK)
+        ACCUMULATE(acc, x + k0, ldx, w + k0, K, K - k0 < K_CHUNK ? K - k0 : K_CHUNK, mr, nr);
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum(acc[i][j]);
 }
@@ -161,8 +205,6 @@ struct job {
  * value as the block decoder does (same operations, same order), so the same bits. At most 4
  * v16 accumulators (8 of the 16 ymm registers): 1 x 4 outputs for one activation row, 2 x 2
  * for two, 4 x 1 for three or four. */
-typedef union { v16 v; __m256 h[2]; } v16_halves;
-
 static inline __attribute__((always_inline)) v16 from_int32(__m256i lo, __m256i hi, __m256 d) {
     v16_halves r;
     r.h[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(lo), d);

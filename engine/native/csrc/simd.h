@@ -15,12 +15,17 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));   /* unaligned 
 
 static inline __attribute__((always_inline)) v16 load(const float *p) { return *(const v16u *)p; }
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+/* A v16 as the two 8-lane ymm halves that AVX2 computes it in. */
+typedef union { v16 v; __m256 h[2]; } v16_halves;
+#endif
+
 static inline __attribute__((always_inline)) v16 vfma(v16 a, v16 b, v16 c) {
 #ifdef __AVX512F__
     return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 #elif defined(__AVX2__) && defined(__FMA__)
     /* Two 8-lane fmas: each lane rounds once, as with AVX-512 or fmaf, so the same bits. */
-    union { v16 v; __m256 h[2]; } x = {a}, y = {b}, z = {c};
+    v16_halves x = {a}, y = {b}, z = {c};
     z.h[0] = _mm256_fmadd_ps(x.h[0], y.h[0], z.h[0]);
     z.h[1] = _mm256_fmadd_ps(x.h[1], y.h[1], z.h[1]);
     return z.v;
