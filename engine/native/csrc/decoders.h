@@ -15,6 +15,33 @@
 
 #define DECODER static inline __attribute__((always_inline)) void
 
+/* AVX2 builds (no AVX-512) decode F16, BF16, Q4_K, Q5_K and Q6_K blocks with 8-lane vectors
+ * (below each scalar decoder): the same float operations in the same order per value, so the
+ * same bits. AVX-512 builds keep the scalar forms, which GCC vectorizes there. */
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__F16C__)
+#define AVX2_BLOCK_DECODERS 1
+#include <immintrin.h>
+/* Bytes 8c .. 8c + 7 of v (c a constant), widened to 8 floats: unsigned or signed. */
+static inline __attribute__((always_inline)) __m128i bytes8(__m256i v, int c) {
+    const __m128i half = c < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
+    return (c & 1) ? _mm_srli_si128(half, 8) : half;
+}
+static inline __attribute__((always_inline)) __m256 u8_ps(__m256i v, int c) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8(v, c)));
+}
+static inline __attribute__((always_inline)) __m256 i8_ps(__m256i v, int c) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes8(v, c)));
+}
+static inline __attribute__((always_inline)) __m256i load_bytes32(const uint8_t *p) {
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+/* 32 values d * q - m from 32 unsigned bytes q (Q4_K, Q5_K): a product then a difference, as the scalar form. */
+static inline __attribute__((always_inline)) void affine32(float *y, __m256i q, float d, float m) {
+    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+    for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + 8 * c, _mm256_sub_ps(_mm256_mul_ps(dv, u8_ps(q, c)), mv));
+}
+#endif
+
 static inline float fp16_to_fp32(const uint8_t *p) {
     _Float16 h;
     memcpy(&h, p, 2);
@@ -150,6 +177,7 @@ static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m
 }
 
 /* Q4_K: d fp16 | dmin fp16 | scales[12] | qs[128]; value = d * sc * q - dmin * m */
+#ifndef AVX2_BLOCK_DECODERS
 DECODER dec_q4_k(const uint8_t *b, float *y) {
     const float d = fp16_to_fp32(b), dmin = fp16_to_fp32(b + 2);
     const uint8_t *scales = b + 4, *q = b + 16;
@@ -164,8 +192,26 @@ DECODER dec_q4_k(const uint8_t *b, float *y) {
         q += 32;
     }
 }
+#else
+DECODER dec_q4_k(const uint8_t *b, float *y) {
+    const float d = fp16_to_fp32(b), dmin = fp16_to_fp32(b + 2);
+    const uint8_t *scales = b + 4, *q = b + 16;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int is = 0; is < 8; is += 2) {
+        uint8_t sc1, mn1, sc2, mn2;
+        scale_min_k4(is, scales, &sc1, &mn1);
+        scale_min_k4(is + 1, scales, &sc2, &mn2);
+        const __m256i qv = load_bytes32(q);
+        affine32(y, _mm256_and_si256(qv, low), d * (float)sc1, dmin * (float)mn1);
+        affine32(y + 32, _mm256_and_si256(_mm256_srli_epi16(qv, 4), low), d * (float)sc2, dmin * (float)mn2);
+        y += 64;
+        q += 32;
+    }
+}
+#endif
 
 /* Q5_K: d fp16 | dmin fp16 | scales[12] | qh[32] | qs[128] */
+#ifndef AVX2_BLOCK_DECODERS
 DECODER dec_q5_k(const uint8_t *b, float *y) {
     const float d = fp16_to_fp32(b), dmin = fp16_to_fp32(b + 2);
     const uint8_t *scales = b + 4, *qh = b + 16, *ql = b + 48;
@@ -183,9 +229,31 @@ DECODER dec_q5_k(const uint8_t *b, float *y) {
         u2 <<= 2;
     }
 }
+#else
+DECODER dec_q5_k(const uint8_t *b, float *y) {
+    const float d = fp16_to_fp32(b), dmin = fp16_to_fp32(b + 2);
+    const uint8_t *scales = b + 4, *ql = b + 48;
+    const __m256i qh = load_bytes32(b + 16), low = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16);
+    for (int is = 0; is < 8; is += 2) {
+        uint8_t sc1, mn1, sc2, mn2;
+        scale_min_k4(is, scales, &sc1, &mn1);
+        scale_min_k4(is + 1, scales, &sc2, &mn2);
+        const __m256i u1 = _mm256_set1_epi8((char)(1 << is)), u2 = _mm256_set1_epi8((char)(2 << is));
+        const __m256i h1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, u1), u1), sixteen);
+        const __m256i h2 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, u2), u2), sixteen);
+        const __m256i qv = load_bytes32(ql);
+        affine32(y, _mm256_add_epi8(_mm256_and_si256(qv, low), h1), d * (float)sc1, dmin * (float)mn1);
+        affine32(y + 32, _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(qv, 4), low), h2), d * (float)sc2,
+                 dmin * (float)mn2);
+        y += 64;
+        ql += 32;
+    }
+}
+#endif
 
 /* Q6_K: ql[128] (low 4 bits) | qh[64] (high 2 bits) | scales[16] int8 | d fp16.
  * ggml computes d * sc * q left to right; the scale products are hoisted, same values. */
+#ifndef AVX2_BLOCK_DECODERS
 DECODER dec_q6_k(const uint8_t *b, float *y) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *sc = (const int8_t *)(b + 192);
@@ -211,6 +279,36 @@ DECODER dec_q6_k(const uint8_t *b, float *y) {
         sc += 8;
     }
 }
+#else
+/* 32 values s * q from 32 signed bytes q, s_lo for the first 16 and s_hi for the rest. */
+static inline __attribute__((always_inline)) void scaled32(float *y, __m256i q, float s_lo, float s_hi) {
+    for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + 8 * c, _mm256_mul_ps(_mm256_set1_ps(c < 2 ? s_lo : s_hi), i8_ps(q, c)));
+}
+
+DECODER dec_q6_k(const uint8_t *b, float *y) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    const float d = fp16_to_fp32(b + 208);
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    for (int n = 0; n < 256; n += 128) {
+        const __m256i l0 = load_bytes32(ql), l1 = load_bytes32(ql + 32), h = load_bytes32(qh);
+#define Q6_HIGH(shift) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, shift), two), 4)
+        const __m256i q1 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l0, low), Q6_HIGH(0)), bias);
+        const __m256i q2 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l1, low), Q6_HIGH(2)), bias);
+        const __m256i q3 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low), Q6_HIGH(4)), bias);
+        const __m256i q4 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low), Q6_HIGH(6)), bias);
+#undef Q6_HIGH
+        scaled32(y, q1, d * (float)sc[0], d * (float)sc[1]);
+        scaled32(y + 32, q2, d * (float)sc[2], d * (float)sc[3]);
+        scaled32(y + 64, q3, d * (float)sc[4], d * (float)sc[5]);
+        scaled32(y + 96, q4, d * (float)sc[6], d * (float)sc[7]);
+        y += 128;
+        ql += 64;
+        qh += 32;
+        sc += 8;
+    }
+}
+#endif
 
 DECODER dec_f32(const uint8_t *b, float *y) { memcpy(y, b, 32 * sizeof(float)); }
 
@@ -231,6 +329,16 @@ DECODER dec_f16(const uint8_t *b, float *y) {
 DECODER dec_bf16(const uint8_t *b, float *y) {
     _mm512_storeu_ps(y, bf16x16(b));
     _mm512_storeu_ps(y + 16, bf16x16(b + 32));
+}
+#elif defined(AVX2_BLOCK_DECODERS)
+DECODER dec_f16(const uint8_t *b, float *y) {
+    for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + 8 * c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * c))));
+}
+
+DECODER dec_bf16(const uint8_t *b, float *y) {
+    for (int c = 0; c < 4; c++)
+        _mm256_storeu_ps(y + 8 * c, _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(b + 16 * c))), 16)));
 }
 #else
 DECODER dec_f16(const uint8_t *b, float *y) {
