@@ -52,38 +52,39 @@ typedef void (*block_decoder)(const uint8_t *, float *);
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 /* AVX2 has 16 ymm registers, and MR x NR v16 accumulators (two ymm each) would take 32: GCC
  * spilled them, and batches of 2-64 rows ran about 10x slower than AVX-512 builds. Each lane of
- * a v16 accumulator is a chain of its own (lane l sums k = l, l + 16, ... in order), so with more
- * than one activation row the chains run in passes, one 8-lane half of at most 8 outputs at a
- * time, staying in acc between passes: each lane gets the same operations in the same order,
- * so the same bits as ACCUMULATE_V16. One row (4 outputs, 8 ymm) keeps the v16 form. */
+ * a v16 accumulator is a chain of its own (lane l sums k = l, l + 16, ... in order), so the
+ * chains run in passes of at most 8 ymm accumulators (one row: 4 outputs, both halves; more
+ * rows: one 8-lane half at a time), staying in acc between passes: each lane gets the same
+ * operations in the same order, so the same bits as ACCUMULATE_V16. (One row in the v16 form,
+ * through GCC's generic 64-byte vectors, ran at half the speed of two rows.) */
 static inline __attribute__((always_inline)) void accumulate_halves(
         v16 (*acc)[NR], const float *x, int64_t ldx, const float *w, int64_t ldw, int64_t len,
         const int mr, const int nr) {
-    const int cols = mr <= 2 ? NR : 2;
+    const int cols = mr <= 2 ? NR : 2, hh = mr == 1 ? 2 : 1;   /* outputs x halves per pass: at most 8 */
     for (int j0 = 0; j0 < nr; j0 += cols) {
         const int nc = nr - j0 < cols ? nr - j0 : cols;
-        for (int h = 0; h < 2; h++) {
-            __m256 a[MR][NR];
+        for (int h0 = 0; h0 < 2; h0 += hh) {
+            __m256 a[MR][NR][2];
             for (int i = 0; i < mr; i++)
-                for (int j = 0; j < nc; j++) a[i][j] = ((v16_halves *)&acc[i][j0 + j])->h[h];
-            for (int64_t k = 8 * h; k < len; k += 16) {
-                __m256 wv[NR];
-                for (int j = 0; j < nc; j++) wv[j] = _mm256_loadu_ps(w + (j0 + j) * ldw + k);
-                for (int i = 0; i < mr; i++) {
-                    const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
-                    for (int j = 0; j < nc; j++) a[i][j] = _mm256_fmadd_ps(xv, wv[j], a[i][j]);
+                for (int j = 0; j < nc; j++)
+                    for (int t = 0; t < hh; t++) a[i][j][t] = ((v16_halves *)&acc[i][j0 + j])->h[h0 + t];
+            for (int64_t k = 0; k < len; k += 16)
+                for (int t = 0; t < hh; t++) {
+                    const int64_t at = k + 8 * (h0 + t);
+                    __m256 wv[NR];
+                    for (int j = 0; j < nc; j++) wv[j] = _mm256_loadu_ps(w + (j0 + j) * ldw + at);
+                    for (int i = 0; i < mr; i++) {
+                        const __m256 xv = _mm256_loadu_ps(x + i * ldx + at);
+                        for (int j = 0; j < nc; j++) a[i][j][t] = _mm256_fmadd_ps(xv, wv[j], a[i][j][t]);
+                    }
                 }
-            }
             for (int i = 0; i < mr; i++)
-                for (int j = 0; j < nc; j++) ((v16_halves *)&acc[i][j0 + j])->h[h] = a[i][j];
+                for (int j = 0; j < nc; j++)
+                    for (int t = 0; t < hh; t++) ((v16_halves *)&acc[i][j0 + j])->h[h0 + t] = a[i][j][t];
         }
     }
 }
-#define ACCUMULATE(acc, x, ldx, w, ldw, len, mr, nr)                                   \
-    do {                                                                               \
-        if ((mr) == 1) { ACCUMULATE_V16(acc, x, ldx, w, ldw, len, mr, nr); }           \
-        else accumulate_halves(acc, x, ldx, w, ldw, len, mr, nr);                      \
-    } while (0)
+#define ACCUMULATE(acc, x, ldx, w, ldw, len, mr, nr) accumulate_halves(acc, x, ldx, w, ldw, len, mr, nr)
 /* The passes of a large batch's tile over K_CHUNK values at a time, so that the rows they
  * read stay in L1 between the two halves. */
 enum { K_CHUNK = 512 };
@@ -104,8 +105,15 @@ static inline __attribute__((always_inline)) void stream_block(
     const int64_t nb = K / bs;
     int64_t b = 0;
     for (; b + per <= nb; b += per) {
-        for (int j = 0; j < nr; j++)
+        for (int j = 0; j < nr; j++) {
+#if !defined(__AVX512F__) && defined(__AVX2__)
+            /* Into L2 ahead of use, from the same place in the next group of rows, as the register
+             * paths do: without it the AVX2 build streamed Q6_K at 2.6 GB/s a thread pair. */
+            for (int o = 0; o < per * ts; o += 64)
+                _mm_prefetch((const char *)(w + j * row_bytes + b * ts + nr * row_bytes + o), _MM_HINT_T1);
+#endif
             for (int c = 0; c < per; c++) dec(w + j * row_bytes + (b + c) * ts, wb[j] + c * bs);
+        }
         ACCUMULATE(acc, x + b * bs, ldx, &wb[0][0], MAX_BLOCK, MAX_BLOCK, mr, nr);
     }
     for (; b < nb; b++) {                       /* a row length that is not a multiple of 256 */

@@ -1,0 +1,149 @@
+"""Lumen against llama.cpp's own benchmark tools: same files, same threads, one run, one kernel variant.
+
+    LLAMA_CPP_BIN=/tmp/llama/build-avx2/bin .venv/bin/python bench/cpu_llamacpp.py \
+        [--variant x86-64-v3] [--types Q4_0 Q4_1 Q8_0 Q4_K_M Q6_K] [--no-smollm2] [--streams 16]
+
+llama.cpp: `llama-bench -p 128` (prefill tokens/s of a 128-token prompt), `llama-bench -n 64 -d 128`
+(decode tokens/s after a 128-token context) and `llama-batched-bench -npp 128 -ntg 32 -npl 16`
+(aggregate decode tokens/s of 16 sequences), binaries built with cmake from the llama-cpp-python
+sdist's vendored llama.cpp for the instruction set under test (BENCHMARKS.md has the commands).
+
+Lumen, in this process with `LUMEN_NATIVE_VARIANT=--variant` (the kernel build a CPU of that
+level gets): one greedy request with a 128-token prompt (prefill tokens/s = 128 / time to first
+token; decode tokens/s over --decode tokens, median of --repeats), then --streams requests of 128
++ 32 tokens together (aggregate decode tokens/s over the steps where all of them decode).
+
+Files: the TinyLlama-shaped synthetic model (bench/make_tinyllama.py's shape, Llama 2 vocabulary)
+written once as F16 into bench/results/ and quantized by llama.cpp's own `llama-quantize`, so both
+engines read the same bytes; and SmolLM2-135M-Instruct Q4_1 from ../shared/data/models.
+Prints a Markdown table and writes bench/results/cpu_llamacpp.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--variant", default=None, help="Lumen's kernel variant (default: the one this CPU gets)")
+p.add_argument("--types", nargs="*", default=["Q4_0", "Q4_1", "Q8_0", "Q4_K_M", "Q6_K"])
+p.add_argument("--no-smollm2", action="store_true")
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--decode", type=int, default=64)
+p.add_argument("--repeats", type=int, default=3)
+p.add_argument("--streams", type=int, default=16)
+p.add_argument("--stream-tokens", type=int, default=32)
+ARGS = p.parse_args()
+if ARGS.variant:        # before Lumen is imported: library() reads it once
+    os.environ["LUMEN_NATIVE_VARIANT"] = ARGS.variant
+
+import torch  # noqa: E402
+from baseline import lumen_run, median_runs  # noqa: E402
+from common import RESULTS, SHARED, prompt_ids  # noqa: E402  (sets sys.path)
+
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from lumen.engine.core.request import GenerationRequest  # noqa: E402
+from lumen.engine.core.scheduler import SchedulerConfig  # noqa: E402
+from lumen.engine.native import library  # noqa: E402
+from lumen.engine.sampling.sampler import SamplingParams  # noqa: E402
+from lumen.engine.weights.model_files import load_model  # noqa: E402
+
+BIN = Path(os.environ.get("LLAMA_CPP_BIN", ""))
+PROMPT = 128
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        sys.exit(f"{path} not found: set LLAMA_CPP_BIN to the bin/ folder of a llama.cpp cmake build "
+                 "(BENCHMARKS.md, 'Lumen against llama.cpp on AVX2')")
+    return str(path)
+
+
+def tinyllama(qtype: str) -> Path:
+    path = RESULTS / f"tinyllama-synthetic-{qtype.lower()}-llamacpp.gguf"
+    if path.exists():
+        return path
+    source = RESULTS / "tinyllama-synthetic-f16.gguf"
+    if not source.exists():
+        from gguf import GGMLQuantizationType
+
+        from lumen.engine.demo.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        vocab = VocabMetadata.from_gguf(SHARED / "vocab" / "ggml-vocab-llama-spm.gguf")
+        write_synthetic_llama(source, TINYLLAMA, vocab, qtype=GGMLQuantizationType.F16, seed=0,
+                              name="tinyllama-synthetic")
+    tmp = path.with_suffix(".tmp")
+    subprocess.run([tool("llama-quantize"), str(source), str(tmp), qtype, str(ARGS.threads)], check=True,
+                   capture_output=True)
+    os.replace(tmp, path)
+    return path
+
+
+def llamacpp(path: Path) -> dict:
+    def bench(*extra: str) -> float:
+        out = subprocess.run([tool("llama-bench"), "-m", str(path), "-t", str(ARGS.threads), "-r", str(ARGS.repeats),
+                              "-o", "json", *extra], check=True, capture_output=True, text=True).stdout
+        (row,) = json.loads(out)
+        return row["avg_ts"]
+
+    prefill = bench("-p", str(PROMPT), "-n", "0")
+    decode = bench("-p", "0", "-n", str(ARGS.decode), "-d", str(PROMPT))
+    out = subprocess.run([tool("llama-batched-bench"), "-m", str(path), "-t", str(ARGS.threads), "-tb", str(ARGS.threads),
+                          "-c", str(ARGS.streams * (PROMPT + ARGS.stream_tokens) + 256), "-npp", str(PROMPT),
+                          "-ntg", str(ARGS.stream_tokens), "-npl", str(ARGS.streams), "--output-format", "jsonl"],
+                         check=True, capture_output=True, text=True)
+    lines = [json.loads(line) for line in (out.stdout + out.stderr).splitlines() if line.startswith('{"n_kv_max"')]
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "streams_tok_s": lines[-1]["speed_tg"]}
+
+
+def lumen(path: Path) -> dict:
+    torch.set_num_threads(ARGS.threads)
+    loaded = load_model(path)
+    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=1)))
+    vocab, bos = loaded.config.vocab_size, loaded.tokenizer.bos_id or 1
+    prompt = prompt_ids(vocab, bos, PROMPT)
+    lumen_run(engine, prompt, 4)  # warm-up
+    single = median_runs(lambda: lumen_run(engine, prompt_ids(vocab, bos, PROMPT, seed=7), ARGS.decode), ARGS.repeats)
+    del engine
+    steps = []
+    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=ARGS.streams, max_tokens_per_step=2048)),
+                       on_step=steps.append)
+    for i in range(ARGS.streams):      # distinct prompts: the prefix cache does not help
+        engine.add_request(GenerationRequest(str(i), prompt_ids(vocab, bos, PROMPT, seed=100 + i), ARGS.stream_tokens,
+                                             SamplingParams(temperature=0), ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    decode = [s for s in steps if s.batch_size == ARGS.streams and s.num_tokens == ARGS.streams]
+    return {"prefill_tok_s": PROMPT / (single["ttft_ms"] / 1000), "decode_tok_s": single["decode_tok_s"],
+            "streams_tok_s": ARGS.streams * len(decode) / sum(s.duration_s for s in decode)}
+
+
+def main() -> None:
+    files = {f"TinyLlama-shaped {t}": tinyllama(t) for t in ARGS.types}
+    if not ARGS.no_smollm2:
+        files["SmolLM2-135M-Instruct Q4_1"] = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print(library.describe())
+    rows = []
+    for name, path in files.items():
+        rows.append({"model": name, "file": path.name, "lumen": lumen(path), "llama.cpp": llamacpp(path)})
+        print(f"measured {name}", file=sys.stderr, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cpu_llamacpp.json").write_text(json.dumps({"kernels": library.describe(), "rows": rows}, indent=2))
+    s = ARGS.streams
+    print(f"| model | Lumen prefill tok/s | llama.cpp | ratio | Lumen decode tok/s | llama.cpp | ratio | "
+          f"Lumen {s} streams tok/s | llama.cpp | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = []
+        for key in ("prefill_tok_s", "decode_tok_s", "streams_tok_s"):
+            a, b = r["lumen"][key], r["llama.cpp"][key]
+            cells.append(f"{a:.1f} | {b:.1f} | {a / b:.2f}x")
+        print(f"| {r['model']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
