@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, SHARED, ensure_tinyllama, prompt_ids  # noqa: E402  (sets sys.path)
+from common import RESULTS, SHARED, ensure_tinyllama, fresh_prompts, prompt_ids  # noqa: E402  (sets sys.path)
 
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from lumen.engine.core.request import GenerationRequest  # noqa: E402
@@ -63,15 +63,16 @@ def median_runs(fn, repeats: int) -> dict:
 def bench_model(path: Path, args) -> dict:
     loaded = load_gguf(path, dtype=getattr(torch, args.dtype))
     engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=1)))
-    prompt = prompt_ids(loaded.config.vocab_size, loaded.tokenizer.bos_id or 1, 128)
-    lumen_run(engine, prompt, 4)  # warm-up
-    row = {"model": path.name, "lumen": median_runs(lambda: lumen_run(engine, prompt, args.decode), args.repeats)}
+    vocab, bos = loaded.config.vocab_size, loaded.tokenizer.bos_id or 1
+    lumen_run(engine, prompt_ids(vocab, bos, 128), 4)  # warm-up
+    prompts = fresh_prompts(vocab, bos, 128)
+    row = {"model": path.name, "lumen": median_runs(lambda: lumen_run(engine, next(prompts), args.decode), args.repeats)}
     del engine, loaded
-    row["llama.cpp"] = llamacpp_figures(path, prompt, args)
+    row["llama.cpp"] = llamacpp_figures(path, vocab, bos, args)
     return row
 
 
-def llamacpp_figures(path: Path, prompt: list[int], args) -> dict | None:
+def llamacpp_figures(path: Path, vocab: int, bos: int, args) -> dict | None:
     """llama.cpp's median TTFT and decode tok/s on the same file and threads; None without llama_cpp."""
     try:
         from llama_cpp import Llama
@@ -79,8 +80,9 @@ def llamacpp_figures(path: Path, prompt: list[int], args) -> dict | None:
         return None
     llm = Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512,
                 n_batch=512, use_extra_bufts=False, verbose=False)
-    llamacpp_run(llm, prompt, 4)  # warm-up
-    return median_runs(lambda: llamacpp_run(llm, prompt, args.decode), args.repeats)
+    llamacpp_run(llm, prompt_ids(vocab, bos, 128), 4)  # warm-up
+    prompts = fresh_prompts(vocab, bos, 128)         # the same prompts as Lumen's runs
+    return median_runs(lambda: llamacpp_run(llm, next(prompts), args.decode), args.repeats)
 
 
 def main() -> None:

@@ -31,3 +31,14 @@ def prompt_ids(vocab: int, bos: int, n: int, seed: int = 0) -> list[int]:
     """BOS + n - 1 seeded random ids (skipping the first special ids)."""
     rng = np.random.default_rng(seed)
     return [bos] + rng.integers(3, vocab, size=n - 1).tolist()
+
+
+def fresh_prompts(vocab: int, bos: int, n: int):
+    """An endless run of distinct n-token prompts (seeds 1000, 1001, ...): a timed request must not
+    find its prompt in the prefix cache (a repeated prompt's prefill is mostly a cache hit: 128
+    SmolLM2 tokens took 33 ms cached against 180 ms computed)."""
+    seed = 1000
+    while True:
+        yield prompt_ids(vocab, bos, n, seed=seed)
+        seed += 1
+

@@ -9,7 +9,7 @@ llama.cpp: `llama-bench -p 128` (prefill tokens/s of a 128-token prompt), `llama
 sdist's vendored llama.cpp for the instruction set under test (BENCHMARKS.md has the commands).
 
 Lumen, in this process with `LUMEN_NATIVE_VARIANT=--variant` (the kernel build a CPU of that
-level gets): one greedy request with a 128-token prompt (prefill tokens/s = 128 / time to first
+level gets): one greedy request with a 128-token prompt, a distinct one each run (prefill tokens/s = 128 / time to first
 token; decode tokens/s over --decode tokens, median of --repeats), then --streams requests of 128
 + 32 tokens together (aggregate decode tokens/s over the steps where all of them decode).
 
@@ -40,16 +40,16 @@ ARGS = p.parse_args()
 if ARGS.variant:        # before Lumen is imported: library() reads it once
     os.environ["LUMEN_NATIVE_VARIANT"] = ARGS.variant
 
-import torch  # noqa: E402
-from baseline import lumen_run, median_runs  # noqa: E402
-from common import RESULTS, SHARED, prompt_ids  # noqa: E402  (sets sys.path)
+import torch
+from baseline import lumen_run, median_runs
+from common import RESULTS, SHARED, fresh_prompts, prompt_ids
 
-from lumen.engine.core.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from lumen.engine.core.request import GenerationRequest  # noqa: E402
-from lumen.engine.core.scheduler import SchedulerConfig  # noqa: E402
-from lumen.engine.native import library  # noqa: E402
-from lumen.engine.sampling.sampler import SamplingParams  # noqa: E402
-from lumen.engine.weights.model_files import load_model  # noqa: E402
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
+from lumen.engine.core.request import GenerationRequest
+from lumen.engine.core.scheduler import SchedulerConfig
+from lumen.engine.native import library
+from lumen.engine.sampling.sampler import SamplingParams
+from lumen.engine.weights.model_files import load_model
 
 BIN = Path(os.environ.get("LLAMA_CPP_BIN", ""))
 PROMPT = 128
@@ -107,7 +107,8 @@ def lumen(path: Path) -> dict:
     vocab, bos = loaded.config.vocab_size, loaded.tokenizer.bos_id or 1
     prompt = prompt_ids(vocab, bos, PROMPT)
     lumen_run(engine, prompt, 4)  # warm-up
-    single = median_runs(lambda: lumen_run(engine, prompt_ids(vocab, bos, PROMPT, seed=7), ARGS.decode), ARGS.repeats)
+    prompts = fresh_prompts(vocab, bos, PROMPT)     # the prefix cache must not serve the prefill
+    single = median_runs(lambda: lumen_run(engine, next(prompts), ARGS.decode), ARGS.repeats)
     del engine
     steps = []
     engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=ARGS.streams, max_tokens_per_step=2048)),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from baseline import llamacpp_figures, lumen_run, median_runs  # noqa: E402
-from common import RESULTS, SHARED, prompt_ids  # noqa: E402  (sets sys.path)
+from common import RESULTS, SHARED, fresh_prompts, prompt_ids  # noqa: E402  (sets sys.path)
 
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from lumen.engine.core.request import GenerationRequest  # noqa: E402
@@ -88,14 +88,15 @@ def bench_file(qtype: str, path: Path, args) -> dict:
     torch.set_num_threads(args.threads)
     loaded = load_model(path)
     engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=1)))
-    prompt = prompt_ids(loaded.config.vocab_size, loaded.tokenizer.bos_id or 1, 128)
-    lumen_run(engine, prompt, 4)  # warm-up
+    vocab, bos = loaded.config.vocab_size, loaded.tokenizer.bos_id or 1
+    lumen_run(engine, prompt_ids(vocab, bos, 128), 4)  # warm-up
+    prompts = fresh_prompts(vocab, bos, 128)
     row = {"type": qtype, "file": path.name, "file_bytes": path.stat().st_size,
-           "lumen": median_runs(lambda: lumen_run(engine, prompt, args.decode), args.repeats)}
+           "lumen": median_runs(lambda: lumen_run(engine, next(prompts), args.decode), args.repeats)}
     del engine
     row["lumen"][f"decode_tok_s_{args.streams}_streams"] = streams_run(loaded, args.streams, args.stream_tokens)
     del loaded
-    row["llama.cpp"] = llamacpp_figures(path, prompt, args)
+    row["llama.cpp"] = llamacpp_figures(path, vocab, bos, args)
     if row["llama.cpp"] is None:
         sys.exit("bench/quant_cpu.py compares with llama.cpp: install the bench extra (llama-cpp-python)")
     return row

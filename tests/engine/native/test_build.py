@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lumen.engine.native import build, library
 
@@ -155,3 +156,31 @@ def test_every_other_variant_this_cpu_runs_passes_the_kernel_tests():
                               capture_output=True, text=True, check=False)
         assert done.returncode == 0, f"{v.name}:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
         assert " passed" in done.stdout.splitlines()[-1]
+
+
+def test_the_avx2_build_computes_the_avx512_builds_exponentials(monkeypatch):
+    """Softmax and SiLU take e^x from exp16 in AVX-512 builds and from exp8, the same operations on
+    8 lanes, in AVX2 builds: the same bits over the whole float range, subnormal results included."""
+    from lumen.engine.native import kernels
+    libs = {v.name: library.load(build.installed_path(v.module)) for v in library.runnable()
+            if v.name in ("x86-64-v3", "x86-64-v4")}
+    if len(libs) < 2:
+        pytest.skip("needs a CPU that runs both the AVX2 and the AVX-512 builds")
+    gen = torch.Generator().manual_seed(3)
+    g = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 87.3, -87.3, 88.5, -88.5]),
+                   torch.randn(391, generator=gen) * 30])           # 4400 = 275 x 16: no scalar tail
+    h = torch.cat([g, torch.randn(g.numel(), generator=gen)]).view(1, -1)
+    q = torch.randn(3, 4, 32, generator=gen) * 4
+    k_cache, v_cache = torch.randn(2, 5, 16, 2, 32, generator=gen) * 4   # 5 blocks of 16
+    args = (torch.tensor([[0, 1, 2, 3, 4]], dtype=torch.int32), torch.arange(3), torch.zeros(3, dtype=torch.int32),
+            torch.tensor([80, 37, 1], dtype=torch.int32), 0.3)
+    outs = {}
+    for name, lib in libs.items():
+        monkeypatch.setattr(kernels, "library", lambda lib=lib: lib)
+        silu, attn = torch.empty(1, g.numel()), torch.empty_like(q)
+        kernels.silu_mul(h, silu)
+        kernels.paged_attention_rows(q, k_cache, v_cache, *args, attn)
+        outs[name] = (silu, attn)
+    (s3, a3), (s4, a4) = outs["x86-64-v3"], outs["x86-64-v4"]
+    assert torch.equal(s3.view(torch.int32), s4.view(torch.int32)), "SiLU differs between the builds"
+    assert torch.equal(a3.view(torch.int32), a4.view(torch.int32)), "attention differs between the builds"
