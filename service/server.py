@@ -130,6 +130,9 @@ class LumenServer:
         await asyncio.to_thread(self.telemetry.shutdown)  # bounded (about 5 s) even with a dead collector
 
 
+_LOGGED: set[str] = set()
+
+
 def check_kernels(allow_slow: bool) -> None:
     """Say which build of the CPU kernels runs here. With no vector path at all (or no kernels),
     refuse unless allow_slow, and then warn: a server 10x slower than it should be is an explicit
@@ -141,6 +144,9 @@ def check_kernels(allow_slow: bool) -> None:
         line, vector = f"C kernels unavailable ({exc}): matmuls and attention run on torch's slower path", None
     if vector is None and not allow_slow:
         raise ServerConfigError(f"{line}. To serve anyway, start with --allow-slow-kernels")
+    if line in _LOGGED:             # `lumen serve` checks before loading its models and again when serving
+        return
+    _LOGGED.add(line)
     if vector is None:
         log.warning(line)
     else:

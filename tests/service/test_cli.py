@@ -119,9 +119,11 @@ def test_serve_logs_the_kernel_build_it_runs(monkeypatch, caplog):
     monkeypatch.setenv("LUMEN_NATIVE_VARIANT", "x86-64-v3")
     monkeypatch.setattr(library, "cpu_level", lambda: 3)
     library.library.cache_clear()
+    monkeypatch.setattr(server, "_LOGGED", set())
     try:
         with caplog.at_level("INFO", logger="lumen.service.server"):
             server.check_kernels(allow_slow=False)
+            server.check_kernels(allow_slow=False)       # logged once per process
     finally:
         library.library.cache_clear()
     (record,) = [r for r in caplog.records if r.name == "lumen.service.server"]
@@ -143,6 +145,7 @@ def test_serve_without_a_vector_path_needs_an_explicit_flag(monkeypatch, caplog,
     assert main(["serve", "--log-level", "ERROR"]) == 1
     error = one_line_error(capsys)
     assert "--allow-slow-kernels" in error and ("no vector path" in error or "not built" in error)
+    monkeypatch.setattr(server, "_LOGGED", set())
     with caplog.at_level("WARNING", logger="lumen.service.server"):
         server.check_kernels(allow_slow=True)
     assert caplog.records[-1].levelname == "WARNING"
