@@ -42,7 +42,7 @@ if ARGS.variant:        # before Lumen is imported: library() reads it once
 
 import torch
 from baseline import lumen_run, median_runs
-from common import RESULTS, SHARED, fresh_prompts, prompt_ids
+from common import RESULTS, SHARED, ensure_tinyllama, fresh_prompts, prompt_ids
 
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
 from lumen.engine.core.request import GenerationRequest
@@ -59,7 +59,7 @@ def tool(name: str) -> str:
     path = BIN / name
     if not path.exists():
         sys.exit(f"{path} not found: set LLAMA_CPP_BIN to the bin/ folder of a llama.cpp cmake build "
-                 "(BENCHMARKS.md, 'Lumen against llama.cpp on AVX2')")
+                 "(BENCHMARKS.md, section: Lumen against llama.cpp's own tools on AVX2)")
     return str(path)
 
 
@@ -67,15 +67,7 @@ def tinyllama(qtype: str) -> Path:
     path = RESULTS / f"tinyllama-synthetic-{qtype.lower()}-llamacpp.gguf"
     if path.exists():
         return path
-    source = RESULTS / "tinyllama-synthetic-f16.gguf"
-    if not source.exists():
-        from gguf import GGMLQuantizationType
-
-        from lumen.engine.demo.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        vocab = VocabMetadata.from_gguf(SHARED / "vocab" / "ggml-vocab-llama-spm.gguf")
-        write_synthetic_llama(source, TINYLLAMA, vocab, qtype=GGMLQuantizationType.F16, seed=0,
-                              name="tinyllama-synthetic")
+    source = ensure_tinyllama(qtype="F16")      # the one F16 file every type is quantized from
     tmp = path.with_suffix(".tmp")
     subprocess.run([tool("llama-quantize"), str(source), str(tmp), qtype, str(ARGS.threads)], check=True,
                    capture_output=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from baseline import llamacpp_figures, lumen_run, median_runs  # noqa: E402
-from common import RESULTS, SHARED, fresh_prompts, prompt_ids  # noqa: E402  (sets sys.path)
+from common import RESULTS, ensure_tinyllama, fresh_prompts, prompt_ids  # noqa: E402  (sets sys.path)
 
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from lumen.engine.core.request import GenerationRequest  # noqa: E402
@@ -41,15 +41,7 @@ def ensure_file(qtype: str) -> Path:
     path = RESULTS / f"tinyllama-synthetic-{qtype.lower()}-llamacpp.gguf"
     if path.exists():
         return path
-    source = RESULTS / "tinyllama-synthetic-f16.gguf"
-    if not source.exists():
-        from gguf import GGMLQuantizationType
-
-        from lumen.engine.demo.synthetic import TINYLLAMA, VocabMetadata, write_synthetic_llama
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        vocab = VocabMetadata.from_gguf(SHARED / "vocab" / "ggml-vocab-llama-spm.gguf")
-        write_synthetic_llama(source, TINYLLAMA, vocab, qtype=GGMLQuantizationType.F16, seed=0,
-                              name="tinyllama-synthetic")
+    source = ensure_tinyllama(qtype="F16")
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[qtype]
