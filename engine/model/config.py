@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from lumen.engine.errors import ModelLoadError
 
 
+MAX_CONTEXT = 1 << 24
+
+
 @dataclass(slots=True, frozen=True)
 class ModelConfig:
     architecture: str
@@ -21,6 +24,15 @@ class ModelConfig:
     rope_dim: int
 
     def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "context_length", "rope_dim"):
+            if getattr(self, name) <= 0:
+                raise ModelLoadError(f"{name.replace('_', ' ')} is {getattr(self, name)}: it must be positive")
+        # The RoPE tables are built for the whole context at load (2 x context x rope_dim / 2
+        # floats), so a corrupted context length would take all memory: larger than any model's
+        # (16M positions; the largest today is 10M) is refused.
+        if self.context_length > MAX_CONTEXT:
+            raise ModelLoadError(f"context length {self.context_length} is larger than {MAX_CONTEXT}: "
+                                 "the file's metadata is corrupt or the model is not supported")
         if self.dim % self.n_heads:
             raise ModelLoadError(f"embedding length {self.dim} is not a multiple of head count {self.n_heads}")
         if self.n_heads % self.n_kv_heads:

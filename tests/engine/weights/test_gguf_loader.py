@@ -111,24 +111,56 @@ def test_a_truncated_file_says_so_with_the_sizes(tmp_path, vocab):
         load_gguf(tmp_path / "cut.gguf")
 
 
+@pytest.mark.parametrize("context", [(1 << 24) + 1, 318767232])
+def test_an_impossible_context_length_is_refused_before_any_table_is_built(tmp_path, vocab, context):
+    """A flipped top byte of context_length (128 -> 318767232) loads, and the model then builds RoPE
+    tables for the whole context (20 GB here) when an engine starts: refused at load instead."""
+    from dataclasses import replace
+    path = write_synthetic_llama(tmp_path / "m.gguf", replace(TINY, context_length=context), vocab,
+                                 qtype=GGMLQuantizationType.Q8_0, seed=7, name="tiny")
+    with pytest.raises(ModelLoadError, match=f"context length.*{context}|{context}.*context length"):
+        load_gguf(path)
+
+
+# Runs in a child process whose address space is capped: a corrupted size that makes the loader
+# allocate without bound fails there as an exception with its seed, instead of the whole test run
+# being killed for memory (which happened once, seed unknown).
+CORRUPTION_CHILD = r"""
+import random, resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+from lumen.engine.errors import ModelLoadError
+from lumen.engine.weights.gguf_loader import load_gguf
+data, seed, out = Path(sys.argv[1]).read_bytes(), int(sys.argv[2]), Path(sys.argv[3])
+rng = random.Random(seed)
+for i in range(100):
+    corrupt = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        corrupt[rng.randrange(min(len(corrupt), 60000))] = rng.randrange(256)
+    path = out / f"corrupt{i}.gguf"
+    path.write_bytes(bytes(corrupt))
+    try:
+        load_gguf(path)
+    except ModelLoadError as exc:
+        if path.name not in str(exc):
+            sys.exit(f"seed {seed}, file {i}: the error does not name the file: {exc}")
+    except Exception as exc:
+        sys.exit(f"seed {seed}, file {i}: {type(exc).__name__}: {exc}")
+    path.unlink()
+"""
+
+
 def test_randomly_corrupted_files_load_or_fail_cleanly(tmp_path, vocab):
     """Bytes flipped anywhere in the header, metadata or tensor infos: a clean ModelLoadError
     naming the file, or (damage inside tensor data or token text) a model that loads. Never
-    any other exception."""
+    any other exception, and never more than a few GiB of memory."""
     import random
-    data = write_tiny(tmp_path / "m.gguf", vocab).read_bytes()
+    import subprocess
+    import sys
+    from pathlib import Path
+    source = write_tiny(tmp_path / "m.gguf", vocab)
     seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    for i in range(100):
-        corrupt = bytearray(data)
-        for _ in range(rng.randint(1, 8)):
-            corrupt[rng.randrange(min(len(corrupt), 60000))] = rng.randrange(256)
-        path = tmp_path / f"corrupt{i}.gguf"
-        path.write_bytes(bytes(corrupt))
-        try:
-            load_gguf(path)
-        except ModelLoadError as exc:
-            assert path.name in str(exc), f"seed {seed}: {exc}"
-        except Exception as exc:  # noqa: BLE001 - the point of the test
-            raise AssertionError(f"seed {seed}, file {i}: {type(exc).__name__}: {exc}") from exc
-        path.unlink()
+    done = subprocess.run([sys.executable, "-c", CORRUPTION_CHILD, str(source), str(seed), str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=280,
+                          check=False)
+    assert done.returncode == 0, f"seed {seed}: {done.stderr[-3000:]}"
