@@ -44,7 +44,7 @@ FLOATS = {1: lambda v: v.astype(np.float16).view(np.uint8), 0: lambda v: v.view(
 
 
 def build(source_dir: Path, out: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
-    library._build(out, flags, library._compiler(), source_dir)
+    library._build(out, flags, library.build.compiler(), source_dir)
     return library.load(out)
 
 

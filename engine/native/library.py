@@ -55,10 +55,6 @@ def flags(v: Variant) -> tuple[str, ...]:
     return out
 
 
-def _compiler() -> str:
-    return build.compiler()
-
-
 def _cache_build(name: str, flag_set: tuple[str, ...], cc: str) -> Path:
     """A library built at run time into the cache directory, named by a digest of what went in."""
     try:
@@ -127,7 +123,7 @@ def library() -> ctypes.CDLL:
     v = selected()
     flag_set = flags(v)
     if os.environ.get("LUMEN_NATIVE_SANITIZE") == "1":
-        lib = load(_cache_build(f"lumen_cpu-{v.name}-sanitize", flag_set, _compiler()))
+        lib = load(_cache_build(f"lumen_cpu-{v.name}-sanitize", flag_set, build.compiler()))
     else:
         path = build.installed_path(v.module)
         if not path.exists():
@@ -135,7 +131,7 @@ def library() -> ctypes.CDLL:
         lib = load(path)
         if lib.lumen_build_id().decode() != build.build_id(flag_set):
             log.warning("the C kernels' sources changed since Lumen was installed; using a build of the current ones")
-            lib = load(_cache_build(f"lumen_cpu-{v.name}", flag_set, _compiler()))
+            lib = load(_cache_build(f"lumen_cpu-{v.name}", flag_set, build.compiler()))
     lib.lumen_variant = v
     return lib
 

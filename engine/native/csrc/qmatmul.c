@@ -256,8 +256,13 @@ static inline __attribute__((always_inline)) void T##_stream_avx2(              
     for (int i = 0; i < mr; i++)                                                                 \
         for (int j = 0; j < nr; j++) acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();          \
     for (int64_t b = 0; b < K / 32; b++) {                                                       \
-        for (int j = 0; j < nr; j++)                                                             \
-            _mm_prefetch((const char *)(w + j * row_bytes + b * T##_TS) + nr * row_bytes, _MM_HINT_T1); \
+        float dj[4], mj[4];                 /* each row's block scales, once for both groups */   \
+        for (int j = 0; j < nr; j++) {                                                           \
+            const uint8_t *blk = w + j * row_bytes + b * T##_TS;                                 \
+            _mm_prefetch((const char *)blk + nr * row_bytes, _MM_HINT_T1);                       \
+            dj[j] = fp16_to_fp32(blk);                                                           \
+            mj[j] = HAS_MIN ? fp16_to_fp32(blk + 2) : dj[j];                                     \
+        }                                                                                        \
         for (int g = 0; g < 2; g++) {                                                            \
             __m256 xv[4][2];                                                                     \
             for (int i = 0; i < mr; i++) {                                                       \
@@ -265,11 +270,8 @@ static inline __attribute__((always_inline)) void T##_stream_avx2(              
                 xv[i][1] = _mm256_loadu_ps(x + i * ldx + b * 32 + 16 * g + 8);                   \
             }                                                                                    \
             for (int j = 0; j < nr; j++) {                                                       \
-                const uint8_t *blk = w + j * row_bytes + b * T##_TS;                             \
-                const __m256 d = _mm256_set1_ps(fp16_to_fp32(blk));                              \
-                const __m256 m = HAS_MIN ? _mm256_set1_ps(fp16_to_fp32(blk + 2)) : d;            \
                 __m256 wv[2];                                                                    \
-                T##_avx2(blk, d, m, g, wv);                                                      \
+                T##_avx2(w + j * row_bytes + b * T##_TS, _mm256_set1_ps(dj[j]), _mm256_set1_ps(mj[j]), g, wv); \
                 for (int i = 0; i < mr; i++) {                                                   \
                     acc[i][j][0] = _mm256_fmadd_ps(xv[i][0], wv[0], acc[i][j][0]);               \
                     acc[i][j][1] = _mm256_fmadd_ps(xv[i][1], wv[1], acc[i][j][1]);               \

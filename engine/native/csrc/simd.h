@@ -42,22 +42,27 @@ static inline float hsum(v16 v) {
     for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
+/* e^x's steps shared by exp16 and exp8 (W: the intrinsics' prefix, _mm512 or _mm256), one set of
+ * constants for both: |x| clamped to 88, n = x / ln2 rounded (ROUND), x = n ln2 + r (ln2 in two
+ * parts), p = e^r by Cephes' expf polynomial on |r| <= ln2 / 2. The caller scales p by 2^n. */
+#define EXP_REDUCED(W, T, ROUND, x, n, p)                                                         \
+    x = W##_max_ps(W##_min_ps(x, W##_set1_ps(88.0f)), W##_set1_ps(-88.0f));                       \
+    const T n = ROUND(W##_mul_ps(x, W##_set1_ps(1.44269504088896341f)),                           \
+                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                              \
+    T r_ = W##_fnmadd_ps(n, W##_set1_ps(0.693359375f), x);                                        \
+    r_ = W##_fnmadd_ps(n, W##_set1_ps(-2.12194440e-4f), r_);                                      \
+    T p = W##_set1_ps(1.9875691500e-4f);                                                          \
+    p = W##_fmadd_ps(p, r_, W##_set1_ps(1.3981999507e-3f));                                       \
+    p = W##_fmadd_ps(p, r_, W##_set1_ps(8.3334519073e-3f));                                       \
+    p = W##_fmadd_ps(p, r_, W##_set1_ps(4.1665795894e-2f));                                       \
+    p = W##_fmadd_ps(p, r_, W##_set1_ps(1.6666665459e-1f));                                       \
+    p = W##_fmadd_ps(p, r_, W##_set1_ps(5.0000001201e-1f));                                       \
+    p = W##_fmadd_ps(p, W##_mul_ps(r_, r_), W##_add_ps(r_, W##_set1_ps(1.0f)))
+
 #ifdef __AVX512F__
-/* e^x for 16 lanes, |x| clamped to 88: x = n ln2 + r (ln2 in two parts), e^r by Cephes'
- * expf polynomial on |r| <= ln2 / 2, then scaled by 2^n. Within 2 ulp of expf. */
+/* e^x for 16 lanes: EXP_REDUCED, then scaled by 2^n. Within 2 ulp of expf. */
 static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    EXP_REDUCED(_mm512, __m512, _mm512_roundscale_ps, x, n, p);
     return _mm512_scalef_ps(p, n);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -65,18 +70,7 @@ static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
  * scalef; 2^n is applied as 2^a * 2^b (a = floor(n / 2), b = n - a, both within +-64): the
  * first product is exact and the second rounds once, as scalef's single product does. */
 static inline __attribute__((always_inline)) __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-88.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    EXP_REDUCED(_mm256, __m256, _mm256_round_ps, x, n, p);
     const __m256i ni = _mm256_cvtps_epi32(n), a = _mm256_srai_epi32(ni, 1), b = _mm256_sub_epi32(ni, a);
     const __m256i bias = _mm256_set1_epi32(127);
     const __m256 pa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23));
