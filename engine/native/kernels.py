@@ -52,10 +52,23 @@ def block_layout(qtype: int) -> tuple[int, int] | None:
     return bs.value, ts.value
 
 
-def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
+# The matmul modes (qmatmul.h): "exact" widens the weights to float32 and multiplies in float32;
+# "int8" quantizes each activation row to 8 bits in groups of 32 and multiplies integers
+# (q8matmul.c), for the types int8_type() names; other types compute as in "exact".
+MATMUL_MODES = ("exact", "int8")
+
+
+def int8_type(qtype: int) -> bool:
+    """Whether the int8 mode has integer kernels for `qtype`."""
+    return bool(library().lumen_int8_type(int(qtype)))
+
+
+def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torch.Tensor,
+                 mode: str = "exact") -> None:
     """y[:, :n] = x @ W^T, W the GGUF rows `raw` (uint8 [n, row_bytes]); x float32 [m, k].
 
-    y may be a column slice of a wider float32 matrix (its rows must be contiguous inside)."""
+    y may be a column slice of a wider float32 matrix (its rows must be contiguous inside).
+    `mode`: one of MATMUL_MODES."""
     n, row_bytes = raw.shape
     m = x.shape[0]
     assert raw.dtype == torch.uint8 and raw.stride(1) == 1 and raw.stride(0) == row_bytes, \
@@ -64,17 +77,21 @@ def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torc
         f"x must be float32 [m, {k}] with contiguous rows, got {x.dtype} {tuple(x.shape)}"
     assert y.dtype == torch.float32 and y.shape == (m, n) and y.stride(1) == 1, \
         f"y must be float32 [{m}, {n}] with contiguous rows, got {y.dtype} {tuple(y.shape)}"
+    if mode not in MATMUL_MODES:
+        raise ValueError(f"unknown matmul mode {mode!r}: use one of {', '.join(MATMUL_MODES)}")
     if m == 0 or n == 0:
         return
-    qmatmul_checked_weight(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y)
+    qmatmul_checked_weight(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y, mode == "int8")
 
 
 def qmatmul_checked_weight(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: int, x: torch.Tensor,
-                           y: torch.Tensor) -> None:
+                           y: torch.Tensor, int8: bool = False) -> None:
     """qmatmul_into over a weight checked once by the caller (its address and row length), for
     x and y of the right shapes: the per-call path of lumen.engine.model.linear.NativeQuantLinear."""
-    rc = library().lumen_qmatmul(qtype, raw_ptr, row_bytes, n, k, x.data_ptr(), x.shape[0], x.stride(0),
-                                 y.data_ptr(), y.stride(0), torch.get_num_threads())
+    lib = library()
+    rc = (lib.lumen_qmatmul_int8 if int8 else lib.lumen_qmatmul)(
+        qtype, raw_ptr, row_bytes, n, k, x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr(), y.stride(0),
+        torch.get_num_threads())
     _check(rc, "lumen_qmatmul", lambda: rows_problem(qtype, row_bytes, k))
 
 

@@ -175,6 +175,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lumen_decode_row.restype = i32
     lib.lumen_qmatmul.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
     lib.lumen_qmatmul.restype = i32
+    lib.lumen_qmatmul_int8.argtypes = lib.lumen_qmatmul.argtypes
+    lib.lumen_qmatmul_int8.restype = i32
+    lib.lumen_int8_type.argtypes, lib.lumen_int8_type.restype = [i32], i32
     lib.lumen_paged_attention_rows.argtypes = [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, ptr, i64,
                                                i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32,
                                                i64, i64, i64, i64]

@@ -42,4 +42,17 @@ int lumen_decode_row(int qtype, const uint8_t *row, int64_t row_bytes, int64_t k
  * an error (unknown type, rows that do not hold K values, no memory). */
 int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
                   const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads);
+
+/* The matmul modes: exact (lumen_qmatmul) and int8 (lumen_qmatmul_int8). */
+enum { LUMEN_MATMUL_EXACT = 0, LUMEN_MATMUL_INT8 = 1 };
+
+/* 1 when lumen_qmatmul_int8 has integer kernels for qtype (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K). */
+int lumen_int8_type(int qtype);
+
+/* lumen_qmatmul's product with 8-bit activations (q8matmul.c says exactly what it computes): x's
+ * rows are quantized in groups of 32 values and multiplied by the weights' quants as integers.
+ * The same bits in every build, and a row's result does not depend on its batch. Types without
+ * integer kernels (lumen_int8_type 0) are computed as lumen_qmatmul computes them. */
+int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
+                       const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads);
 #endif

@@ -1,0 +1,363 @@
+/* x @ W^T with 8-bit activations and integer dot products: the int8 matmul mode.
+ *
+ * The exact mode (qmatmul.c) widens every weight to float32 and multiplies in float32. This mode
+ * does what llama.cpp does on CPUs: each activation row is quantized to 8 bits in groups of 32
+ * values (one float32 scale a group, finer than llama.cpp's fp16-scaled Q8_0 and 256-value Q8_K),
+ * and each weight group is multiplied as small integers, 32 products at a time (AVX2's maddubs and
+ * madd), with one float multiply-add per 8 partial sums.
+ *
+ * What each output is, exactly (every build computes this, so the scalar, AVX2 and AVX-512 builds
+ * agree bit for bit):
+ *   - activation group g of row m: dx = amax / 127 (amax = the largest |x| of the group), qx = x *
+ *     (1 / dx) clamped to +-127 and rounded to nearest even, t = dx * (sum of the group's qx);
+ *   - weight group g of row n: quants q (signed, or unsigned with an additive term), a lane scale
+ *     a (a_lo for the first 16 values, a_hi for the rest) and an additive term c (value = a * q + c);
+ *   - lane l (0..7) of group g: L = sum of q * qx over values 4l .. 4l + 3 (an exact integer);
+ *     A[l] = fma(a_l * dx, (float)L, A[l]) over the groups in order;
+ *   - B[g mod 8] = fma(c, t, B[g mod 8]) over the groups in order;
+ *   - y = hsum8(A) + hsum8(B), hsum8(v) = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
+ * Each output depends on its own activation row and weight row only: a row's result is the same
+ * alone or in any batch, on any number of threads.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "decoders.h"
+#include "qmatmul.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define Q8_AVX2 1
+#endif
+
+enum { G = 32 };   /* values per activation group and per weight group */
+
+/* One quantized activation matrix: rows of K int8 values, each group's dx and t. */
+struct xq {
+    int8_t *q;
+    float *d, *t;
+    int64_t K, groups;
+};
+
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *t) {
+    for (int64_t g = 0; g < K / G; g++) {
+        const float *xg = x + g * G;
+        float amax = 0.0f;
+        for (int j = 0; j < G; j++) amax = fmaxf(amax, fabsf(xg[j]));
+        const float dx = amax / 127.0f, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < G; j++) {
+            const int v = (int)nearbyintf(fminf(fmaxf(xg[j] * inv, -127.0f), 127.0f));
+            q[g * G + j] = (int8_t)v;
+            sum += v;
+        }
+        d[g] = dx;
+        t[g] = dx * (float)sum;
+    }
+}
+
+static inline float hsum8(const float *a) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+/* ---- Weight groups, per type: scales (shared by every build) and quants (scalar and AVX2). ----
+ * T_scales(block, s, &a_lo, &a_hi, &c) for group s of the block; T_quants(block, s, q[32]). */
+
+/* Q8_0: d fp16 | qs[32]: signed, a = d. */
+static inline __attribute__((always_inline)) void q8_0_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
+    (void)s;
+    *lo = *hi = fp16_to_fp32(b);
+    *c = 0.0f;
+}
+static inline void q8_0_quants(const uint8_t *b, int s, int8_t *q) { (void)s; memcpy(q, b + 2, 32); }
+
+/* Q4_0: d fp16 | qs[16]: unsigned q, a = d, c = -8 d (value d q - 8 d = d (q - 8), exactly). */
+static inline __attribute__((always_inline)) void q4_0_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
+    (void)s;
+    *lo = *hi = fp16_to_fp32(b);
+    *c = -8.0f * *lo;
+}
+static inline void q4_0_quants(const uint8_t *b, int s, int8_t *q) {
+    (void)s;
+    for (int j = 0; j < 16; j++) {
+        q[j] = (int8_t)(b[2 + j] & 0x0F);
+        q[j + 16] = (int8_t)(b[2 + j] >> 4);
+    }
+}
+
+/* Q4_1: d fp16 | m fp16 | qs[16]: unsigned q, a = d, c = m. */
+static inline __attribute__((always_inline)) void q4_1_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
+    (void)s;
+    *lo = *hi = fp16_to_fp32(b);
+    *c = fp16_to_fp32(b + 2);
+}
+static inline void q4_1_quants(const uint8_t *b, int s, int8_t *q) {
+    (void)s;
+    for (int j = 0; j < 16; j++) {
+        q[j] = (int8_t)(b[4 + j] & 0x0F);
+        q[j + 16] = (int8_t)(b[4 + j] >> 4);
+    }
+}
+
+/* Q4_K: d | dmin | scales[12] | qs[128]; group s: unsigned nibbles of qs[32 (s / 2) ..], low for
+ * even s, a = d * sc_s, c = -(dmin * m_s) (value d * sc * q - dmin * m, as ggml decodes it). */
+static inline __attribute__((always_inline)) void q4_k_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
+    uint8_t sc, mn;
+    scale_min_k4(s, b + 4, &sc, &mn);
+    *lo = *hi = fp16_to_fp32(b) * (float)sc;
+    *c = -(fp16_to_fp32(b + 2) * (float)mn);
+}
+static inline void q4_k_quants(const uint8_t *b, int s, int8_t *q) {
+    const uint8_t *qs = b + 16 + 32 * (s / 2);
+    for (int j = 0; j < 32; j++) q[j] = (int8_t)((s & 1) ? qs[j] >> 4 : qs[j] & 0x0F);
+}
+
+/* Q5_K: d | dmin | scales[12] | qh[32] | qs[128]: Q4_K's nibbles plus bit s of qh[j] as 16. */
+static inline __attribute__((always_inline)) void q5_k_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
+    q4_k_scales(b, s, lo, hi, c);
+}
+static inline void q5_k_quants(const uint8_t *b, int s, int8_t *q) {
+    const uint8_t *qh = b + 16, *qs = b + 48 + 32 * (s / 2);
+    for (int j = 0; j < 32; j++)
+        q[j] = (int8_t)(((s & 1) ? qs[j] >> 4 : qs[j] & 0x0F) + (((qh[j] >> s) & 1) << 4));
+}
+
+/* Q6_K: ql[128] | qh[64] | scales[16] int8 | d fp16; group s = 4 h + k (h the 128-value half):
+ * ql[64 h + 32 (k & 1) ..], high nibbles for k >= 2, bits 2k of qh[32 h ..]; signed q - 32;
+ * a_lo = d * sc[8 h + 2 k], a_hi = d * sc[8 h + 2 k + 1]. */
+static inline __attribute__((always_inline)) void q6_k_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
+    const int8_t *sc = (const int8_t *)(b + 192) + 8 * (s / 4) + 2 * (s % 4);
+    const float d = fp16_to_fp32(b + 208);
+    *lo = d * (float)sc[0];
+    *hi = d * (float)sc[1];
+    *c = 0.0f;
+}
+static inline void q6_k_quants(const uint8_t *b, int s, int8_t *q) {
+    const int h = s / 4, k = s % 4;
+    const uint8_t *ql = b + 64 * h + 32 * (k & 1), *qh = b + 128 + 32 * h;
+    for (int j = 0; j < 32; j++)
+        q[j] = (int8_t)((((k >= 2) ? ql[j] >> 4 : ql[j] & 0x0F) | (((qh[j] >> (2 * k)) & 3) << 4)) - 32);
+}
+
+#ifdef Q8_AVX2
+/* 16 bytes' low nibbles (values 0-15), then their high nibbles (16-31). */
+static inline __attribute__((always_inline)) __m256i nibbles(__m128i v) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+}
+static inline __attribute__((always_inline)) __m256i q8_0_quants8(const uint8_t *b, int s) {
+    (void)s;
+    return _mm256_loadu_si256((const __m256i *)(b + 2));
+}
+static inline __attribute__((always_inline)) __m256i q4_0_quants8(const uint8_t *b, int s) {
+    (void)s;
+    return nibbles(_mm_loadu_si128((const __m128i *)(b + 2)));
+}
+static inline __attribute__((always_inline)) __m256i q4_1_quants8(const uint8_t *b, int s) {
+    (void)s;
+    return nibbles(_mm_loadu_si128((const __m128i *)(b + 4)));
+}
+static inline __attribute__((always_inline)) __m256i q4_k_quants8(const uint8_t *b, int s) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * (s / 2)));
+    return _mm256_and_si256((s & 1) ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+}
+static inline __attribute__((always_inline)) __m256i q5_k_quants8(const uint8_t *b, int s) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * (s / 2)));
+    const __m256i lo = _mm256_and_si256((s & 1) ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+    const __m256i bit = _mm256_set1_epi8((char)(1 << s)), qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+    return _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                                _mm256_set1_epi8(16)));
+}
+static inline __attribute__((always_inline)) __m256i q6_k_quants8(const uint8_t *b, int s) {
+    const int h = s / 4, k = s % 4;
+    const __m256i l = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (k & 1)));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+    const __m256i low = _mm256_and_si256(k >= 2 ? _mm256_srli_epi16(l, 4) : l, _mm256_set1_epi8(0x0F));
+    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), _mm256_set1_epi8(3)), 4);
+    return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
+}
+#endif
+
+enum { MR = 4, NR = 4 };
+
+/* hsum8 of B: sum over the groups g of c[g] * t[g], lane g mod 8. */
+static inline __attribute__((always_inline)) float additive(const float *c, const float *t, int64_t groups) {
+    float b[8] = {0};
+    int64_t g = 0;
+#ifdef Q8_AVX2
+    __m256 v = _mm256_setzero_ps();
+    for (; g + 8 <= groups; g += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(c + g), _mm256_loadu_ps(t + g), v);
+    _mm256_storeu_ps(b, v);
+#endif
+    for (; g < groups; g++) b[g % 8] = fmaf(c[g], t[g], b[g % 8]);
+    return hsum8(b);
+}
+
+/* mr x nr outputs: activation rows m0 .. m0 + mr of xq, weight rows w .. w + nr rows. T's blocks
+ * hold SUBS groups of 32 values in TS bytes; SIGNED: its quants are signed and c is 0; HALVES:
+ * its lane scales differ between a group's halves (else a_lo = a_hi). */
+#ifdef Q8_AVX2
+#define Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                        \
+static inline __attribute__((always_inline)) void T##_tile(                                          \
+        const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y, int64_t ldy,     \
+        const int mr, const int nr) {                                                                \
+    __m256 acc[MR][NR];                                                                              \
+    float cs[SIGNED ? 1 : NR][SIGNED ? 1 : xq->groups];                                              \
+    const __m256i ones = _mm256_set1_epi16(1);                                                       \
+    for (int i = 0; i < mr; i++)                                                                     \
+        for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();                                \
+    for (int64_t b = 0; b < xq->groups / SUBS; b++) {                                                \
+        if (mr == 1)   /* into L2 ahead of use: the same block of the next rows */                   \
+            for (int j = 0; j < nr; j++)                                                             \
+                for (int o = 0; o < TS; o += 64)                                                     \
+                    _mm_prefetch((const char *)(w + (nr + j) * row_bytes + b * TS + o), _MM_HINT_T1); \
+        for (int s = 0; s < SUBS; s++) {                                                             \
+            const int64_t g = b * SUBS + s;                                                          \
+            __m256i wq[NR], wa[NR];                                                                 \
+            __m256 sc[NR];                                                                           \
+            for (int j = 0; j < nr; j++) {                                                           \
+                const uint8_t *blk = w + j * row_bytes + b * TS;                                     \
+                float lo, hi, c;                                                                     \
+                T##_scales(blk, s, &lo, &hi, &c);                                                    \
+                sc[j] = HALVES ? _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo)) : _mm256_set1_ps(lo); \
+                if (!SIGNED) cs[j][g] = c;                                                           \
+                wq[j] = T##_quants8(blk, s);                                                         \
+                if (SIGNED) wa[j] = _mm256_sign_epi8(wq[j], wq[j]);                                  \
+            }                                                                                        \
+            for (int i = 0; i < mr; i++) {                                                           \
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q + (m0 + i) * xq->K + g * G)); \
+                const __m256 dx = _mm256_set1_ps(xq->d[(m0 + i) * xq->groups + g]);                  \
+                for (int j = 0; j < nr; j++) {                                                       \
+                    /* signed: |q| (-128 as 128) times qx with q's sign, the same products */      \
+                    const __m256i p = SIGNED ? _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wq[j])) \
+                                             : _mm256_maddubs_epi16(wq[j], xv);                      \
+                    const __m256 l = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));                 \
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(sc[j], dx), l, acc[i][j]);             \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+    for (int i = 0; i < mr; i++)                                                                     \
+        for (int j = 0; j < nr; j++) {                                                               \
+            float a[8];                                                                              \
+            _mm256_storeu_ps(a, acc[i][j]);                                                          \
+            y[(m0 + i) * ldy + j] = hsum8(a) + (SIGNED ? 0.0f : additive(cs[SIGNED ? 0 : j],        \
+                                                xq->t + (m0 + i) * xq->groups, xq->groups));        \
+        }                                                                                            \
+}
+#else
+/* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds). */
+#define Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                        \
+static inline __attribute__((always_inline)) void T##_tile(                                          \
+        const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y, int64_t ldy,     \
+        const int mr, const int nr) {                                                                \
+    float cs[xq->groups];                                                                            \
+    for (int j = 0; j < nr; j++)                                                                     \
+        for (int i = 0; i < mr; i++) {                                                               \
+            float acc[8] = {0};                                                                      \
+            const int8_t *xr = xq->q + (m0 + i) * xq->K;                                             \
+            for (int64_t g = 0; g < xq->groups; g++) {                                               \
+                const uint8_t *blk = w + j * row_bytes + g / SUBS * TS;                              \
+                int8_t q[G];                                                                         \
+                float lo, hi;                                                                        \
+                T##_scales(blk, (int)(g % SUBS), &lo, &hi, &cs[g]);                                  \
+                T##_quants(blk, (int)(g % SUBS), q);                                                 \
+                const float dx = xq->d[(m0 + i) * xq->groups + g];                                   \
+                for (int l = 0; l < 8; l++) {                                                        \
+                    int sum = 0;                                                                     \
+                    for (int p = 4 * l; p < 4 * l + 4; p++) sum += q[p] * xr[g * G + p];             \
+                    acc[l] = fmaf((l < 4 ? lo : hi) * dx, (float)sum, acc[l]);                       \
+                }                                                                                    \
+            }                                                                                        \
+            y[(m0 + i) * ldy + j] = hsum8(acc) + (SIGNED ? 0.0f : additive(cs, xq->t + (m0 + i) * xq->groups, \
+                                                                          xq->groups));              \
+        }                                                                                            \
+}
+#endif
+
+struct q8job {
+    const uint8_t *w;
+    int64_t row_bytes, N;
+    const struct xq *xq;
+    float *y;
+    int64_t ldy;
+};
+
+/* Output rows [lo, hi) for all M activation rows, in tiles of up to MR activation rows by 4 weight
+ * rows (one activation row) or 2 (more: at most 8 ymm accumulators). */
+#define Q8_TYPE(T, SUBS, TS, SIGNED, HALVES)                                                                \
+Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                                 \
+static void T##_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {                   \
+    const int full = M == 1 ? 4 : 2;                                                                 \
+    for (int64_t n = lo; n < hi;) {                                                                  \
+        const int nr = hi - n >= full ? full : 1;                                                    \
+        const uint8_t *wn = jb->w + n * jb->row_bytes;                                               \
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                     \
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;                                         \
+            switch (mr * 8 + nr) {                                                                   \
+                case 1 * 8 + 4: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 4); break; \
+                case 4 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 2); break; \
+                case 4 * 8 + 1: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 1); break; \
+                case 3 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 2); break; \
+                case 3 * 8 + 1: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 1); break; \
+                case 2 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 2); break; \
+                case 2 * 8 + 1: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 1); break; \
+                case 1 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 2); break; \
+                default: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 1); break;    \
+            }                                                                                        \
+        }                                                                                            \
+        n += nr;                                                                                     \
+    }                                                                                                \
+}
+
+Q8_TYPE(q8_0, 1, 34, 1, 0)
+Q8_TYPE(q4_0, 1, 18, 0, 0)
+Q8_TYPE(q4_1, 1, 20, 0, 0)
+Q8_TYPE(q4_k, 8, 144, 0, 0)
+Q8_TYPE(q5_k, 8, 176, 0, 0)
+Q8_TYPE(q6_k, 8, 210, 1, 1)
+
+#define INT8_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q4_1, q4_1) X(LUMEN_Q4_K, q4_k) \
+    X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k)
+
+int lumen_int8_type(int qtype) {
+#define HAS(id, T) if (qtype == id) return 1;
+    INT8_TYPES(HAS)
+#undef HAS
+    return 0;
+}
+
+int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
+                       const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+    if (!lumen_int8_type(qtype))
+        return lumen_qmatmul(qtype, w, row_bytes, N, K, x, M, ldx, y, ldy, nthreads);
+    const int rc = lumen_check_rows(qtype, row_bytes, K);
+    if (rc != LUMEN_OK) return rc;
+    if (N < 0 || M < 0 || ldx < K || ldy < N) return LUMEN_E_SHAPE;
+    if (M == 0 || N == 0) return LUMEN_OK;
+    struct xq xq = {malloc((size_t)(M * K)), malloc((size_t)(M * K / G) * sizeof(float)),
+                    malloc((size_t)(M * K / G) * sizeof(float)), K, K / G};
+    if (xq.q == NULL || xq.d == NULL || xq.t == NULL) {
+        free(xq.q), free(xq.d), free(xq.t);
+        return LUMEN_E_NOMEM;
+    }
+#pragma omp parallel for num_threads(nthreads) if (M >= 8)
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, xq.q + m * K, xq.d + m * xq.groups, xq.t + m * xq.groups);
+    const struct q8job jb = {w, row_bytes, N, &xq, y, ldy};
+    const int64_t align = M == 1 ? 4 : 2;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t chunks = (N + align - 1) / align;
+        const int64_t lo = chunks * id / nt * align, hi = chunks * (id + 1) / nt * align;
+        if (lo < N) {
+#define RUN(tid, T) if (qtype == tid) T##_range(&jb, M, lo, hi < N ? hi : N);
+            INT8_TYPES(RUN)
+#undef RUN
+        }
+    }
+    free(xq.q), free(xq.d), free(xq.t);
+    return LUMEN_OK;
+}
