@@ -2,6 +2,7 @@
 
     LLAMA_CPP_BIN=/tmp/llama/build-avx2/bin .venv/bin/python bench/cpu_llamacpp.py \
         [--variant x86-64-v3] [--types Q4_0 Q4_1 Q8_0 Q4_K_M Q6_K] [--no-smollm2] [--streams 16]
+        [--modes exact int8]
 
 llama.cpp: `llama-bench -p 128` (prefill tokens/s of a 128-token prompt), `llama-bench -n 64 -d 128`
 (decode tokens/s after a 128-token context) and `llama-batched-bench -npp 128 -ntg 32 -npl 16`
@@ -11,7 +12,9 @@ sdist's vendored llama.cpp for the instruction set under test (BENCHMARKS.md has
 Lumen, in this process with `LUMEN_NATIVE_VARIANT=--variant` (the kernel build a CPU of that
 level gets): one greedy request with a 128-token prompt, a distinct one each run (prefill tokens/s = 128 / time to first
 token; decode tokens/s over --decode tokens, median of --repeats), then --streams requests of 128
-+ 32 tokens together (aggregate decode tokens/s over the steps where all of them decode).
++ 32 tokens together (aggregate decode tokens/s over the steps where all of them decode), in
+each matmul mode of --modes (exact, int8: EngineConfig.matmul_mode), each against the same
+llama.cpp figures.
 
 Files: the TinyLlama-shaped synthetic model (bench/make_tinyllama.py's shape, Llama 2 vocabulary)
 written once as F16 into bench/results/ and quantized by llama.cpp's own `llama-quantize`, so both
@@ -36,6 +39,7 @@ p.add_argument("--decode", type=int, default=64)
 p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--streams", type=int, default=16)
 p.add_argument("--stream-tokens", type=int, default=32)
+p.add_argument("--modes", nargs="+", default=["exact", "int8"], choices=["exact", "int8"])
 ARGS = p.parse_args()
 if ARGS.variant:        # before Lumen is imported: library() reads it once
     os.environ["LUMEN_NATIVE_VARIANT"] = ARGS.variant
@@ -92,10 +96,10 @@ def llamacpp(path: Path) -> dict:
     return {"prefill_tok_s": prefill, "decode_tok_s": decode, "streams_tok_s": lines[-1]["speed_tg"]}
 
 
-def lumen(path: Path) -> dict:
+def lumen(path: Path, mode: str) -> dict:
     torch.set_num_threads(ARGS.threads)
     loaded = load_model(path)
-    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=1)))
+    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=1), matmul_mode=mode))
     vocab, bos = loaded.config.vocab_size, loaded.tokenizer.bos_id or 1
     prompt = prompt_ids(vocab, bos, PROMPT)
     lumen_run(engine, prompt, 4)  # warm-up
@@ -103,8 +107,8 @@ def lumen(path: Path) -> dict:
     single = median_runs(lambda: lumen_run(engine, next(prompts), ARGS.decode), ARGS.repeats)
     del engine
     steps = []
-    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=ARGS.streams, max_tokens_per_step=2048)),
-                       on_step=steps.append)
+    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=ARGS.streams, max_tokens_per_step=2048),
+                                            matmul_mode=mode), on_step=steps.append)
     for i in range(ARGS.streams):      # distinct prompts: the prefix cache does not help
         engine.add_request(GenerationRequest(str(i), prompt_ids(vocab, bos, PROMPT, seed=100 + i), ARGS.stream_tokens,
                                              SamplingParams(temperature=0), ignore_eos=True))
@@ -122,20 +126,23 @@ def main() -> None:
     print(library.describe())
     rows = []
     for name, path in files.items():
-        rows.append({"model": name, "file": path.name, "lumen": lumen(path), "llama.cpp": llamacpp(path)})
+        reference = llamacpp(path)
+        for mode in ARGS.modes:
+            rows.append({"model": name, "mode": mode, "file": path.name, "lumen": lumen(path, mode),
+                         "llama.cpp": reference})
         print(f"measured {name}", file=sys.stderr, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cpu_llamacpp.json").write_text(json.dumps({"kernels": library.describe(), "rows": rows}, indent=2))
     s = ARGS.streams
-    print(f"| model | Lumen prefill tok/s | llama.cpp | ratio | Lumen decode tok/s | llama.cpp | ratio | "
+    print(f"| model | mode | Lumen prefill tok/s | llama.cpp | ratio | Lumen decode tok/s | llama.cpp | ratio | "
           f"Lumen {s} streams tok/s | llama.cpp | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = []
         for key in ("prefill_tok_s", "decode_tok_s", "streams_tok_s"):
             a, b = r["lumen"][key], r["llama.cpp"][key]
             cells.append(f"{a:.1f} | {b:.1f} | {a / b:.2f}x")
-        print(f"| {r['model']} | " + " | ".join(cells) + " |")
+        print(f"| {r['model']} | {r['mode']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

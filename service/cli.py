@@ -72,6 +72,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of weights and activations")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--matmul-mode", choices=["exact", "int8"], default="exact",
+                   help="how the C kernels multiply quantized weights: exact (float32 on the exactly decoded "
+                        "weights; greedy output equals a float64 reference) or int8 (8-bit activations and "
+                        "integer dot products, as llama.cpp; faster, logits within about 1e-2)")
     p.add_argument("--max-running", type=int, default=16, help="requests computed together in one engine step")
     p.add_argument("--max-tokens-per-step", type=int, default=512,
                    help="token budget of one engine step (decodes plus prefill chunks)")
@@ -212,7 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
                                       max_waiting=args.max_waiting),
             default_max_new_tokens=args.default_max_tokens, kv_cache_bytes=args.kv_cache_memory,
             step_span_interval_s=args.step_span_interval,
-            block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
+            block_size=args.block_size, prefix_caching=not args.no_prefix_caching, matmul_mode=args.matmul_mode,
             speculative=SpeculativeConfig(
                 method=SpecMethod(args.speculative), num_tokens=args.num_speculative_tokens,
                 layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch,

@@ -26,6 +26,7 @@ from lumen.engine.model.attention.select import select_backend
 from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
 from lumen.engine.model.llama import Chunk, ForwardBatch, LlamaModel, build_batch
 from lumen.engine.sampling.logprobs import MAX_TOP_LOGPROBS
+from lumen.engine.native.kernels import MATMUL_MODES
 from lumen.engine.speculative import SpeculativeConfig
 from lumen.engine.speculative.speculation import SpecStepStats, Speculation
 from lumen.engine.weights.loaded_model import LoadedModel
@@ -43,6 +44,10 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     # At most one engine step per interval becomes an `engine_step` span (0: every step).
     step_span_interval_s: float = 0.1
+    # How the C kernels multiply (lumen.engine.native.kernels.MATMUL_MODES): "exact" (float32 on
+    # the exactly decoded weights) or "int8" (8-bit activations, integer dot products: faster,
+    # less precise). Applied to the model's weights (and a draft model's) when the engine starts.
+    matmul_mode: str = "exact"
 
     def __post_init__(self) -> None:
         if self.default_max_new_tokens < 1:
@@ -51,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.step_span_interval_s < 0:
             raise ValueError(f"step_span_interval_s must be >= 0, got {self.step_span_interval_s}")
+        if self.matmul_mode not in MATMUL_MODES:
+            raise ValueError(f"matmul_mode must be one of {', '.join(MATMUL_MODES)}, got {self.matmul_mode!r}")
 
 
 class LLMEngine:
@@ -68,6 +75,8 @@ class LLMEngine:
         self.kv = KVCachePool(cfg, spec, dtype)
         self.blocks = BlockManager(spec.num_blocks, spec.block_size, self.config.prefix_caching)
         attention = select_backend(torch.device("cpu"))
+        for weights in [model.weights] + ([draft.weights] if draft is not None else []):
+            weights.set_matmul_mode(self.config.matmul_mode)
         self.model = LlamaModel(cfg, model.weights, self.kv, attention)
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         self.tokenizer = model.tokenizer

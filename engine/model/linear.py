@@ -96,8 +96,11 @@ class _BlockLinear(ABC):
 
 
 class NativeQuantLinear(_BlockLinear):
-    """x @ W^T with W kept as GGUF blocks, by the C kernels (float32 arithmetic)."""
+    """x @ W^T with W kept as GGUF blocks, by the C kernels: in the exact mode (float32 arithmetic
+    on the exactly decoded weights) or, with `int8` set, the int8 mode (8-bit activations and
+    integer dot products, lumen.engine.native.kernels.MATMUL_MODES)."""
 
+    int8 = False
 
     def __init__(self, weight: GGUFWeight) -> None:
         super().__init__(weight)
@@ -115,7 +118,8 @@ class NativeQuantLinear(_BlockLinear):
             raise ValueError(f"matmul of {tuple(x.shape)} into {tuple(y.shape)} {y.dtype} over "
                              f"[{self.out_features}, {self.in_features}]")
         if x.shape[0]:
-            native.qmatmul_checked_weight(self.weight.qtype, *self._raw, self.out_features, self.in_features, x, y)
+            native.qmatmul_checked_weight(self.weight.qtype, *self._raw, self.out_features, self.in_features, x, y,
+                                          self.int8)
 
 
 class ChunkedQuantLinear(_BlockLinear):

@@ -52,6 +52,17 @@ class LlamaWeights:
     output: Linear        # [vocab, dim] (over the embedding itself when tied)
     dtype: torch.dtype    # activations' dtype (and the KV cache's)
 
+    def set_matmul_mode(self, mode: str) -> None:
+        """The C kernels' matmul mode for every matmul they compute: "exact" or "int8"
+        (lumen.engine.native.kernels.MATMUL_MODES). Other linears are unaffected."""
+        if mode not in native.MATMUL_MODES:
+            raise ValueError(f"unknown matmul mode {mode!r}: use one of {', '.join(native.MATMUL_MODES)}")
+        linears = [getattr(layer, name) for layer in self.layers for name in ("wqkv", "wo", "w_gate_up", "w_down")]
+        for linear in linears + [self.output]:
+            for part in linear.parts if isinstance(linear, ConcatLinear) else [linear]:
+                if isinstance(part, NativeQuantLinear):
+                    part.int8 = mode == "int8"
+
 
 @dataclass(slots=True)
 class ForwardBatch:
@@ -223,12 +234,13 @@ class LlamaModel:
         return self.w.output(h[batch.logits_indices]).float()
 
 
-def _native_parts(linear) -> list | None:
-    """[(qtype, raw)] of a linear whose matmuls all run in the C kernels, else None."""
+def _native_linear(linear) -> native.LinearStruct | None:
+    """The C form of a linear whose matmuls all run in the C kernels (in one mode), else None."""
     parts = linear.parts if isinstance(linear, ConcatLinear) else [linear]
-    if len(parts) > 3 or not all(isinstance(p, NativeQuantLinear) for p in parts):
+    if len(parts) > 3 or not all(isinstance(p, NativeQuantLinear) for p in parts) \
+            or len({p.int8 for p in parts}) != 1:
         return None
-    return [(p.weight.qtype, p.weight.raw) for p in parts]
+    return native.linear_struct([(p.weight.qtype, p.weight.raw) for p in parts], parts[0].int8)
 
 
 def _layer_structs(weights: LlamaWeights, kv: KVCachePool, attention) -> list | None:
@@ -239,12 +251,11 @@ def _layer_structs(weights: LlamaWeights, kv: KVCachePool, attention) -> list | 
         return None
     structs = []
     for layer, k_cache, v_cache in zip(weights.layers, kv.keys, kv.values):
-        linears = [_native_parts(getattr(layer, name)) for name in ("wqkv", "wo", "w_gate_up", "w_down")]
-        if any(parts is None for parts in linears):
+        linears = [_native_linear(getattr(layer, name)) for name in ("wqkv", "wo", "w_gate_up", "w_down")]
+        if any(linear is None for linear in linears):
             return None
         structs.append(native.LayerStruct(
             attn_norm=layer.attn_norm.data_ptr(), ffn_norm=layer.ffn_norm.data_ptr(),
-            qkv=native.linear_struct(linears[0]), wo=native.linear_struct(linears[1]),
-            gate_up=native.linear_struct(linears[2]), down=native.linear_struct(linears[3]),
+            qkv=linears[0], wo=linears[1], gate_up=linears[2], down=linears[3],
             k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr()))
     return structs

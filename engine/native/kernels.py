@@ -201,10 +201,11 @@ def silu_mul(h: torch.Tensor, out: torch.Tensor) -> None:
     library().lumen_silu_mul(h.data_ptr(), h.stride(0), rows, ffn, out.data_ptr(), out.stride(0))
 
 
-def linear_struct(parts: list[tuple[int, torch.Tensor]]) -> LinearStruct:
-    """[(qtype, raw uint8 rows)] stacked by rows, each checked as qmatmul_into checks it."""
+def linear_struct(parts: list[tuple[int, torch.Tensor]], int8: bool = False) -> LinearStruct:
+    """[(qtype, raw uint8 rows)] stacked by rows, each checked as qmatmul_into checks it; int8: the
+    int8 matmul mode."""
     assert 1 <= len(parts) <= 3
-    st = LinearStruct(parts=len(parts))
+    st = LinearStruct(parts=len(parts), int8=int(int8))
     for i, (qtype, raw) in enumerate(parts):
         assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride() == (raw.shape[1], 1)
         st.qtype[i], st.w[i], st.row_bytes[i], st.n[i] = int(qtype), raw.data_ptr(), raw.shape[1], raw.shape[0]

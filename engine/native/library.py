@@ -210,7 +210,7 @@ _i64, _i32 = ctypes.c_int64, ctypes.c_int32
 
 class LinearStruct(ctypes.Structure):
     _fields_ = [("parts", _i32), ("qtype", _i32 * 3), ("w", ctypes.c_void_p * 3), ("row_bytes", _i64 * 3),
-                ("n", _i64 * 3)]
+                ("n", _i64 * 3), ("int8", _i32)]
 
 
 class LayerStruct(ctypes.Structure):

@@ -11,6 +11,7 @@ struct lumen_linear {
     int32_t qtype[3];
     const uint8_t *w[3];
     int64_t row_bytes[3], n[3];
+    int32_t int8;                            /* 1: the int8 matmul mode (lumen_qmatmul_int8) */
 };
 
 /* What does not change between steps: a layer's weights and its KV cache ([slots, nkv, hd] float32). */

@@ -1,19 +1,22 @@
 /* x @ W^T with 8-bit activations and integer dot products: the int8 matmul mode.
  *
  * The exact mode (qmatmul.c) widens every weight to float32 and multiplies in float32. This mode
- * does what llama.cpp does on CPUs: each activation row is quantized to 8 bits in groups of 32
- * values (one float32 scale a group, finer than llama.cpp's fp16-scaled Q8_0 and 256-value Q8_K),
+ * does what llama.cpp does on CPUs: each activation row is quantized to 8 bits in groups of 16
+ * values (one float32 scale each, finer than llama.cpp's 32-value Q8_0 and Q8_1 with fp16 scales
+ * and its 256-value Q8_K),
  * and each weight group is multiplied as small integers, 32 products at a time (AVX2's maddubs and
  * madd), with one float multiply-add per 8 partial sums.
  *
  * What each output is, exactly (every build computes this, so the scalar, AVX2 and AVX-512 builds
  * agree bit for bit):
- *   - activation group g of row m: dx = amax / 127 (amax = the largest |x| of the group), qx = x *
- *     (1 / dx) clamped to +-127 and rounded to nearest even, t = dx * (sum of the group's qx);
+ *   - activations in half groups of 16 values: dx = amax / 127 (amax = the largest |x| of the 16),
+ *     qx = x * (1 / dx) clamped to +-127 and rounded to nearest even; per group of 32,
+ *     t = fma(dx_hi, S_hi, dx_lo * S_lo) (S: the sum of a half's qx);
  *   - weight group g of row n: quants q (signed, or unsigned with an additive term), a lane scale
  *     a (a_lo for the first 16 values, a_hi for the rest) and an additive term c (value = a * q + c);
  *   - lane l (0..7) of group g: L = sum of q * qx over values 4l .. 4l + 3 (an exact integer);
- *     A[l] = fma(a_l * dx, (float)L, A[l]) over the groups in order;
+ *     A[l] = fma(a_l * dx_l, (float)L, A[l]) over the groups in order (lanes 0-3: the first half's
+ *     dx and a, lanes 4-7: the second's);
  *   - B[g mod 8] = fma(c, t, B[g mod 8]) over the groups in order;
  *   - y = hsum8(A) + hsum8(B), hsum8(v) = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
  * Each output depends on its own activation row and weight row only: a row's result is the same
@@ -32,7 +35,7 @@
 #define Q8_AVX2 1
 #endif
 
-enum { G = 32 };   /* values per activation group and per weight group */
+enum { G = 32, H = 8 };   /* values per weight group, per activation scale (2 lanes) */
 
 /* One quantized activation matrix: rows of K int8 values, each group's dx and t. */
 struct xq {
@@ -41,20 +44,22 @@ struct xq {
     int64_t K, groups;
 };
 
+/* d: one scale per H values, t: one per group of G: sum over its parts of dx * S, in order (fma). */
 static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *t) {
-    for (int64_t g = 0; g < K / G; g++) {
-        const float *xg = x + g * G;
+    for (int64_t h = 0; h < K / H; h++) {
+        const float *xh = x + h * H;
         float amax = 0.0f;
-        for (int j = 0; j < G; j++) amax = fmaxf(amax, fabsf(xg[j]));
+        for (int j = 0; j < H; j++) amax = fmaxf(amax, fabsf(xh[j]));
         const float dx = amax / 127.0f, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
         int sum = 0;
-        for (int j = 0; j < G; j++) {
-            const int v = (int)nearbyintf(fminf(fmaxf(xg[j] * inv, -127.0f), 127.0f));
-            q[g * G + j] = (int8_t)v;
+        for (int j = 0; j < H; j++) {
+            const int v = (int)nearbyintf(fminf(fmaxf(xh[j] * inv, -127.0f), 127.0f));
+            q[h * H + j] = (int8_t)v;
             sum += v;
         }
-        d[g] = dx;
-        t[g] = dx * (float)sum;
+        d[h] = dx;
+        if (h % (G / H)) t[h / (G / H)] = fmaf(dx, (float)sum, t[h / (G / H)]);
+        else t[h / (G / H)] = dx * (float)sum;
     }
 }
 
@@ -205,7 +210,7 @@ static inline __attribute__((always_inline)) void T##_tile(                     
         const int mr, const int nr) {                                                                \
     __m256 acc[MR][NR];                                                                              \
     float cs[SIGNED ? 1 : NR][SIGNED ? 1 : xq->groups];                                              \
-    const __m256i ones = _mm256_set1_epi16(1);                                                       \
+    const __m256i ones = _mm256_set1_epi16(1), pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);   \
     for (int i = 0; i < mr; i++)                                                                     \
         for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();                                \
     for (int64_t b = 0; b < xq->groups / SUBS; b++) {                                                \
@@ -228,7 +233,8 @@ static inline __attribute__((always_inline)) void T##_tile(                     
             }                                                                                        \
             for (int i = 0; i < mr; i++) {                                                           \
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q + (m0 + i) * xq->K + g * G)); \
-                const __m256 dx = _mm256_set1_ps(xq->d[(m0 + i) * xq->groups + g]);                  \
+                const __m256 dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(       \
+                    xq->d + ((m0 + i) * xq->groups + g) * (G / H))), pairs);                         \
                 for (int j = 0; j < nr; j++) {                                                       \
                     /* signed: |q| (-128 as 128) times qx with q's sign, the same products */      \
                     const __m256i p = SIGNED ? _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wq[j])) \
@@ -264,11 +270,11 @@ static inline __attribute__((always_inline)) void T##_tile(                     
                 float lo, hi;                                                                        \
                 T##_scales(blk, (int)(g % SUBS), &lo, &hi, &cs[g]);                                  \
                 T##_quants(blk, (int)(g % SUBS), q);                                                 \
-                const float dx = xq->d[(m0 + i) * xq->groups + g];                                   \
+                const float *dh = xq->d + ((m0 + i) * xq->groups + g) * (G / H);                     \
                 for (int l = 0; l < 8; l++) {                                                        \
                     int sum = 0;                                                                     \
                     for (int p = 4 * l; p < 4 * l + 4; p++) sum += q[p] * xr[g * G + p];             \
-                    acc[l] = fmaf((l < 4 ? lo : hi) * dx, (float)sum, acc[l]);                       \
+                    acc[l] = fmaf((l < 4 ? lo : hi) * dh[l / 2], (float)sum, acc[l]);                \
                 }                                                                                    \
             }                                                                                        \
             y[(m0 + i) * ldy + j] = hsum8(acc) + (SIGNED ? 0.0f : additive(cs, xq->t + (m0 + i) * xq->groups, \
@@ -337,14 +343,14 @@ int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N
     if (rc != LUMEN_OK) return rc;
     if (N < 0 || M < 0 || ldx < K || ldy < N) return LUMEN_E_SHAPE;
     if (M == 0 || N == 0) return LUMEN_OK;
-    struct xq xq = {malloc((size_t)(M * K)), malloc((size_t)(M * K / G) * sizeof(float)),
+    struct xq xq = {malloc((size_t)(M * K)), malloc((size_t)(M * K / H) * sizeof(float)),
                     malloc((size_t)(M * K / G) * sizeof(float)), K, K / G};
     if (xq.q == NULL || xq.d == NULL || xq.t == NULL) {
         free(xq.q), free(xq.d), free(xq.t);
         return LUMEN_E_NOMEM;
     }
 #pragma omp parallel for num_threads(nthreads) if (M >= 8)
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, xq.q + m * K, xq.d + m * xq.groups, xq.t + m * xq.groups);
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, xq.q + m * K, xq.d + m * (K / H), xq.t + m * xq.groups);
     const struct q8job jb = {w, row_bytes, N, &xq, y, ldy};
     const int64_t align = M == 1 ? 4 : 2;
 #pragma omp parallel num_threads(nthreads)

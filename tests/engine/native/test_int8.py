@@ -1,0 +1,112 @@
+"""The int8 matmul mode (q8matmul.c): what it computes, that a row's result does not depend on its
+batch, how far it is from the exact product, and that it refuses what the exact mode refuses.
+
+The mode quantizes each activation row in groups of 16 values (scale amax / 127 in float32,
+quants rounded to nearest even) and multiplies integers; tests/engine/weights/test_gguf_loader.py
+and tests/engine/model/test_smollm2_reference.py check whole models against llama.cpp's error.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from lumen.engine.native import kernels as native
+from lumen.engine.native.kernels import E_SHAPE, NativeInputError
+from lumen.engine.weights.quant import dequantize
+from tests.engine.native.test_kernels import random_weight, rng  # noqa: F401  (rng is a fixture)
+
+if not native.available():
+    pytest.skip("no C compiler here: the C kernels cannot be built", allow_module_level=True)
+
+INT8_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 mode sees it (dequantized, float64): the same float32 steps as quantize_row."""
+    m, k = x.shape
+    g = x.reshape(m, k // 8, 8)
+    dx = g.abs().amax(-1, keepdim=True) / torch.tensor(127.0)
+    inv = torch.where(dx != 0, 1.0 / dx, torch.zeros_like(dx))
+    q = torch.round(torch.clamp(g * inv, -127, 127))          # round: to nearest even, as nearbyintf
+    return (q.double() * dx.double()).reshape(m, k)
+
+
+def mm(qtype, w, x, mode="int8"):
+    y = torch.full((x.shape[0], w.out_features), float("nan"))
+    native.qmatmul_into(qtype, w.raw, w.in_features, x, y, mode=mode)
+    return y
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_int8_mode_computes_the_quantized_product(qtype, rng):
+    """Against float64 over the quantized activations and the exactly decoded weights: the only
+    difference left is float32 rounding, so any unpacking mistake would show at once."""
+    n, k = 37, 768                       # n not a multiple of the 4- and 2-row tiles; 3 K-quant blocks
+    w = random_weight(qtype, rng, n, k)
+    ref_w = dequantize(w.raw, qtype, (n, k)).double()
+    assert native.int8_type(qtype)
+    for m in (1, 2, 3, 4, 5, 9, 19):
+        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+        y = mm(qtype, w, x).double()
+        ref = quantized_activations(x) @ ref_w.T
+        scale = x.double().abs() @ ref_w.abs().T
+        err = float(((y - ref).abs() / scale).max())
+        assert err < 1e-5, f"m={m}: relative error {err:.2e} against the quantized product"
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_int8_mode_is_within_activation_quantization_of_the_exact_product(qtype, rng):
+    n, k = 16, 1024
+    w = random_weight(qtype, rng, n, k)
+    ref_w = dequantize(w.raw, qtype, (n, k)).double()
+    x = torch.from_numpy(rng.standard_normal((6, k)).astype(np.float32))
+    exact = x.double() @ ref_w.T
+    scale = x.double().abs() @ ref_w.abs().T
+    err8 = float(((mm(qtype, w, x).double() - exact).abs() / scale).max())
+    err32 = float(((mm(qtype, w, x, "exact").double() - exact).abs() / scale).max())
+    assert err8 < 1e-2 and err32 < 1e-6, (err8, err32)
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_int8_rows_are_batch_and_thread_invariant(qtype, rng):
+    n, k = 29, 512
+    w = random_weight(qtype, rng, n, k)
+    x = torch.from_numpy(rng.standard_normal((11, k)).astype(np.float32))
+    x[3] = 0.0                                     # a zero row: scale 0, every quant 0
+    x[4, :32] = 0.0                                # and a zero group inside a row
+    batch = mm(qtype, w, x)
+    assert torch.equal(batch[3], torch.zeros(n))
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            for i in range(x.shape[0]):
+                solo = mm(qtype, w, x[i:i + 1].contiguous())
+                assert torch.equal(solo[0].view(torch.int32), batch[i].view(torch.int32)), f"row {i}, {t} threads"
+            for lo, hi in ((0, 4), (2, 7), (5, 11)):
+                part = mm(qtype, w, x[lo:hi].contiguous())
+                assert torch.equal(part.view(torch.int32), batch[lo:hi].view(torch.int32)), (lo, hi, t)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("qtype", [T.F16, T.BF16, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K], ids=lambda t: t.name)
+def test_types_without_integer_kernels_compute_as_in_the_exact_mode(qtype, rng):
+    w = random_weight(qtype, rng, 9, 256)
+    x = torch.from_numpy(rng.standard_normal((3, 256)).astype(np.float32))
+    assert not native.int8_type(qtype)
+    assert torch.equal(mm(qtype, w, x), mm(qtype, w, x, "exact"))
+
+
+def test_int8_mode_refuses_what_the_exact_mode_refuses():
+    raw = torch.zeros(8, 34, dtype=torch.uint8)     # 34-byte Q8_0 rows: 32 values, not 64
+    x, y = torch.ones(2, 64), torch.empty(2, 8)
+    with pytest.raises(NativeInputError, match="takes 68 bytes, the rows given have 34"):
+        native.qmatmul_into(T.Q8_0, raw, 64, x, y, mode="int8")
+    rc = native.library().lumen_qmatmul_int8(int(T.Q8_0), raw.data_ptr(), 34, 8, 64, x.data_ptr(), 2, 64,
+                                             y.data_ptr(), 8, 1)
+    assert rc == E_SHAPE
+    with pytest.raises(ValueError, match="unknown matmul mode 'int4'"):
+        native.qmatmul_into(T.Q8_0, raw, 32, torch.ones(2, 32), y, mode="int4")
