@@ -295,6 +295,7 @@ struct q8job {
  * rows (one activation row) or 2 (more: at most 8 ymm accumulators). */
 #define Q8_TYPE(T, SUBS, TS, SIGNED, HALVES)                                                                \
 Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                                 \
+Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                             \
 static void T##_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {                   \
     const int full = M == 1 ? 4 : 2;                                                                 \
     for (int64_t n = lo; n < hi;) {                                                                  \
@@ -317,6 +318,104 @@ static void T##_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi)
         n += nr;                                                                                     \
     }                                                                                                \
 }
+
+#ifdef Q8_AVX2
+/* Batches of more than MR rows: TR weight rows are unpacked once (their quants, lane scales and
+ * additive terms) into a per-thread buffer, which every group of MR activation rows then reads,
+ * instead of unpacking each weight group again for every group of activation rows. The same
+ * values enter the same operations as in T##_tile, so the same bits. */
+enum { TR = 16 };
+
+struct wtile {
+    int8_t *q;              /* [TR][K] */
+    float *lo, *hi, *c;     /* [TR][groups] */
+};
+
+static inline __attribute__((always_inline)) void unpacked_tile(
+        const struct wtile *wt, int64_t j0, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
+        const int mr, const int nr, const int SIGNED, const int HALVES) {
+    __m256 acc[MR][2];
+    const int64_t groups = xq->groups, K = xq->K;
+    const __m256i ones = _mm256_set1_epi16(1), pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i wq[2], wa[2];
+        __m256 sc[2];
+        for (int j = 0; j < nr; j++) {
+            const int64_t r = (j0 + j) * groups + g;
+            sc[j] = HALVES ? _mm256_set_m128(_mm_set1_ps(wt->hi[r]), _mm_set1_ps(wt->lo[r])) : _mm256_set1_ps(wt->lo[r]);
+            wq[j] = _mm256_loadu_si256((const __m256i *)(wt->q + (j0 + j) * K + g * G));
+            if (SIGNED) wa[j] = _mm256_sign_epi8(wq[j], wq[j]);
+        }
+        for (int i = 0; i < mr; i++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q + (m0 + i) * K + g * G));
+            const __m256 dx = _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(_mm_loadu_ps(xq->d + ((m0 + i) * groups + g) * (G / H))), pairs);
+            for (int j = 0; j < nr; j++) {
+                const __m256i p = SIGNED ? _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wq[j]))
+                                         : _mm256_maddubs_epi16(wq[j], xv);
+                const __m256 l = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(sc[j], dx), l, acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float a[8];
+            _mm256_storeu_ps(a, acc[i][j]);
+            y[(m0 + i) * ldy + j] = hsum8(a) + (SIGNED ? 0.0f : additive(wt->c + (j0 + j) * groups,
+                                                                         xq->t + (m0 + i) * groups, groups));
+        }
+}
+
+#define Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                    \
+static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const struct xq *xq,       \
+                       struct wtile *wt) {                                                           \
+    for (int64_t r = 0; r < rows; r++)                                                               \
+        for (int64_t g = 0; g < xq->groups; g++) {                                                   \
+            const uint8_t *blk = w + r * row_bytes + g / SUBS * TS;                                  \
+            const int64_t at = r * xq->groups + g;                                                   \
+            T##_scales(blk, (int)(g % SUBS), &wt->lo[at], &wt->hi[at], &wt->c[at]);                  \
+            _mm256_storeu_si256((__m256i *)(wt->q + r * xq->K + g * G), T##_quants8(blk, (int)(g % SUBS))); \
+        }                                                                                            \
+}                                                                                                    \
+static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {              \
+    const int64_t K = jb->xq->K, groups = jb->xq->groups;                                            \
+    struct wtile wt = {malloc((size_t)(TR * K)), malloc((size_t)(TR * groups) * sizeof(float)),      \
+                       malloc((size_t)(TR * groups) * sizeof(float)), malloc((size_t)(TR * groups) * sizeof(float))}; \
+    if (wt.q == NULL || wt.lo == NULL || wt.hi == NULL || wt.c == NULL) {                            \
+        free(wt.q), free(wt.lo), free(wt.hi), free(wt.c);                                            \
+        return -1;                                                                                   \
+    }                                                                                                \
+    for (int64_t n0 = lo; n0 < hi; n0 += TR) {                                                       \
+        const int64_t rows = hi - n0 < TR ? hi - n0 : TR;                                            \
+        T##_unpack(jb->w + n0 * jb->row_bytes, jb->row_bytes, rows, jb->xq, &wt);                    \
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                     \
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;                                         \
+            for (int64_t j = 0; j < rows;) {                                                         \
+                const int nr = rows - j >= 2 ? 2 : 1;                                                \
+                float *yj = jb->y + n0 + j;                                                          \
+                switch (mr * 8 + nr) {                                                               \
+                    case 4 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 2, SIGNED, HALVES); break; \
+                    case 3 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 2, SIGNED, HALVES); break; \
+                    case 2 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 2, SIGNED, HALVES); break; \
+                    case 1 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 2, SIGNED, HALVES); break; \
+                    case 4 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 1, SIGNED, HALVES); break; \
+                    case 3 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 1, SIGNED, HALVES); break; \
+                    case 2 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 1, SIGNED, HALVES); break; \
+                    default: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 1, SIGNED, HALVES); break; \
+                }                                                                                    \
+                j += nr;                                                                             \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+    free(wt.q), free(wt.lo), free(wt.hi), free(wt.c);                                                \
+    return 0;                                                                                        \
+}
+#else
+#define Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)
+#endif
 
 Q8_TYPE(q8_0, 1, 34, 1, 0)
 Q8_TYPE(q4_0, 1, 18, 0, 0)
@@ -352,18 +451,36 @@ int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N
 #pragma omp parallel for num_threads(nthreads) if (M >= 8)
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, xq.q + m * K, xq.d + m * (K / H), xq.t + m * xq.groups);
     const struct q8job jb = {w, row_bytes, N, &xq, y, ldy};
+#ifdef Q8_AVX2
+    const int batch = M > MR;
+    const int64_t align = M == 1 ? 4 : batch ? TR : 2;
+#else
+    const int batch = 0;
     const int64_t align = M == 1 ? 4 : 2;
+#endif
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
         const int64_t chunks = (N + align - 1) / align;
         const int64_t lo = chunks * id / nt * align, hi = chunks * (id + 1) / nt * align;
+        int mine = 0;
         if (lo < N) {
+#ifdef Q8_AVX2
+#define RUN(tid, T) if (qtype == tid && batch) mine = T##_batch_range(&jb, M, lo, hi < N ? hi : N);       \
+                    if (qtype == tid && !batch) T##_range(&jb, M, lo, hi < N ? hi : N);
+#else
 #define RUN(tid, T) if (qtype == tid) T##_range(&jb, M, lo, hi < N ? hi : N);
+#endif
             INT8_TYPES(RUN)
 #undef RUN
         }
+        if (mine != 0) {
+#pragma omp atomic write
+            failed = 1;
+        }
     }
+    (void)batch;
     free(xq.q), free(xq.d), free(xq.t);
-    return LUMEN_OK;
+    return failed ? LUMEN_E_NOMEM : LUMEN_OK;
 }

@@ -45,10 +45,11 @@ def run(loaded, reqs: list[GenerationRequest], config: EngineConfig) -> dict[str
     return outputs
 
 
-def assert_batched_equals_solo(loaded, reqs: list[GenerationRequest]) -> None:
-    solo_config = EngineConfig(scheduler=SchedulerConfig(max_running=1))
+def assert_batched_equals_solo(loaded, reqs: list[GenerationRequest], matmul_mode: str = "exact") -> None:
+    solo_config = EngineConfig(scheduler=SchedulerConfig(max_running=1), matmul_mode=matmul_mode)
     solo = {r.request_id: run(loaded, [r], solo_config)[r.request_id] for r in reqs}
-    batched = run(loaded, reqs, EngineConfig(scheduler=SchedulerConfig(max_running=16, max_tokens_per_step=64)))
+    batched = run(loaded, reqs, EngineConfig(scheduler=SchedulerConfig(max_running=16, max_tokens_per_step=64),
+                                             matmul_mode=matmul_mode))
     assert batched == solo
 
 

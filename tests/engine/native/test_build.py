@@ -184,3 +184,33 @@ def test_the_avx2_build_computes_the_avx512_builds_exponentials(monkeypatch):
     (s3, a3), (s4, a4) = outs["x86-64-v3"], outs["x86-64-v4"]
     assert torch.equal(s3.view(torch.int32), s4.view(torch.int32)), "SiLU differs between the builds"
     assert torch.equal(a3.view(torch.int32), a4.view(torch.int32)), "attention differs between the builds"
+
+
+def test_every_build_computes_the_same_int8_products(monkeypatch):
+    """The int8 matmul mode is one defined arithmetic (q8matmul.c): the scalar build, the AVX2
+    build and the AVX-512 build give the same bits for every type with integer kernels."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+
+    from lumen.engine.native import kernels
+    from tests.engine.native.test_kernels import random_weight
+    libs = {v.name: library.load(build.installed_path(v.module)) for v in library.runnable()}
+    if len(libs) < 2:
+        pytest.skip("this CPU runs one kernel build only")
+    rng = np.random.default_rng(11)
+    cases = []
+    for qtype in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K):
+        w = random_weight(qtype, rng, 13, 768)
+        cases += [(qtype, w, torch.from_numpy(rng.standard_normal((m, 768)).astype(np.float32))) for m in (1, 2, 5, 9)]
+    outs = {}
+    for name, lib in libs.items():
+        monkeypatch.setattr(kernels, "library", lambda lib=lib: lib)
+        outs[name] = []
+        for qtype, w, x in cases:
+            y = torch.empty(x.shape[0], 13)
+            kernels.qmatmul_into(qtype, w.raw, 768, x, y, mode="int8")
+            outs[name].append(y)
+    first, *others = outs
+    for name in others:
+        for (qtype, _, x), a, b in zip(cases, outs[first], outs[name]):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{qtype.name}, {x.shape[0]} rows: {first} != {name}"
