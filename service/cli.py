@@ -72,10 +72,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of weights and activations")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--matmul-mode", choices=["exact", "int8"], default="exact",
+    p.add_argument("--matmul-mode", choices=["auto", "exact", "int8"], default="auto",
                    help="how the C kernels multiply quantized weights: exact (float32 on the exactly decoded "
-                        "weights; greedy output equals a float64 reference) or int8 (8-bit activations and "
-                        "integer dot products, as llama.cpp; faster, logits within about 1e-2)")
+                        "weights; greedy output equals a float64 reference), int8 (8-bit activations and "
+                        "integer dot products, as llama.cpp; logits within about 1e-2) or auto (the faster of "
+                        "the two on this CPU's kernel build, as measured: int8 on AVX2, exact on AVX-512)")
     p.add_argument("--max-running", type=int, default=16, help="requests computed together in one engine step")
     p.add_argument("--max-tokens-per-step", type=int, default=512,
                    help="token budget of one engine step (decodes plus prefill chunks)")
@@ -200,7 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
     from lumen.engine.core.scheduler import SchedulerConfig
     from lumen.engine.speculative import SpecMethod, SpeculativeConfig
     from lumen.service.loading import load_models, load_with_progress
-    from lumen.service.server import ServerConfig, ServerConfigError, check_kernels, run_server
+    from lumen.service.server import ServerConfig, ServerConfigError, check_kernels, resolve_matmul_mode, run_server
     from lumen.telemetry import setup_telemetry
 
     if args.speculative == "draft" and args.draft_model is None:  # refused before any model is loaded
@@ -209,6 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     check_kernels(args.allow_slow_kernels)   # before the models load: a refusal comes at once
+    matmul_mode = resolve_matmul_mode(args.matmul_mode)
     config = ServerConfig(
         models=args.model or [], host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
         engine=EngineConfig(
@@ -216,7 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
                                       max_waiting=args.max_waiting),
             default_max_new_tokens=args.default_max_tokens, kv_cache_bytes=args.kv_cache_memory,
             step_span_interval_s=args.step_span_interval,
-            block_size=args.block_size, prefix_caching=not args.no_prefix_caching, matmul_mode=args.matmul_mode,
+            block_size=args.block_size, prefix_caching=not args.no_prefix_caching, matmul_mode=matmul_mode,
             speculative=SpeculativeConfig(
                 method=SpecMethod(args.speculative), num_tokens=args.num_speculative_tokens,
                 layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch,

@@ -153,6 +153,18 @@ def check_kernels(allow_slow: bool) -> None:
         log.info(line)
 
 
+def resolve_matmul_mode(mode: str) -> str:
+    """The matmul mode the engines use for --matmul-mode (auto: the faster one for this CPU's
+    kernel build), logged once."""
+    from lumen.engine.native.kernels import auto_matmul_mode
+    chosen = auto_matmul_mode() if mode == "auto" else mode
+    line = f"matmul mode: {chosen}" + (" (auto: the faster mode for this kernel build)" if mode == "auto" else "")
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        log.info(line)
+    return chosen
+
+
 async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel],
                      draft: LoadedModel | None = None) -> None:
     check_kernels(config.allow_slow_kernels)

@@ -58,6 +58,18 @@ def block_layout(qtype: int) -> tuple[int, int] | None:
 MATMUL_MODES = ("exact", "int8")
 
 
+def auto_matmul_mode() -> str:
+    """The faster mode for this CPU's kernel build, by measurement (BENCHMARKS.md, issue 15's int8
+    section): "int8" for the AVX2 build, whose float path does 8 multiply-adds an instruction where
+    the integer path does 32; "exact" for the AVX-512 build (its 16-lane float paths were about
+    twice as fast as the int8 kernels, which use 256-bit integer instructions) and the scalar one."""
+    try:
+        isa = library().lumen_vector_isa().decode()
+    except NativeUnavailable:
+        return "exact"
+    return "int8" if isa == "AVX2" else "exact"
+
+
 def int8_type(qtype: int) -> bool:
     """Whether the int8 mode has integer kernels for `qtype`."""
     return bool(library().lumen_int8_type(int(qtype)))

@@ -131,6 +131,35 @@ def test_serve_logs_the_kernel_build_it_runs(monkeypatch, caplog):
     assert "AVX2 vector paths" in record.getMessage()
 
 
+@pytest.mark.parametrize("variant,level,mode", [("x86-64-v3", 3, "int8"), ("x86-64-v4", 4, "exact"),
+                                                ("x86-64-v2", 2, "exact")])
+def test_auto_matmul_mode_is_the_faster_one_for_the_build(monkeypatch, caplog, variant, level, mode):
+    """--matmul-mode auto (the default): int8 where the AVX2 build runs, exact on AVX-512 and scalar
+    builds (BENCHMARKS.md); logged once. An explicit mode is kept as given."""
+    from lumen.engine.native import build, library
+    if not any(v.name == variant for v in library.runnable()) or not build.installed_path(
+            build.variant(variant).module).exists():
+        pytest.skip(f"this CPU does not run the {variant} build")
+    monkeypatch.setenv("LUMEN_NATIVE_VARIANT", variant)
+    library.library.cache_clear()
+    monkeypatch.setattr(server, "_LOGGED", set())
+    try:
+        with caplog.at_level("INFO", logger="lumen.service.server"):
+            assert server.resolve_matmul_mode("auto") == mode
+            assert server.resolve_matmul_mode("auto") == mode
+            assert server.resolve_matmul_mode("exact") == "exact"
+    finally:
+        library.library.cache_clear()
+    lines = [r.getMessage() for r in caplog.records if r.name == "lumen.service.server"]
+    assert lines == [f"matmul mode: {mode} (auto: the faster mode for this kernel build)", "matmul mode: exact"]
+
+
+def test_an_unknown_matmul_mode_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--matmul-mode", "int4"])
+    assert exit_.value.code == 2 and "--matmul-mode" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("why", ["scalar build", "no kernels"])
 def test_serve_without_a_vector_path_needs_an_explicit_flag(monkeypatch, caplog, capsys, why, server_never_starts):
     """No silent fallback to a path 10x slower: refused, unless --allow-slow-kernels (then a warning)."""

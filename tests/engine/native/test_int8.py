@@ -51,9 +51,9 @@ def test_int8_mode_computes_the_quantized_product(qtype, rng):
         x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
         y = mm(qtype, w, x).double()
         ref = quantized_activations(x) @ ref_w.T
-        scale = x.double().abs() @ ref_w.abs().T
-        err = float(((y - ref).abs() / scale).max())
-        assert err < 1e-5, f"m={m}: relative error {err:.2e} against the quantized product"
+        scale = x.double().abs() @ ref_w.abs().T          # 0 where a random row's scales are all 0
+        bad = (y - ref).abs() > 1e-5 * scale
+        assert not bad.any(), f"m={m}: {int(bad.sum())} outputs differ from the quantized product"
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
@@ -64,9 +64,9 @@ def test_int8_mode_is_within_activation_quantization_of_the_exact_product(qtype,
     x = torch.from_numpy(rng.standard_normal((6, k)).astype(np.float32))
     exact = x.double() @ ref_w.T
     scale = x.double().abs() @ ref_w.abs().T
-    err8 = float(((mm(qtype, w, x).double() - exact).abs() / scale).max())
-    err32 = float(((mm(qtype, w, x, "exact").double() - exact).abs() / scale).max())
-    assert err8 < 1e-2 and err32 < 1e-6, (err8, err32)
+    err8 = (mm(qtype, w, x).double() - exact).abs()
+    err32 = (mm(qtype, w, x, "exact").double() - exact).abs()
+    assert bool((err8 <= 1e-2 * scale).all()) and bool((err32 <= 1e-6 * scale).all())
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
