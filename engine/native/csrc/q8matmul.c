@@ -200,6 +200,44 @@ static inline __attribute__((always_inline)) float additive(const float *c, cons
     return hsum8(b);
 }
 
+#ifdef Q8_AVX2
+/* One group g for mr x nr outputs: nr weight groups' quants wq and lane scales sc, times
+ * activation rows m0 .. m0 + mr of xq. */
+static inline __attribute__((always_inline)) void group_products(
+        __m256 (*acc)[NR], const __m256i *wq, const __m256 *sc, const struct xq *xq, int64_t m0, int64_t g,
+        const int mr, const int nr, const int SIGNED) {
+    const __m256i ones = _mm256_set1_epi16(1), pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    __m256i wa[NR];
+    for (int j = 0; j < nr; j++)
+        if (SIGNED) wa[j] = _mm256_sign_epi8(wq[j], wq[j]);
+    for (int i = 0; i < mr; i++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q + (m0 + i) * xq->K + g * G));
+        const __m256 dx = _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(_mm_loadu_ps(xq->d + ((m0 + i) * xq->groups + g) * (G / H))), pairs);
+        for (int j = 0; j < nr; j++) {
+            /* signed: |q| (-128 as 128) times qx with q's sign, the same products */
+            const __m256i p = SIGNED ? _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wq[j]))
+                                     : _mm256_maddubs_epi16(wq[j], xv);
+            const __m256 l = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+            acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(sc[j], dx), l, acc[i][j]);
+        }
+    }
+}
+
+/* y = hsum8(A) + hsum8(B) for mr x nr outputs; weight row j's additive terms at c + j * ldc. */
+static inline __attribute__((always_inline)) void finish(
+        __m256 (*acc)[NR], const float *c, int64_t ldc, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
+        const int mr, const int nr, const int SIGNED) {
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float a[8];
+            _mm256_storeu_ps(a, acc[i][j]);
+            y[(m0 + i) * ldy + j] = hsum8(a) + (SIGNED ? 0.0f : additive(c + j * ldc, xq->t + (m0 + i) * xq->groups,
+                                                                         xq->groups));
+        }
+}
+#endif
+
 /* mr x nr outputs: activation rows m0 .. m0 + mr of xq, weight rows w .. w + nr rows. T's blocks
  * hold SUBS groups of 32 values in TS bytes; SIGNED: its quants are signed and c is 0; HALVES:
  * its lane scales differ between a group's halves (else a_lo = a_hi). */
@@ -210,7 +248,6 @@ static inline __attribute__((always_inline)) void T##_tile(                     
         const int mr, const int nr) {                                                                \
     __m256 acc[MR][NR];                                                                              \
     float cs[SIGNED ? 1 : NR][SIGNED ? 1 : xq->groups];                                              \
-    const __m256i ones = _mm256_set1_epi16(1), pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);   \
     for (int i = 0; i < mr; i++)                                                                     \
         for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();                                \
     for (int64_t b = 0; b < xq->groups / SUBS; b++) {                                                \
@@ -220,7 +257,7 @@ static inline __attribute__((always_inline)) void T##_tile(                     
                     _mm_prefetch((const char *)(w + (nr + j) * row_bytes + b * TS + o), _MM_HINT_T1); \
         for (int s = 0; s < SUBS; s++) {                                                             \
             const int64_t g = b * SUBS + s;                                                          \
-            __m256i wq[NR], wa[NR];                                                                 \
+            __m256i wq[NR];                                                                          \
             __m256 sc[NR];                                                                           \
             for (int j = 0; j < nr; j++) {                                                           \
                 const uint8_t *blk = w + j * row_bytes + b * TS;                                     \
@@ -229,29 +266,11 @@ static inline __attribute__((always_inline)) void T##_tile(                     
                 sc[j] = HALVES ? _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo)) : _mm256_set1_ps(lo); \
                 if (!SIGNED) cs[j][g] = c;                                                           \
                 wq[j] = T##_quants8(blk, s);                                                         \
-                if (SIGNED) wa[j] = _mm256_sign_epi8(wq[j], wq[j]);                                  \
             }                                                                                        \
-            for (int i = 0; i < mr; i++) {                                                           \
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q + (m0 + i) * xq->K + g * G)); \
-                const __m256 dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(       \
-                    xq->d + ((m0 + i) * xq->groups + g) * (G / H))), pairs);                         \
-                for (int j = 0; j < nr; j++) {                                                       \
-                    /* signed: |q| (-128 as 128) times qx with q's sign, the same products */      \
-                    const __m256i p = SIGNED ? _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wq[j])) \
-                                             : _mm256_maddubs_epi16(wq[j], xv);                      \
-                    const __m256 l = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));                 \
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(sc[j], dx), l, acc[i][j]);             \
-                }                                                                                    \
-            }                                                                                        \
+            group_products(acc, wq, sc, xq, m0, g, mr, nr, SIGNED);                                  \
         }                                                                                            \
     }                                                                                                \
-    for (int i = 0; i < mr; i++)                                                                     \
-        for (int j = 0; j < nr; j++) {                                                               \
-            float a[8];                                                                              \
-            _mm256_storeu_ps(a, acc[i][j]);                                                          \
-            y[(m0 + i) * ldy + j] = hsum8(a) + (SIGNED ? 0.0f : additive(cs[SIGNED ? 0 : j],        \
-                                                xq->t + (m0 + i) * xq->groups, xq->groups));        \
-        }                                                                                            \
+    finish(acc, &cs[0][0], SIGNED ? 0 : xq->groups, xq, m0, y, ldy, mr, nr, SIGNED);                 \
 }
 #else
 /* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds). */
@@ -334,39 +353,21 @@ struct wtile {
 static inline __attribute__((always_inline)) void unpacked_tile(
         const struct wtile *wt, int64_t j0, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
         const int mr, const int nr, const int SIGNED, const int HALVES) {
-    __m256 acc[MR][2];
-    const int64_t groups = xq->groups, K = xq->K;
-    const __m256i ones = _mm256_set1_epi16(1), pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    __m256 acc[MR][NR];
+    const int64_t groups = xq->groups;
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m256i wq[2], wa[2];
-        __m256 sc[2];
+        __m256i wq[NR];
+        __m256 sc[NR];
         for (int j = 0; j < nr; j++) {
             const int64_t r = (j0 + j) * groups + g;
             sc[j] = HALVES ? _mm256_set_m128(_mm_set1_ps(wt->hi[r]), _mm_set1_ps(wt->lo[r])) : _mm256_set1_ps(wt->lo[r]);
-            wq[j] = _mm256_loadu_si256((const __m256i *)(wt->q + (j0 + j) * K + g * G));
-            if (SIGNED) wa[j] = _mm256_sign_epi8(wq[j], wq[j]);
+            wq[j] = _mm256_loadu_si256((const __m256i *)(wt->q + (j0 + j) * xq->K + g * G));
         }
-        for (int i = 0; i < mr; i++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q + (m0 + i) * K + g * G));
-            const __m256 dx = _mm256_permutevar8x32_ps(
-                _mm256_castps128_ps256(_mm_loadu_ps(xq->d + ((m0 + i) * groups + g) * (G / H))), pairs);
-            for (int j = 0; j < nr; j++) {
-                const __m256i p = SIGNED ? _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wq[j]))
-                                         : _mm256_maddubs_epi16(wq[j], xv);
-                const __m256 l = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-                acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(sc[j], dx), l, acc[i][j]);
-            }
-        }
+        group_products(acc, wq, sc, xq, m0, g, mr, nr, SIGNED);
     }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-            float a[8];
-            _mm256_storeu_ps(a, acc[i][j]);
-            y[(m0 + i) * ldy + j] = hsum8(a) + (SIGNED ? 0.0f : additive(wt->c + (j0 + j) * groups,
-                                                                         xq->t + (m0 + i) * groups, groups));
-        }
+    finish(acc, wt->c + j0 * groups, groups, xq, m0, y, ldy, mr, nr, SIGNED);
 }
 
 #define Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                    \

@@ -18,7 +18,7 @@ from lumen.engine.core.request import GenerationRequest
 from lumen.engine.native import kernels as native
 from lumen.engine.sampling.sampler import SamplingParams
 from tests.conftest import shared_file
-from tests.engine.model.test_llama_reference import engine_logits
+from tests.engine.model.test_llama_reference import assert_as_close_as_llama_cpp, engine_logits
 
 NAME = "SmolLM2-135M-Instruct"
 # max |llama.cpp - ref64| / max |ref64| over every prompt position's logits.
@@ -58,15 +58,10 @@ def test_logits_are_at_least_as_close_as_llama_cpps(smollm2, prompt, mode):
     ref = torch.from_numpy(np.load(shared_file("models", f"{NAME}.{prompt}.ref64.logits.npy")))
     smollm2.weights.set_matmul_mode(mode)
     try:
-        ours = engine_logits(smollm2, ids(prompt, "prompt")).double()
+        ours = engine_logits(smollm2, ids(prompt, "prompt"))
     finally:
         smollm2.weights.set_matmul_mode("exact")
-    err = float((ours - ref).abs().max() / ref.abs().max())
-    assert err <= LLAMA_CPP_ERROR[prompt], f"{mode}: relative error {err:.2e} > llama.cpp's {LLAMA_CPP_ERROR[prompt]:.1e}"
-    assert mode == "int8" or err < 1e-4, f"exact mode: relative error {err:.2e}"
-    top2 = ref.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1.0
-    assert torch.equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
+    assert_as_close_as_llama_cpp(ours, ref, LLAMA_CPP_ERROR[prompt], mode)
 
 
 def test_int8_mode_batched_equals_solo(smollm2):

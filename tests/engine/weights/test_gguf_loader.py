@@ -11,7 +11,7 @@ from lumen.engine.errors import ModelLoadError
 from lumen.engine.weights.gguf_loader import load_gguf
 from tests.conftest import shared_file
 from tests.engine.model.test_llama_reference import PROMPT as QUANT_PROMPT  # the prompt of shared/data/quant
-from tests.engine.model.test_llama_reference import engine_logits
+from tests.engine.model.test_llama_reference import assert_as_close_as_llama_cpp, engine_logits
 
 TINY = SyntheticShape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, context_length=128)
 
@@ -50,13 +50,7 @@ def test_quantized_logits_match_exact_reference(name, mode):
     ref = torch.from_numpy(np.load(shared_file("quant", name + ".ref64.logits.npy")))
     model = load_gguf(path)
     model.weights.set_matmul_mode(mode)
-    ours = engine_logits(model, QUANT_PROMPT).double()
-    err = float((ours - ref).abs().max() / ref.abs().max())
-    assert err <= LLAMA_CPP_ERROR[name], f"{mode}: relative error {err:.2e} > llama.cpp's {LLAMA_CPP_ERROR[name]:.1e}"
-    assert mode == "int8" or err < 1e-4, f"relative error {err:.2e}: exact weights in float32 should be far closer"
-    top2 = ref.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1.0
-    assert torch.equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
+    assert_as_close_as_llama_cpp(engine_logits(model, QUANT_PROMPT), ref, LLAMA_CPP_ERROR[name], mode)
 
 
 @pytest.mark.parametrize("qtype", [GGMLQuantizationType.F32, GGMLQuantizationType.F16,
