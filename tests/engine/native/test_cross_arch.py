@@ -67,17 +67,18 @@ def cross_build() -> Path:
 
 
 def write_cases(path: Path, rng: np.random.Generator) -> int:
-    """Every native type: random rows, and this machine's decoded rows and matmul outputs."""
+    """Every native type: random rows, and this machine's decoded rows and matmul outputs (both modes)."""
     with path.open("wb") as f:
         for qtype in NATIVE_TYPES:
             n, k, m = 37, 512, 5
             w = random_weight(qtype, rng, n, k)
             x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
-            y = torch.empty(m, n)
+            y, y8 = torch.empty(m, n), torch.empty(m, n)
             native.qmatmul_into(int(qtype), w.raw, k, x, y)
+            native.qmatmul_into(int(qtype), w.raw, k, x, y8, mode="int8")
             decoded = native.decode_rows(int(qtype), w.raw, k)
             f.write(np.int32(qtype).tobytes() + np.array([n, k, m, w.raw.shape[1]], np.int64).tobytes())
-            for t in (w.raw, decoded, x, y):
+            for t in (w.raw, decoded, x, y, y8):
                 f.write(t.contiguous().numpy().tobytes())
     return len(NATIVE_TYPES)
 

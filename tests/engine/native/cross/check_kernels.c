@@ -3,10 +3,11 @@
  *
  * argv[1] is a file of cases written on the host, each:
  *   int32 qtype; int64 n, k, m, row_bytes;
- *   uint8 weights[n * row_bytes]; float decoded[n * k]; float x[m * k]; float y[m * n]
- * where decoded and y are what the host's library computed (bit-exact with ggml's decoders, and
- * the matmul's fixed fma order). Each case must give the same bits here: every row decoded,
- * the m-row matmul with 2 threads, and each row of it alone (batch invariance).
+ *   uint8 weights[n * row_bytes]; float decoded[n * k]; float x[m * k]; float y[m * n]; float y8[m * n]
+ * where decoded, y and y8 are what the host's library computed (bit-exact with ggml's decoders,
+ * the matmul's fixed fma order, the int8 mode's defined arithmetic). Each case must give the same
+ * bits here: every row decoded, the m-row matmul with 2 threads in both modes, and each row of it
+ * alone (batch invariance).
  * Prints one line per case and exits 0 only when every case matched. */
 #include <stdint.h>
 #include <stdio.h>
@@ -42,6 +43,7 @@ int main(int argc, char **argv) {
         float *decoded = read_exact(f, sizeof(float) * (size_t)(n * k));
         float *x = read_exact(f, sizeof(float) * (size_t)(m * k));
         float *y = read_exact(f, sizeof(float) * (size_t)(m * n));
+        float *y8 = read_exact(f, sizeof(float) * (size_t)(m * n));
         float *ours = calloc((size_t)(n * k), sizeof(float)), *yours = calloc((size_t)(m * n), sizeof(float));
         int rc = 0;
         for (int64_t r = 0; r < n && rc == 0; r++)
@@ -54,13 +56,19 @@ int main(int argc, char **argv) {
             rc = lumen_qmatmul(qtype, w, row_bytes, n, k, x + i * k, 1, k, yours + i * n, n, 1);
             bad_solo += rc ? 1 : differing(yours + i * n, y + i * n, n);
         }
-        const int ok = rc == 0 && bad_decode == 0 && bad_matmul == 0 && bad_solo == 0;
-        printf("%s type %d n=%lld k=%lld m=%lld: rc %d, decode %lld differ, matmul %lld differ, solo rows %lld differ\n",
-               ok ? "ok" : "FAIL", qtype, (long long)n, (long long)k, (long long)m, rc, (long long)bad_decode,
-               (long long)bad_matmul, (long long)bad_solo);
+        rc = rc ? rc : lumen_qmatmul_int8(qtype, w, row_bytes, n, k, x, m, k, yours, n, 2);
+        int64_t bad_int8 = rc ? -1 : differing(yours, y8, m * n);
+        for (int64_t i = 0; i < m && rc == 0; i++) {
+            rc = lumen_qmatmul_int8(qtype, w, row_bytes, n, k, x + i * k, 1, k, yours + i * n, n, 1);
+            bad_int8 += rc ? 1 : differing(yours + i * n, y8 + i * n, n);
+        }
+        const int ok = rc == 0 && bad_decode == 0 && bad_matmul == 0 && bad_solo == 0 && bad_int8 == 0;
+        printf("%s type %d n=%lld k=%lld m=%lld: rc %d, decode %lld differ, matmul %lld differ, solo rows %lld differ, "
+               "int8 mode %lld differ\n", ok ? "ok" : "FAIL", qtype, (long long)n, (long long)k, (long long)m, rc,
+               (long long)bad_decode, (long long)bad_matmul, (long long)bad_solo, (long long)bad_int8);
         failed += !ok;
         cases++;
-        free(w); free(decoded); free(x); free(y); free(ours); free(yours);
+        free(w); free(decoded); free(x); free(y); free(y8); free(ours); free(yours);
     }
     printf("%d of %d cases matched the host's bits\n", cases - failed, cases);
     return failed || cases == 0;
