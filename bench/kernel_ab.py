@@ -3,7 +3,7 @@
     cd bench && ../.venv/bin/python kernel_ab.py [--base HEAD] [--types Q8_0 Q4_0 Q4_K Q6_K]
                                                  [--rows 1 4 8 16 64] [--rounds 15] [--mib 512]
                                                  [--variant x86-64-v3] [--base-march native]
-                                                 [--new-mode int8]
+                                                 [--new-mode int8] [--base-mode int8]
 
 Both builds use the flags of one of the installed kernel variants (lumen.engine.native.build),
 by default the one this CPU gets; --variant x86-64-v3 (AVX2 + FMA + F16C without AVX-512, which
@@ -22,7 +22,8 @@ time ratios base / new (above 1: the new build is faster), with its range.
 
 --new-mode int8 times the new build's int8 matmul mode (lumen_qmatmul_int8) against the base's
 exact mode; `--base worktree` takes the base from the working tree too (exact against int8 on
-the same sources). Their bits differ, so that comparison does not check them.
+the same sources). Their bits differ, so that comparison does not check them. --base-mode int8
+times the base's int8 mode instead (an A/B of the int8 kernels themselves).
 """
 from __future__ import annotations
 
@@ -127,8 +128,8 @@ def main() -> None:
     p.add_argument("--variant", default=None, help="the kernel variant whose flags both builds use "
                                                    "(default: the one this CPU runs)")
     p.add_argument("--base-march", default=None, help="build the base with -march=THIS (e.g. native) instead")
-    p.add_argument("--new-mode", choices=("exact", "int8"), default="exact",
-                   help="the new build's matmul mode (the base always runs exact)")
+    p.add_argument("--new-mode", choices=("exact", "int8"), default="exact", help="the new build's matmul mode")
+    p.add_argument("--base-mode", choices=("exact", "int8"), default="exact", help="the base build's matmul mode")
     args = p.parse_args()
     variant = library.build.variant(args.variant) if args.variant else library.selected()
     new_flags = library.flags(variant)
@@ -144,7 +145,7 @@ def main() -> None:
         libs = {"base": build(base_dir, tmp / "base.so", base_flags),
                 "new": build(library.SOURCE_DIR, tmp / "new.so", new_flags)}
         print(f"base: {args.base} ({' '.join(base_flags[-4:])}); new: the working tree ({variant.name}, "
-              f"{args.new_mode} mode). "
+              f"{args.new_mode} mode; base: {args.base_mode} mode). "
               f"{args.threads} threads, "
               f"{args.rounds} rounds, {N} x {K} weights.")
         print("| type | rows | base ms | new ms | base / new (median) | range |")
@@ -152,7 +153,7 @@ def main() -> None:
         for type_name in args.types:
             qtype, ws = weights(type_name, args.mib, rng)
             for rows in args.rows:
-                r = compare(libs, qtype, ws, rows, args.rounds, {"base": "exact", "new": args.new_mode})
+                r = compare(libs, qtype, ws, rows, args.rounds, {"base": args.base_mode, "new": args.new_mode})
                 print(f"| {type_name} | {rows} | {r['base_ms']:.3f} | {r['new_ms']:.3f} | {r['ratio']:.2f}x | "
                       f"{r['low']:.2f}-{r['high']:.2f} |", flush=True)
 
