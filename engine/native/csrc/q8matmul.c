@@ -251,10 +251,10 @@ static inline __attribute__((always_inline)) void T##_tile(                     
     for (int i = 0; i < mr; i++)                                                                     \
         for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();                                \
     for (int64_t b = 0; b < xq->groups / SUBS; b++) {                                                \
-        if (mr == 1)   /* into L2 ahead of use: the same block of the next rows */                   \
-            for (int j = 0; j < nr; j++)                                                             \
-                for (int o = 0; o < TS; o += 64)                                                     \
-                    _mm_prefetch((const char *)(w + (nr + j) * row_bytes + b * TS + o), _MM_HINT_T1); \
+        /* into L2 ahead of use: the same block of the next rows (batches of 1-4 rows come here) */ \
+        for (int j = 0; j < nr; j++)                                                                 \
+            for (int o = 0; o < TS; o += 64)                                                         \
+                _mm_prefetch((const char *)(w + (nr + j) * row_bytes + b * TS + o), _MM_HINT_T1);    \
         for (int s = 0; s < SUBS; s++) {                                                             \
             const int64_t g = b * SUBS + s;                                                          \
             __m256i wq[NR];                                                                          \
@@ -316,7 +316,7 @@ struct q8job {
 Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                                 \
 Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                             \
 static void T##_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {                   \
-    const int full = M == 1 ? 4 : 2;                                                                 \
+    const int full = M <= 2 ? 4 : 2;                                                                 \
     for (int64_t n = lo; n < hi;) {                                                                  \
         const int nr = hi - n >= full ? full : 1;                                                    \
         const uint8_t *wn = jb->w + n * jb->row_bytes;                                               \
@@ -325,6 +325,7 @@ static void T##_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi)
             switch (mr * 8 + nr) {                                                                   \
                 case 1 * 8 + 4: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 4); break; \
                 case 4 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 2); break; \
+                case 2 * 8 + 4: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 4); break; \
                 case 4 * 8 + 1: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 1); break; \
                 case 3 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 2); break; \
                 case 3 * 8 + 1: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 1); break; \
@@ -454,10 +455,10 @@ int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N
     const struct q8job jb = {w, row_bytes, N, &xq, y, ldy};
 #ifdef Q8_AVX2
     const int batch = M > MR;
-    const int64_t align = M == 1 ? 4 : batch ? TR : 2;
+    const int64_t align = M <= 2 ? 4 : batch ? TR : 2;
 #else
     const int batch = 0;
-    const int64_t align = M == 1 ? 4 : 2;
+    const int64_t align = M <= 2 ? 4 : 2;
 #endif
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
