@@ -75,7 +75,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--matmul-mode", choices=["auto", "exact", "int8"], default="auto",
                    help="how the C kernels multiply quantized weights: exact (float32 on the exactly decoded "
                         "weights; greedy output equals a float64 reference), int8 (8-bit activations and "
-                        "integer dot products, as llama.cpp; logits within about 1e-2) or auto (the faster of "
+                        "integer dot products, as llama.cpp; logits at least as close to exact as llama.cpp's) or auto (the faster of "
                         "the two on this CPU's kernel build, as measured: int8 on AVX2, exact on AVX-512)")
     p.add_argument("--max-running", type=int, default=16, help="requests computed together in one engine step")
     p.add_argument("--max-tokens-per-step", type=int, default=512,
