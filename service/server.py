@@ -144,13 +144,15 @@ def check_kernels(allow_slow: bool) -> None:
         line, vector = f"C kernels unavailable ({exc}): matmuls and attention run on torch's slower path", None
     if vector is None and not allow_slow:
         raise ServerConfigError(f"{line}. To serve anyway, start with --allow-slow-kernels")
-    if line in _LOGGED:             # `lumen serve` checks before loading its models and again when serving
-        return
-    _LOGGED.add(line)
-    if vector is None:
-        log.warning(line)
-    else:
-        log.info(line)
+    # `lumen serve` checks before loading its models and again when serving
+    _log_once(logging.WARNING if vector is None else logging.INFO, line)
+
+
+def _log_once(level: int, line: str) -> None:
+    """Log a line once per process."""
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        log.log(level, line)
 
 
 def resolve_matmul_mode(mode: str) -> str:
@@ -159,9 +161,7 @@ def resolve_matmul_mode(mode: str) -> str:
     from lumen.engine.native.kernels import auto_matmul_mode
     chosen = auto_matmul_mode() if mode == "auto" else mode
     line = f"matmul mode: {chosen}" + (" (auto: the faster mode for this kernel build)" if mode == "auto" else "")
-    if line not in _LOGGED:
-        _LOGGED.add(line)
-        log.info(line)
+    _log_once(logging.INFO, line)
     return chosen
 
 

@@ -10,7 +10,8 @@ import ctypes
 
 import torch
 
-from lumen.engine.native.library import LayerStruct, LinearStruct, NativeUnavailable, StepStruct, available, library
+from lumen.engine.native.library import (LayerStruct, LinearStruct, NativeUnavailable, StepStruct, available, library,
+                                        vector_isa)
 
 __all__ = ["LayerStruct", "LinearStruct", "NativeInputError", "NativeUnavailable", "StepStruct", "available",
            "library"]
@@ -53,7 +54,7 @@ def block_layout(qtype: int) -> tuple[int, int] | None:
 
 
 # The matmul modes (qmatmul.h): "exact" widens the weights to float32 and multiplies in float32;
-# "int8" quantizes each activation row to 8 bits in groups of 32 and multiplies integers
+# "int8" quantizes each activation row to 8 bits (a scale per 8 values) and multiplies integers
 # (q8matmul.c), for the types int8_type() names; other types compute as in "exact".
 MATMUL_MODES = ("exact", "int8")
 
@@ -64,10 +65,9 @@ def auto_matmul_mode() -> str:
     the integer path does 32; "exact" for the AVX-512 build (its 16-lane float paths were about
     twice as fast as the int8 kernels, which use 256-bit integer instructions) and the scalar one."""
     try:
-        isa = library().lumen_vector_isa().decode()
+        return "int8" if vector_isa() == "AVX2" else "exact"
     except NativeUnavailable:
         return "exact"
-    return "int8" if isa == "AVX2" else "exact"
 
 
 def int8_type(qtype: int) -> bool:

@@ -1,22 +1,21 @@
 /* x @ W^T with 8-bit activations and integer dot products: the int8 matmul mode.
  *
  * The exact mode (qmatmul.c) widens every weight to float32 and multiplies in float32. This mode
- * does what llama.cpp does on CPUs: each activation row is quantized to 8 bits in groups of 16
- * values (one float32 scale each, finer than llama.cpp's 32-value Q8_0 and Q8_1 with fp16 scales
- * and its 256-value Q8_K),
- * and each weight group is multiplied as small integers, 32 products at a time (AVX2's maddubs and
+ * does what llama.cpp does on CPUs: each activation row is quantized to 8 bits, one float32 scale
+ * per 8 values (finer than llama.cpp's 32-value Q8_0 and Q8_1 with fp16 scales and its 256-value
+ * Q8_K), and each 32-value weight group is multiplied as small integers, 32 products at a time (AVX2's maddubs and
  * madd), with one float multiply-add per 8 partial sums.
  *
  * What each output is, exactly (every build computes this, so the scalar, AVX2 and AVX-512 builds
  * agree bit for bit):
- *   - activations in half groups of 16 values: dx = amax / 127 (amax = the largest |x| of the 16),
- *     qx = x * (1 / dx) clamped to +-127 and rounded to nearest even; per group of 32,
- *     t = fma(dx_hi, S_hi, dx_lo * S_lo) (S: the sum of a half's qx);
+ *   - activations in parts of 8 values: dx = amax / 127 (amax = the largest |x| of the 8),
+ *     qx = x * (1 / dx) clamped to +-127 and rounded to nearest even; per group of 32 (4 parts,
+ *     S_p the sum of part p's qx), t = dx_0 * S_0, then t = fma(dx_p, S_p, t) for p = 1, 2, 3;
  *   - weight group g of row n: quants q (signed, or unsigned with an additive term), a lane scale
  *     a (a_lo for the first 16 values, a_hi for the rest) and an additive term c (value = a * q + c);
  *   - lane l (0..7) of group g: L = sum of q * qx over values 4l .. 4l + 3 (an exact integer);
- *     A[l] = fma(a_l * dx_l, (float)L, A[l]) over the groups in order (lanes 0-3: the first half's
- *     dx and a, lanes 4-7: the second's);
+ *     A[l] = fma(a_l * dx_l, (float)L, A[l]) over the groups in order (a_l: a_lo for lanes 0-3,
+ *     a_hi for 4-7; dx_l: the dx of part l / 2);
  *   - B[g mod 8] = fma(c, t, B[g mod 8]) over the groups in order;
  *   - y = hsum8(A) + hsum8(B), hsum8(v) = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
  * Each output depends on its own activation row and weight row only: a row's result is the same
@@ -106,13 +105,14 @@ static inline __attribute__((always_inline)) void q4_0_scales(const uint8_t *b, 
     *lo = *hi = fp16_to_fp32(b);
     *c = -8.0f * *lo;
 }
-static inline void q4_0_quants(const uint8_t *b, int s, int8_t *q) {
-    (void)s;
+/* 16 bytes' low nibbles (values 0-15), then their high nibbles (16-31). */
+static inline void nibbles32(const uint8_t *qs, int8_t *q) {
     for (int j = 0; j < 16; j++) {
-        q[j] = (int8_t)(b[2 + j] & 0x0F);
-        q[j + 16] = (int8_t)(b[2 + j] >> 4);
+        q[j] = (int8_t)(qs[j] & 0x0F);
+        q[j + 16] = (int8_t)(qs[j] >> 4);
     }
 }
+static inline void q4_0_quants(const uint8_t *b, int s, int8_t *q) { (void)s; nibbles32(b + 2, q); }
 
 /* Q4_1: d fp16 | m fp16 | qs[16]: unsigned q, a = d, c = m. */
 static inline __attribute__((always_inline)) void q4_1_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
@@ -120,13 +120,7 @@ static inline __attribute__((always_inline)) void q4_1_scales(const uint8_t *b, 
     *lo = *hi = fp16_to_fp32(b);
     *c = fp16_to_fp32(b + 2);
 }
-static inline void q4_1_quants(const uint8_t *b, int s, int8_t *q) {
-    (void)s;
-    for (int j = 0; j < 16; j++) {
-        q[j] = (int8_t)(b[4 + j] & 0x0F);
-        q[j + 16] = (int8_t)(b[4 + j] >> 4);
-    }
-}
+static inline void q4_1_quants(const uint8_t *b, int s, int8_t *q) { (void)s; nibbles32(b + 4, q); }
 
 /* Q4_K: d | dmin | scales[12] | qs[128]; group s: unsigned nibbles of qs[32 (s / 2) ..], low for
  * even s, a = d * sc_s, c = -(dmin * m_s) (value d * sc * q - dmin * m, as ggml decodes it). */
@@ -169,7 +163,7 @@ static inline void q6_k_quants(const uint8_t *b, int s, int8_t *q) {
 }
 
 #ifdef Q8_AVX2
-/* 16 bytes' low nibbles (values 0-15), then their high nibbles (16-31). */
+/* nibbles32 on a register. */
 static inline __attribute__((always_inline)) __m256i nibbles(__m128i v) {
     const __m128i low = _mm_set1_epi8(0x0F);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
