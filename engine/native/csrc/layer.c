@@ -9,10 +9,11 @@
 /* y[:, cols of part p] = x @ W_p^T for each stacked part. */
 static int linear(const struct lumen_linear *l, const float *x, int64_t rows, int64_t k, float *y, int64_t ldy,
                   int nthreads) {
+    if (l->int8) return lumen_linear_int8(l, x, rows, k, y, ldy, nthreads);
     int64_t col = 0;
     for (int p = 0; p < l->parts; p++) {
-        const int rc = (l->int8 ? lumen_qmatmul_int8 : lumen_qmatmul)(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p],
-                                                                      k, x, rows, k, y + col, ldy, nthreads);
+        const int rc = lumen_qmatmul(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p], k, x, rows, k, y + col, ldy,
+                                     nthreads);
         if (rc != 0) return rc;
         col += l->n[p];
     }

@@ -39,6 +39,11 @@ struct lumen_step {
     int64_t rope_positions, num_blocks, n_seqs, table_width;
 };
 
+/* y[:, cols of part p] = x @ W_p^T for each stacked part in the int8 mode (q8matmul.c): x's rows
+ * quantized once for all the parts. Returns LUMEN_OK or an error (qmatmul.h). */
+int lumen_linear_int8(const struct lumen_linear *l, const float *x, int64_t rows, int64_t k, float *y, int64_t ldy,
+                      int nthreads);
+
 /* x += attention(h); h = norm(x); x += mlp(h); h = next_norm(x). Returns 0, -1 for a type the
  * matmul cannot decode, -2 when out of memory. */
 /* Returns LUMEN_OK, or an error (qmatmul.h) found by the checks that run before any write:

@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "decoders.h"
+#include "layer.h"
 #include "qmatmul.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -452,23 +453,23 @@ int lumen_int8_type(int qtype) {
     return 0;
 }
 
-int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
-                       const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads) {
-    if (!lumen_int8_type(qtype))
-        return lumen_qmatmul(qtype, w, row_bytes, N, K, x, M, ldx, y, ldy, nthreads);
-    const int rc = lumen_check_rows(qtype, row_bytes, K);
-    if (rc != LUMEN_OK) return rc;
-    if (N < 0 || M < 0 || ldx < K || ldy < N) return LUMEN_E_SHAPE;
-    if (M == 0 || N == 0) return LUMEN_OK;
-    struct xq xq = {malloc((size_t)(M * K)), malloc((size_t)(M * K / H) * sizeof(float)),
-                    malloc((size_t)(M * K / G) * sizeof(float)), K, K / G};
-    if (xq.q == NULL || xq.d == NULL || xq.t == NULL) {
-        free(xq.q), free(xq.d), free(xq.t);
-        return LUMEN_E_NOMEM;
-    }
+/* x's M rows quantized into xq (its buffers allocated here; xq_free releases them). */
+static int quantize(const float *x, int64_t M, int64_t ldx, int64_t K, int nthreads, struct xq *xq) {
+    *xq = (struct xq){malloc((size_t)(M * K)), malloc((size_t)(M * K / H) * sizeof(float)),
+                      malloc((size_t)(M * K / G) * sizeof(float)), K, K / G};
+    if (xq->q == NULL || xq->d == NULL || xq->t == NULL) return LUMEN_E_NOMEM;
 #pragma omp parallel for num_threads(nthreads) if (M >= 8)
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, xq.q + m * K, xq.d + m * (K / H), xq.t + m * xq.groups);
-    const struct q8job jb = {w, row_bytes, N, &xq, y, ldy};
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * ldx, K, xq->q + m * K, xq->d + m * (K / H), xq->t + m * xq->groups);
+    return LUMEN_OK;
+}
+
+static void xq_free(struct xq *xq) { free(xq->q), free(xq->d), free(xq->t); }
+
+/* y = xq's M rows times W (an int8 type, rows checked by the caller). */
+static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, const struct xq *xq, int64_t M,
+                    float *y, int64_t ldy, int nthreads) {
+    const struct q8job jb = {w, row_bytes, N, xq, y, ldy};
 #ifdef Q8_AVX2
     const int batch = M > MR;
     const int64_t align = M <= 2 ? 4 : batch ? TR : 2;
@@ -499,6 +500,42 @@ int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N
         }
     }
     (void)batch;
-    free(xq.q), free(xq.d), free(xq.t);
     return failed ? LUMEN_E_NOMEM : LUMEN_OK;
+}
+
+int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
+                       const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads) {
+    if (!lumen_int8_type(qtype))
+        return lumen_qmatmul(qtype, w, row_bytes, N, K, x, M, ldx, y, ldy, nthreads);
+    const int rc = lumen_check_rows(qtype, row_bytes, K);
+    if (rc != LUMEN_OK) return rc;
+    if (N < 0 || M < 0 || ldx < K || ldy < N) return LUMEN_E_SHAPE;
+    if (M == 0 || N == 0) return LUMEN_OK;
+    struct xq xq;
+    int out = quantize(x, M, ldx, K, nthreads, &xq);
+    if (out == LUMEN_OK) out = multiply(qtype, w, row_bytes, N, &xq, M, y, ldy, nthreads);
+    xq_free(&xq);
+    return out;
+}
+
+int lumen_linear_int8(const struct lumen_linear *l, const float *x, int64_t rows, int64_t k, float *y, int64_t ldy,
+                      int nthreads) {
+    struct xq xq = {0};
+    int rc = LUMEN_OK, quantized = 0;
+    int64_t col = 0;
+    for (int p = 0; p < l->parts && rc == LUMEN_OK; p++) {
+        if (!lumen_int8_type(l->qtype[p]))
+            rc = lumen_qmatmul(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p], k, x, rows, k, y + col, ldy, nthreads);
+        else if ((rc = lumen_check_rows(l->qtype[p], l->row_bytes[p], k)) == LUMEN_OK && rows > 0 && l->n[p] > 0) {
+            if (!quantized) {              /* once for every part: they share their input */
+                rc = quantize(x, rows, k, k, nthreads, &xq);
+                quantized = 1;
+            }
+            if (rc == LUMEN_OK) rc = multiply(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p], &xq, rows, y + col, ldy,
+                                              nthreads);
+        }
+        col += l->n[p];
+    }
+    xq_free(&xq);
+    return rc;
 }
