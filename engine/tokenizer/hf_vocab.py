@@ -48,8 +48,10 @@ def read_hf_vocab(directory: Path, vocab_size: int | None = None, model_config: 
     data = read_json(path, "the tokenizer")
     config_path = directory / "tokenizer_config.json"
     config = read_json(config_path, "the tokenizer") if config_path.exists() else {}
+    gen_path = directory / "generation_config.json"
+    generation = read_json(gen_path, "the generation config") if gen_path.exists() else {}
     try:
-        return _HFVocabReader(data, config, model_config or {}).vocab(vocab_size)
+        return _HFVocabReader(data, config, model_config or {}, generation).vocab(vocab_size)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:
@@ -57,8 +59,9 @@ def read_hf_vocab(directory: Path, vocab_size: int | None = None, model_config: 
 
 
 class _HFVocabReader:
-    def __init__(self, data: dict, config: dict, model_config: dict) -> None:
+    def __init__(self, data: dict, config: dict, model_config: dict, generation: dict | None = None) -> None:
         self.data, self.config, self.model_config = data, config, model_config
+        self.generation = generation or {}
         self.model = data["model"]
         if self.model.get("type") != "BPE":
             raise ModelLoadError(f"model.type {self.model.get('type')!r} is not supported (only BPE tokenizers)")
@@ -79,8 +82,19 @@ class _HFVocabReader:
             types=types, merges=[] if self.spm else merges, bos_id=bos, eos_id=eos,
             unk_id=self._token_id(self._unk_piece(), to_id), pad_id=self._pad_id(to_id),
             add_bos=self._adds("bos", bos, tokens, 0), add_eos=self._adds("eos", eos, tokens, -1),
-            add_space_prefix=add_space_prefix,
+            add_space_prefix=add_space_prefix, eog_meta_ids=self._eos_ids(len(tokens)),
         )
+
+    def _eos_ids(self, n: int) -> tuple[int, ...]:
+        """Every id config.json and generation_config.json name as eos_token_id (Llama 3 lists
+        <|end_of_text|>, <|eom_id|> and <|eot_id|>): generation ends on any of them."""
+        ids: list[int] = []
+        for source in (self.model_config, self.generation):
+            value = source.get("eos_token_id")
+            for tid in value if isinstance(value, list) else [value]:
+                if isinstance(tid, int) and 0 <= tid < n and tid not in ids:
+                    ids.append(tid)
+        return tuple(ids)
 
     def _tokens(self, vocab_size: int | None) -> tuple[list[str], list[int]]:
         """Pieces by id and their llama.cpp token types; holes and padding are unused `[PAD{i}]`."""

@@ -3,10 +3,12 @@
 The vocabulary comes from a GGUF file's `tokenizer.ggml.*` metadata (or from a Hugging Face
 tokenizer.json restated in those terms by `hf_vocab`): "llama" models are
 SentencePiece-style (scores, byte-fallback `<0xNN>` tokens), "gpt2" models are byte-level BPE
-(merges plus a pre-tokenizer named by `tokenizer.ggml.pre`). Encoding is llama.cpp's with
-`parse_special=false`: text such as "<s>" is tokenized as ordinary text; only user-defined
-tokens are split out first. Decoding works on bytes (`token_bytes`) so that the streaming
-detokenizer reproduces it exactly. This module never parses special-token text as special.
+(merges plus a pre-tokenizer named by `tokenizer.ggml.pre`). Encoding is llama.cpp's: by
+default (`parse_special=False`) text such as "<s>" is tokenized as ordinary text and only
+user-defined tokens are split out first; with `parse_special=True` control tokens' text
+becomes the control token, except inside `protected` ranges (a chat message's content).
+Decoding works on bytes (`token_bytes`) so that the streaming detokenizer reproduces it
+exactly. `eog_ids` is the set of tokens that end generation (special.eog_ids).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lumen.engine.tokenizer.hf_vocab import read_hf_vocab
 from lumen.engine.tokenizer.pretokenizers import BPE_PRE, DEFAULT_SPEC
+from lumen.engine.tokenizer.special import eog_ids, split_special
 from lumen.engine.tokenizer.vocab import GGUFVocab
 
 log = logging.getLogger(__name__)
@@ -135,8 +138,15 @@ class Tokenizer:
         spm = vocab.model == "llama"
         self._bytes = [_token_bytes(t, k, spm) for t, k in zip(vocab.tokens, types)]
         self._max_token_bytes = max(4, max(map(len, self._bytes), default=0))   # per request: computed once
-        user = [i for i, k in enumerate(types) if k == _T.USER_DEFINED]
-        self._user_defined = sorted(((vocab.tokens[i], i) for i in user), key=lambda p: -len(p[0].encode()))
+        def longest_first(kinds: tuple[int, ...]) -> list[tuple[str, int]]:
+            found = [(vocab.tokens[i], i) for i, k in enumerate(types) if k in kinds]
+            return sorted(found, key=lambda p: -len(p[0].encode()))
+
+        self._user_defined = longest_first((_T.USER_DEFINED,))
+        # What parse_special splits out (llama.cpp's special-token cache): control, user-defined, unknown.
+        self._specials = longest_first((_T.CONTROL, _T.USER_DEFINED, _T.UNKNOWN))
+        self._user_defined_ids = frozenset(i for _, i in self._user_defined)
+        self._eog_ids = eog_ids(vocab.tokens, vocab.eos_id, vocab.eog_meta_ids)
         self._byte_ids = [self._byte_token(b) for b in range(256)] if spm else []
         self._bpe = None if spm else _build_bpe(vocab, self._token_to_id)
 
@@ -185,6 +195,19 @@ class Tokenizer:
         return self._vocab.eos_id
 
     @property
+    def unk_id(self) -> int | None:
+        return self._vocab.unk_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._vocab.pad_id
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        """Tokens that end generation: EOS, end of turn or message, and llama.cpp's known markers."""
+        return self._eog_ids
+
+    @property
     def add_bos(self) -> bool:
         return self._vocab.add_bos
 
@@ -209,13 +232,19 @@ class Tokenizer:
         """The exact bytes this token contributes to decoded text (b"" for control tokens)."""
         return self._bytes[self._check_id(token_id)]
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; BOS/EOS are added only if asked and the model wants them."""
+    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = False,
+               protected: list[tuple[int, int]] | tuple[tuple[int, int], ...] = ()) -> list[int]:
+        """Token ids of `text`; BOS/EOS are added only if asked and the model wants them.
+
+        parse_special: special-token text becomes the token, except where it overlaps one of
+        the sorted, disjoint `protected` [start, end) character ranges."""
         ids: list[int] = []
         if add_special_tokens and self.add_bos:
             ids.append(_required(self.bos_id, "BOS"))
         prev_special = True
-        for part in self._split_user_defined(text) if text else []:
+        parts = split_special(text, self._specials, protected, self._user_defined_ids) if parse_special \
+            else self._split_user_defined(text)
+        for part in parts if text else []:
             if isinstance(part, int):
                 ids.append(part)
                 prev_special = True
@@ -229,6 +258,12 @@ class Tokenizer:
         if add_special_tokens and self.add_eos:
             ids.append(_required(self.eos_id, "EOS"))
         return ids
+
+    def find_special(self, text: str) -> str | None:
+        """The first control or unknown token text found in `text` (what parse_special would turn
+        into a control token where plain encoding keeps characters), or None."""
+        return next((piece for piece, tid in self._specials
+                     if tid not in self._user_defined_ids and piece in text), None)
 
     def _split_user_defined(self, text: str) -> list[str | int]:
         """Split user-defined tokens out of raw text, longest first (llama.cpp st_partition)."""

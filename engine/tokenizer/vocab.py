@@ -37,6 +37,9 @@ class GGUFVocab:
     add_bos: bool
     add_eos: bool
     add_space_prefix: bool
+    # Tokens the metadata names as ending generation besides EOS: end of turn, end of message,
+    # and the fill-in-the-middle pad/repo/separator tokens (llama.cpp's EOG sources).
+    eog_meta_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_reader(cls, reader: gguf.GGUFReader) -> GGUFVocab:
@@ -79,4 +82,7 @@ class GGUFVocab:
             add_bos=bool(get(_K + "add_bos_token", spm or BPE_PRE.get(pre, DEFAULT_SPEC)[2])),
             add_eos=bool(get(_K + "add_eos_token", False)),
             add_space_prefix=bool(get(_K + "add_space_prefix", spm)),
+            eog_meta_ids=tuple(t for key in ("eot_token_id", "eom_token_id", "fim_pad_token_id",
+                                             "fim_rep_token_id", "fim_sep_token_id")
+                               if (t := special(key, None)) is not None),
         )
