@@ -33,6 +33,8 @@ from lumen.engine.weights.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
 
+MAX_STOP_TOKEN_IDS = 64  # a request's stop_token_ids (checked after every token)
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -115,6 +117,13 @@ class LLMEngine:
                                            f"(context length {ctx}), got {req.max_new_tokens}")
         if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}")
+        if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError("stopping.stop_token_ids", f"has {len(req.stop_token_ids)} ids; at most "
+                                                                 f"{MAX_STOP_TOKEN_IDS} are allowed")
+        bad = next((t for t in req.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError("stopping.stop_token_ids",
+                                      f"token id {bad} is outside the vocabulary [0, {vocab}); use ids Tokenize gives")
         self.speculation.resolve(req)
 
     def add_request(self, req: GenerationRequest) -> None:

@@ -16,6 +16,7 @@ class FinishReason(enum.Enum):
     EOS = "eos"
     LENGTH = "length"
     STOP_SEQUENCE = "stop_sequence"
+    STOP_TOKEN = "stop_token"
     ABORTED = "aborted"
     ERROR = "error"
 
@@ -27,7 +28,8 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+    ignore_eos: bool = False          # go on past the model's end-of-generation tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # stop after any of these, even with ignore_eos
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
@@ -47,6 +49,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_sequence: str = ""
+    stop_token_id: int | None = None  # with STOP_TOKEN: the token that stopped it
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache

@@ -39,7 +39,8 @@ class Sequence:
         self.sampler = Sampler(request.sampling)
         self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids)
         self.stop = StopMatcher(request.stop)
-        self.eos_id = tokenizer.eos_id
+        self.eog_ids = frozenset() if request.ignore_eos else tokenizer.eog_ids
+        self.stop_token_ids = frozenset(request.stop_token_ids)
         self.prompt_logprobs: list[TokenLogprob] = []
         self.first_scheduled: float | None = None  # monotonic time it left the queue
         self.span: trace.Span | None = None  # the current phase's span: prefill, then decode
@@ -118,6 +119,8 @@ class Sequence:
             out.token_ids.append(token)
             text, out.finish_reason, out.stop_sequence = self._text_and_finish(token)
             out.text += text
+            if out.finish_reason is FinishReason.STOP_TOKEN:
+                out.stop_token_id = token
             if out.finished:
                 break
         self.num_computed = min(self.num_computed, len(self.token_ids))
@@ -126,8 +129,12 @@ class Sequence:
         return out
 
     def _text_and_finish(self, token: int) -> tuple[str, FinishReason | None, str]:
-        if token == self.eos_id and not self.request.ignore_eos:
+        """The text `token` releases and whether it finishes the request. An end-of-generation
+        or stop token adds no text of its own; what was held back is released."""
+        if token in self.eog_ids:
             return self.stop.flush() + self.detokenizer.flush(), FinishReason.EOS, ""
+        if token in self.stop_token_ids:
+            return self.stop.flush() + self.detokenizer.flush(), FinishReason.STOP_TOKEN, ""
         text, matched = self.stop.feed(self.detokenizer.add(token))
         if matched is not None:
             return text, FinishReason.STOP_SEQUENCE, matched
