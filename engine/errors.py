@@ -45,3 +45,8 @@ class EngineStoppedError(LumenError):
 
 class DuplicateRequestError(LumenError):
     """A request id that is already running (gRPC ALREADY_EXISTS)."""
+
+
+class FailedPreconditionError(LumenError):
+    """The request is well formed but the server's state cannot serve it, e.g. Chat on a model
+    with no chat template (gRPC FAILED_PRECONDITION); the message says what would make it work."""

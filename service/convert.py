@@ -15,6 +15,7 @@ FINISH_TO_PROTO = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
 }
 
 
@@ -49,11 +50,12 @@ def prompt_ids_for(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
     if req.prompt_token_ids:
         return list(req.prompt_token_ids)
     add_special = req.add_special_tokens if req.HasField("add_special_tokens") else True
-    return tokenizer.encode(req.prompt, add_special_tokens=add_special)
+    return tokenizer.encode(req.prompt, add_special_tokens=add_special, parse_special=req.parse_special)
 
 
-def generation_request(req: pb.GenerateRequest, prompt_ids: list[int], context_length: int,
+def generation_request(req: pb.GenerateRequest | pb.ChatRequest, prompt_ids: list[int], context_length: int,
                        default_max_new_tokens: int) -> GenerationRequest:
+    """The engine request for a Generate or a Chat (which has no prompt_logprobs)."""
     if req.stopping.HasField("max_new_tokens"):
         max_new = req.stopping.max_new_tokens
     else:
@@ -66,9 +68,10 @@ def generation_request(req: pb.GenerateRequest, prompt_ids: list[int], context_l
         sampling=sampling_from_proto(req.sampling),
         stop=list(req.stopping.stop),
         ignore_eos=req.stopping.ignore_eos,
+        stop_token_ids=list(req.stopping.stop_token_ids),
         logprobs=req.logprobs or req.top_logprobs > 0,
         top_logprobs=req.top_logprobs,
-        prompt_logprobs=req.prompt_logprobs,
+        prompt_logprobs=getattr(req, "prompt_logprobs", False),
         speculative=speculative_from_proto(req.speculative),
     )
 
@@ -101,4 +104,6 @@ def response_from_output(out: RequestOutput, tokenizer: Tokenizer, trace_id: str
         msg.usage.acceptance_rate = out.accepted_tokens / out.draft_tokens if out.draft_tokens else 0.0
         msg.trace_id = trace_id
         msg.stop_sequence = out.stop_sequence
+        if out.stop_token_id is not None:
+            msg.stop_token_id = out.stop_token_id
     return msg

@@ -1,7 +1,8 @@
-"""The spans and measurements of one Generate, recorded when it ends however it ends.
+"""The spans and measurements of one Generate or Chat, recorded when it ends however it ends.
 
-Two spans per request: the gRPC SERVER span (`lumen.v1.Inference/Generate`, with the RPC
-semantic conventions' attributes), and under it an INTERNAL `text_completion {model}` span
+Two spans per request: the gRPC SERVER span (`lumen.v1.Inference/Generate` or `/Chat`, with
+the RPC semantic conventions' attributes), and under it an INTERNAL `text_completion {model}`
+(`chat {model}`) span
 with the GenAI conventions' request, response and usage attributes. The engine's phase
 spans (`queue`, `prefill`, `decode`, `draft`, `verify`) and `tokenize` are children of the
 latter. Latency metrics are recorded in the context of the request's span, so a sampled
@@ -25,15 +26,17 @@ from lumen.telemetry import EngineMetrics
 log = logging.getLogger("lumen.requests")
 
 GENERATE_METHOD = "lumen.v1.Inference/Generate"
+CHAT_METHOD = "lumen.v1.Inference/Chat"
 PROVIDER_NAME = "lumen"
 OPERATION_NAME = "text_completion"
+CHAT_OPERATION_NAME = "chat"
 # Server-side status codes the gRPC conventions count as errors. The others (a bad argument,
 # a missing model, a client's cancel) leave the SERVER span's status unset.
 SERVER_ERROR_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
                                 "DATA_LOSS"})
 # The conventions' finish reasons (OpenAI's words); Lumen's own reason is `lumen.finish_reason`.
 GENAI_FINISH_REASON = {FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop",
-                       FinishReason.LENGTH: "length", FinishReason.ABORTED: "cancelled",
+                       FinishReason.STOP_TOKEN: "stop", FinishReason.LENGTH: "length", FinishReason.ABORTED: "cancelled",
                        FinishReason.ERROR: "error"}
 
 
@@ -50,11 +53,13 @@ class RequestTrace:
     """One Generate's spans and metrics. Call `finish` exactly once."""
 
     def __init__(self, tracer: trace.Tracer, metrics: EngineMetrics, parent: Context, peer: str,
-                 capture_content: bool = False) -> None:
+                 capture_content: bool = False, chat: bool = False) -> None:
         self.tracer, self.metrics, self.capture_content = tracer, metrics, capture_content
+        self.operation = CHAT_OPERATION_NAME if chat else OPERATION_NAME
         self.started = time.monotonic()
-        self.server = tracer.start_span(GENERATE_METHOD, context=parent, kind=trace.SpanKind.SERVER, attributes={
-            "rpc.system.name": "grpc", "rpc.method": GENERATE_METHOD, **peer_attributes(peer)})
+        method = CHAT_METHOD if chat else GENERATE_METHOD
+        self.server = tracer.start_span(method, context=parent, kind=trace.SpanKind.SERVER, attributes={
+            "rpc.system.name": "grpc", "rpc.method": method, **peer_attributes(peer)})
         # Sent in every streamed message: formatted once, not per message.
         self.trace_id = format(self.server.get_span_context().trace_id, "032x")
         self.completion: trace.Span | None = None
@@ -70,16 +75,19 @@ class RequestTrace:
         return self.completion or self.server
 
     def start_completion(self, model: str) -> Context:
-        """Open `text_completion {model}`; its context parents everything done for the request."""
+        """Open `text_completion {model}` (`chat {model}` for Chat); its context parents everything
+        done for the request."""
         self.model = model
         self.completion = self.tracer.start_span(
-            f"{OPERATION_NAME} {model}", context=trace.set_span_in_context(self.server), attributes={
-                "gen_ai.operation.name": OPERATION_NAME, "gen_ai.provider.name": PROVIDER_NAME,
+            f"{self.operation} {model}", context=trace.set_span_in_context(self.server), attributes={
+                "gen_ai.operation.name": self.operation, "gen_ai.provider.name": PROVIDER_NAME,
                 "gen_ai.request.model": model})
         return trace.set_span_in_context(self.completion)
 
-    def request_started(self, gen: GenerationRequest, prompt_text: str) -> None:
-        """The request as the engine runs it, defaults applied."""
+    def request_started(self, gen: GenerationRequest, prompt_text: str,
+                        messages: list[dict[str, str]] | None = None) -> None:
+        """The request as the engine runs it, defaults applied; `messages`: a Chat's conversation
+        (recorded instead of the rendered prompt when content is captured)."""
         s = gen.sampling
         attributes = {"gen_ai.response.id": gen.request_id, "gen_ai.request.max_tokens": gen.max_new_tokens,
                       "gen_ai.request.temperature": s.temperature, "gen_ai.request.top_p": s.top_p,
@@ -90,8 +98,10 @@ class RequestTrace:
         if gen.stop:
             attributes["gen_ai.request.stop_sequences"] = list(gen.stop)
         if self.capture_content:
+            turns = messages if messages is not None else [{"role": "user", "content": prompt_text}]
             attributes["gen_ai.input.messages"] = json.dumps(
-                [{"role": "user", "parts": [{"type": "text", "content": prompt_text}]}], ensure_ascii=False)
+                [{"role": m["role"], "parts": [{"type": "text", "content": m["content"]}]} for m in turns],
+                ensure_ascii=False)
         self.span.set_attributes(attributes)
         self.server.set_attribute("lumen.request_id", gen.request_id)
         self.request_id = gen.request_id
@@ -122,7 +132,7 @@ class RequestTrace:
                                      duration_s=duration, ttft_s=self.ttft, context=context)
         level = logging.WARNING if status in SERVER_ERROR_CODES else logging.INFO
         with trace.use_span(self.span, end_on_exit=False):
-            log.log(level, "generate finished", extra={
+            log.log(level, "chat finished" if self.operation == CHAT_OPERATION_NAME else "generate finished", extra={
                 "request_id": self.request_id, "model": self.model, "status": status,
                 "finish_reason": reason, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "duration_s": round(duration, 6), "ttft_s": None if self.ttft is None else round(self.ttft, 6)})

@@ -1,6 +1,7 @@
 """The `lumen.v1.Inference` gRPC service.
 
-Each Generate opens a SERVER span (continuing the client's W3C traceparent) and a
+Each Generate (and Chat, whose conversation is first rendered with a chat template: service.chat)
+opens a SERVER span (continuing the client's W3C traceparent) and a
 `text_completion {model}` span under it (service.request_trace), checks the request against
 the server's limits, tokenizes under a `tokenize` child span, submits to the model's engine
 (which adds `queue`, `prefill`, `decode`, `draft` and `verify` spans) and writes every output
@@ -19,11 +20,13 @@ from lumen.engine.errors import (
     CapacityError,
     DuplicateRequestError,
     EngineStoppedError,
+    FailedPreconditionError,
     InvalidRequestError,
     LumenError,
     ModelNotFoundError,
 )
-from lumen.service import convert
+from lumen.engine.chat.prompt import chat_prompt_ids
+from lumen.service import chat, convert
 from lumen.service.handlers import MalformedRequest
 from lumen.service.limits import RequestLimits
 from lumen.service.registry import ModelRegistry, ModelRuntime
@@ -74,6 +77,7 @@ STATUS_FOR = {
     DuplicateRequestError: grpc.StatusCode.ALREADY_EXISTS,
     CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StreamStalledError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -93,19 +97,27 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.default_max_new_tokens = default_max_new_tokens
         self.capture_content = capture_content
         self.limits = limits or RequestLimits()
+        self.templates = chat.ChatTemplates()
         self.stopping = False  # the server is shutting down: what ends now ends UNAVAILABLE
         self._ending: set[asyncio.Task] = set()
 
     async def Generate(self, request: pb.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._serve(request, context, self._prepare, chat=False)
+
+    async def Chat(self, request: pb.ChatRequest | MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._serve(request, context, self._prepare_chat, chat=True)
+
+    async def _serve(self, request, context: grpc.aio.ServicerContext, prepare, chat: bool) -> None:
+        """Run one Generate or Chat: `prepare` turns the request into the engine's; the rest is shared."""
         rt = RequestTrace(self.tracer, self.metrics, extract_context(context.invocation_metadata() or ()),
-                          context.peer() or "", self.capture_content)
+                          context.peer() or "", self.capture_content, chat=chat)
         runtime, stream, status, error = None, None, "UNKNOWN", None
         watch = WriteWatch(self.limits.stream_write_timeout_s)
         try:
             if isinstance(request, MalformedRequest):
                 raise InvalidRequestError("request", request.message())
             runtime = self.registry.get(request.model)
-            gen = await self._prepare(request, runtime, rt)
+            gen = await prepare(request, runtime, rt)
             stream = runtime.engine.submit(gen)
             self.metrics.request_started()
             await self._stream(stream, runtime, rt, context, watch)
@@ -182,6 +194,29 @@ class InferenceService(pb_grpc.InferenceServicer):
         rt.request_started(gen, prompt_text)
         return gen
 
+    async def _prepare_chat(self, request: pb.ChatRequest, runtime: ModelRuntime, rt: RequestTrace):
+        """Check the conversation, render it with the chat template and tokenize it (under a
+        `tokenize` span), and build the engine request."""
+        span_ctx = rt.start_completion(runtime.name)
+        messages = chat.check_messages(request, self.limits, runtime)
+        self.limits.check_request_id(request.request_id)
+        self.limits.check_stops(list(request.stopping.stop))
+        add_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+
+        def render() -> list[int]:
+            template = self.templates.get(runtime, request.chat_template)
+            return chat_prompt_ids(runtime.model.tokenizer, template, messages, add_prompt)
+
+        with self.tracer.start_as_current_span("tokenize", context=span_ctx) as tok_span:
+            prompt_ids = await asyncio.to_thread(render)
+            tok_span.set_attributes({"lumen.prompt_tokens": len(prompt_ids), "lumen.chat.messages": len(messages),
+                                     "lumen.chat.request_template": bool(request.chat_template)})
+        gen = convert.generation_request(request, prompt_ids, runtime.model.config.context_length,
+                                         self.default_max_new_tokens)
+        gen.trace_context = span_ctx
+        rt.request_started(gen, "", messages)
+        return gen
+
     async def Tokenize(self, request: pb.TokenizeRequest | MalformedRequest,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
@@ -191,7 +226,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.limits.check_text("text", request.text)
             tokenizer = runtime.model.tokenizer
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids = await asyncio.to_thread(tokenizer.encode, request.text, add_special)
+            ids = await asyncio.to_thread(tokenizer.encode, request.text, add_special, request.parse_special)
             reply = pb.TokenizeResponse(token_ids=ids, pieces=[tokenizer.piece(i) for i in ids])
             if (size := reply.ByteSize()) > self.limits.max_reply_bytes:
                 raise InvalidRequestError("text", f"gives {len(ids)} tokens, a {size}-byte reply over the "
@@ -212,5 +247,6 @@ class InferenceService(pb_grpc.InferenceServicer):
             models.append(pb.ModelInfo(
                 name=rt.name, architecture=cfg.architecture, file_type=m.file_type,
                 parameter_count=m.parameter_count, context_length=cfg.context_length,
-                vocab_size=cfg.vocab_size, path=m.path.name, is_default=rt is self.registry.default))
+                vocab_size=cfg.vocab_size, path=m.path.name, is_default=rt is self.registry.default,
+                has_chat_template=m.chat_template is not None))
         return pb.ListModelsResponse(models=models)

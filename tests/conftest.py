@@ -48,3 +48,17 @@ def stories_greedy() -> tuple[list[int], str]:
     ids = [int(x) for x in shared_file("models", "stories260K.greedy200.ids").read_text().split()]
     text = shared_file("models", "stories260K.greedy200.txt").read_bytes().decode("utf-8")
     return ids[1:], text
+
+
+@pytest.fixture(scope="session")
+def smollm2_model():
+    """SmolLM2-135M-Instruct (Q4_1), a real instruction-tuned model with a ChatML template.
+    Engines set its matmul mode from their config (exact unless asked)."""
+    from lumen.engine.weights.gguf_loader import load_gguf
+    return load_gguf(shared_file("models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def smollm2_ids(name: str, kind: str) -> list[int]:
+    """The ids of a SmolLM2 reference file: NAME.{prompt,greedy}.ids (shared/data/models/README)."""
+    path = shared_file("models", f"SmolLM2-135M-Instruct.{name}.{kind}.ids")
+    return [int(t) for t in path.read_text().split()]

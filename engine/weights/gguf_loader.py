@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, LlamaFileType
 
+from lumen.engine.chat.template import template_from_gguf
 from lumen.engine.errors import ModelLoadError
 from lumen.engine.model.config import ModelConfig
 from lumen.engine.model.linear import (
@@ -225,4 +226,5 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, name: str | 
         tokenizer=tokenizer,
         file_type=_file_type_name(meta, reader),
         parameter_count=int(sum(t.n_elements for t in reader.tensors)),
+        chat_template=template_from_gguf(reader),
     )

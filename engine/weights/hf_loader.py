@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lumen.engine.chat.template import template_from_hf_dir
 from lumen.engine.errors import ModelLoadError
 from lumen.engine.hf_json import read_json
 from lumen.engine.model.config import ModelConfig
@@ -231,4 +232,5 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32, name: str 
                                 lambda done: progress and progress(done, cfg.n_layers))
         parameter_count, file_type = shards.summary()
     return LoadedModel(name=name or path.name, path=path, config=cfg, weights=weights, tokenizer=tokenizer,
-                       file_type=file_type, parameter_count=parameter_count)
+                       file_type=file_type, parameter_count=parameter_count,
+                       chat_template=template_from_hf_dir(path))

@@ -18,3 +18,4 @@ class LoadedModel:
     tokenizer: Tokenizer
     file_type: str
     parameter_count: int
+    chat_template: str | None = None  # the model's own Jinja chat template (GGUF metadata or tokenizer_config.json)

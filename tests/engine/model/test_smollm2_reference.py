@@ -26,11 +26,9 @@ LLAMA_CPP_ERROR = {"capital": 4.7e-2, "story": 3.5e-2}
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from lumen.engine.weights.gguf_loader import load_gguf
-    model = load_gguf(shared_file("models", f"{NAME}.Q4_1.gguf"))
-    yield model
-    model.weights.set_matmul_mode("exact")
+def smollm2(smollm2_model):
+    yield smollm2_model
+    smollm2_model.weights.set_matmul_mode("exact")
 
 
 def ids(name: str, kind: str) -> list[int]:
