@@ -1,4 +1,4 @@
-"""`lumen`: serve models, or talk to a running server (generate, tokenize, models)."""
+"""`lumen`: serve models, or talk to a running server (generate, chat, tokenize, models)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # lumen.engine.core.async_engine's default, spelled out so that parsing arguments does not import torch.
 DEFAULT_STREAM_BUFFER_TOKENS = 256
 # engine.speculative.SpecMethod's values, spelled out so that parsing arguments does not import torch.
-SPEC_METHODS = ("none", "ngram", "draft", "layer_skip")
+SPEC_METHODS = ("none", "ngram", "draft", "layer_skip", "auto")
 MAX_SPECULATIVE_TOKENS = 16
 # The variable OpenTelemetry's GenAI instrumentations read for the same opt-in.
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -127,7 +127,8 @@ def _speculative_options(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("speculative decoding")
     s.add_argument("--speculative", choices=SPEC_METHODS, default="none",
                    help="the method of requests that do not choose one: ngram (prompt lookup), draft "
-                        "(--draft-model), layer_skip (the model's first layers)")
+                        "(--draft-model), layer_skip (the model's first layers), auto (n-gram when the "
+                        "request's text offers a match, plain decoding otherwise)")
     s.add_argument("--num-speculative-tokens", type=_int_in_range(1, MAX_SPECULATIVE_TOKENS), default=4,
                    metavar="K", help="draft tokens per step for requests that do not set it")
     s.add_argument("--draft-model", type=Path, metavar="PATH",
@@ -144,6 +145,29 @@ def _speculative_options(p: argparse.ArgumentParser) -> None:
 def _client_parsers(sub) -> None:
     g = sub.add_parser("generate", help="stream a completion from a running server")
     g.add_argument("prompt")
+    _request_options(g)
+    g.add_argument("--no-special-tokens", action="store_true", help="do not add BOS")
+    g.add_argument("--parse-special", action="store_true",
+                   help="turn special-token text in the prompt (e.g. <|im_start|>) into the control token")
+    c = sub.add_parser("chat", help="chat with a served model (its chat template): one question, or a "
+                                    "conversation typed line by line")
+    c.add_argument("question", nargs="?", help="ask this and exit; without it, read turns from the terminal "
+                                               "(history kept; /reset starts over; Ctrl-D or /exit ends)")
+    c.add_argument("--system", default=None, help="a system message first")
+    c.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                   help="a Jinja chat template to use instead of the model's own")
+    _request_options(c)
+    t = sub.add_parser("tokenize", help="tokenize text with a served model's tokenizer")
+    t.add_argument("text")
+    t.add_argument("--server", default=DEFAULT_TARGET)
+    t.add_argument("--model", default="")
+    t.add_argument("--parse-special", action="store_true", help="special-token text becomes the control token")
+    m = sub.add_parser("models", help="list the served models")
+    m.add_argument("--server", default=DEFAULT_TARGET)
+
+
+def _request_options(g: argparse.ArgumentParser) -> None:
+    """What Generate and Chat share: the server, sampling, stopping and speculation."""
     g.add_argument("--server", default=DEFAULT_TARGET)
     g.add_argument("--model", default="")
     g.add_argument("--max-tokens", type=int, default=None)
@@ -154,19 +178,14 @@ def _client_parsers(sub) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[])
+    g.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
+                   help="stop after this token (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--no-special-tokens", action="store_true", help="do not add BOS")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--speculative", choices=SPEC_METHODS, default=None, metavar="METHOD",
                    help=f"speculative decoding method ({', '.join(SPEC_METHODS)}); default: the server's")
     g.add_argument("--num-speculative-tokens", type=_int_in_range(1, MAX_SPECULATIVE_TOKENS), default=None,
                    metavar="K", help="draft tokens per step; default: the server's")
-    t = sub.add_parser("tokenize", help="tokenize text with a served model's tokenizer")
-    t.add_argument("text")
-    t.add_argument("--server", default=DEFAULT_TARGET)
-    t.add_argument("--model", default="")
-    m = sub.add_parser("models", help="list the served models")
-    m.add_argument("--server", default=DEFAULT_TARGET)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,16 +262,12 @@ def _limits(args: argparse.Namespace):
         raise ServerConfigError(f"bad limit: {exc}") from None
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from lumen.service.client import traced_generate
-    from lumen.v1 import inference_pb2 as pb
-
-    req = pb.GenerateRequest(model=args.model, prompt=args.prompt)
-    if args.no_special_tokens:
-        req.add_special_tokens = False
+def apply_request_options(req, args: argparse.Namespace) -> None:
+    """Fill a GenerateRequest's or ChatRequest's sampling, stopping and speculation from `args`."""
     if args.max_tokens is not None:
         req.stopping.max_new_tokens = args.max_tokens
     req.stopping.stop.extend(args.stop)
+    req.stopping.stop_token_ids.extend(args.stop_token_id)
     req.stopping.ignore_eos = args.ignore_eos
     s = req.sampling
     for field, value in (("temperature", args.temperature), ("top_p", args.top_p),
@@ -265,10 +280,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.num_speculative_tokens is not None:
         req.speculative.num_tokens = args.num_speculative_tokens
 
-    def show(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
 
+def show(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lumen.service.client import traced_generate
+    from lumen.v1 import inference_pb2 as pb
+
+    req = pb.GenerateRequest(model=args.model, prompt=args.prompt, parse_special=args.parse_special)
+    if args.no_special_tokens:
+        req.add_special_tokens = False
+    apply_request_options(req, args)
     summary = traced_generate(args.server, req, on_text=show, timeout=args.timeout)
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -276,11 +301,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lumen.service.chat_cli import run_chat
+
+    return run_chat(args)
+
+
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from lumen.service.client import connect
     from lumen.v1 import inference_pb2 as pb
 
-    resp = connect(args.server).Tokenize(pb.TokenizeRequest(model=args.model, text=args.text))
+    resp = connect(args.server).Tokenize(pb.TokenizeRequest(model=args.model, text=args.text,
+                                                            parse_special=args.parse_special))
     for token_id, piece in zip(resp.token_ids, resp.pieces):
         print(f"{token_id}\t{piece!r}")
     return 0
@@ -297,8 +329,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "tokenize": cmd_tokenize, "models": cmd_models,
-            "bench": cmd_bench}
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "tokenize": cmd_tokenize,
+            "models": cmd_models, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

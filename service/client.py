@@ -1,4 +1,4 @@
-"""A small streaming client for the Inference service (used by `lumen generate`)."""
+"""A small streaming client for the Inference service (used by `lumen generate` and `lumen chat`)."""
 from __future__ import annotations
 
 import time
@@ -14,6 +14,7 @@ from lumen.v1 import inference_pb2 as pb
 from lumen.v1 import inference_pb2_grpc as pb_grpc
 
 GENERATE_METHOD = "lumen.v1.Inference/Generate"
+CHAT_METHOD = "lumen.v1.Inference/Chat"
 
 
 @dataclass(slots=True)
@@ -47,14 +48,16 @@ class GenerateSummary:
                 f"finish={self.finish_reason} trace_id={self.trace_id}")
 
 
-def stream_generate(stub: pb_grpc.InferenceStub, request: pb.GenerateRequest,
+def stream_generate(stub: pb_grpc.InferenceStub, request: pb.GenerateRequest | pb.ChatRequest,
                     on_text: Callable[[str], None] = lambda _: None, timeout: float | None = None,
                     metadata: Iterable[tuple[str, str]] = ()) -> GenerateSummary:
-    """Run one Generate, calling on_text with each new piece of text; return the summary."""
+    """Run one Generate (or Chat, for a ChatRequest), calling on_text with each new piece of
+    text; return the summary."""
     summary = GenerateSummary()
     start = time.monotonic()
     first = None
-    for msg in stub.Generate(request, timeout=timeout, metadata=tuple(metadata)):
+    call = stub.Chat if isinstance(request, pb.ChatRequest) else stub.Generate
+    for msg in call(request, timeout=timeout, metadata=tuple(metadata)):
         if msg.token_ids and first is None:
             first = time.monotonic()
             summary.time_to_first_token = first - start
@@ -75,20 +78,22 @@ def stream_generate(stub: pb_grpc.InferenceStub, request: pb.GenerateRequest,
     return summary
 
 
-def traced_generate(target: str, request: pb.GenerateRequest, on_text: Callable[[str], None] = lambda _: None,
-                    timeout: float | None = None) -> GenerateSummary:
+def traced_generate(target: str, request: pb.GenerateRequest | pb.ChatRequest,
+                    on_text: Callable[[str], None] = lambda _: None, timeout: float | None = None,
+                    stub: pb_grpc.InferenceStub | None = None) -> GenerateSummary:
     """stream_generate under a CLIENT span whose W3C trace context the call carries, so one trace
     covers client and server; exported as the OTEL_* variables say (nowhere by default)."""
     telemetry, tracer = client_telemetry()
+    method = CHAT_METHOD if isinstance(request, pb.ChatRequest) else GENERATE_METHOD
     host, _, port = target.rpartition(":")
-    attributes = {"rpc.system.name": "grpc", "rpc.method": GENERATE_METHOD, "server.address": host or target}
+    attributes = {"rpc.system.name": "grpc", "rpc.method": method, "server.address": host or target}
     if port.isdigit():
         attributes["server.port"] = int(port)
     try:
-        with tracer.start_as_current_span(GENERATE_METHOD, kind=trace.SpanKind.CLIENT,
+        with tracer.start_as_current_span(method, kind=trace.SpanKind.CLIENT,
                                           attributes=attributes) as span:
             try:
-                summary = stream_generate(connect(target), request, on_text, timeout, inject_context())
+                summary = stream_generate(stub or connect(target), request, on_text, timeout, inject_context())
             except grpc.RpcError as err:
                 span.set_attributes({"rpc.response.status_code": err.code().name, "error.type": err.code().name})
                 raise
