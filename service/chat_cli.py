@@ -11,8 +11,7 @@ import sys
 
 import grpc
 
-from lumen.service.cli import apply_request_options, show
-from lumen.service.client import connect, traced_generate
+from lumen.service.client import apply_request_options, connect, show, traced_generate
 from lumen.v1 import inference_pb2 as pb
 
 

@@ -262,32 +262,8 @@ def _limits(args: argparse.Namespace):
         raise ServerConfigError(f"bad limit: {exc}") from None
 
 
-def apply_request_options(req, args: argparse.Namespace) -> None:
-    """Fill a GenerateRequest's or ChatRequest's sampling, stopping and speculation from `args`."""
-    if args.max_tokens is not None:
-        req.stopping.max_new_tokens = args.max_tokens
-    req.stopping.stop.extend(args.stop)
-    req.stopping.stop_token_ids.extend(args.stop_token_id)
-    req.stopping.ignore_eos = args.ignore_eos
-    s = req.sampling
-    for field, value in (("temperature", args.temperature), ("top_p", args.top_p),
-                         ("repetition_penalty", args.repetition_penalty), ("seed", args.seed)):
-        if value is not None:
-            setattr(s, field, value)
-    s.top_k, s.min_p = args.top_k, args.min_p
-    if args.speculative is not None:
-        req.speculative.method = args.speculative
-    if args.num_speculative_tokens is not None:
-        req.speculative.num_tokens = args.num_speculative_tokens
-
-
-def show(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lumen.service.client import traced_generate
+    from lumen.service.client import apply_request_options, show, traced_generate
     from lumen.v1 import inference_pb2 as pb
 
     req = pb.GenerateRequest(model=args.model, prompt=args.prompt, parse_special=args.parse_special)

@@ -1,9 +1,10 @@
 """A small streaming client for the Inference service (used by `lumen generate` and `lumen chat`)."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 from opentelemetry import trace
@@ -105,3 +106,29 @@ def traced_generate(target: str, request: pb.GenerateRequest | pb.ChatRequest,
 
 def connect(target: str) -> pb_grpc.InferenceStub:
     return pb_grpc.InferenceStub(grpc.insecure_channel(target))
+
+
+def apply_request_options(req: pb.GenerateRequest | pb.ChatRequest, args: Any) -> None:
+    """Fill a GenerateRequest's or ChatRequest's sampling, stopping and speculation from the
+    `lumen generate` / `lumen chat` options (an argparse namespace)."""
+    if args.max_tokens is not None:
+        req.stopping.max_new_tokens = args.max_tokens
+    req.stopping.stop.extend(args.stop)
+    req.stopping.stop_token_ids.extend(args.stop_token_id)
+    req.stopping.ignore_eos = args.ignore_eos
+    s = req.sampling
+    for field, value in (("temperature", args.temperature), ("top_p", args.top_p),
+                         ("repetition_penalty", args.repetition_penalty), ("seed", args.seed)):
+        if value is not None:
+            setattr(s, field, value)
+    s.top_k, s.min_p = args.top_k, args.min_p
+    if args.speculative is not None:
+        req.speculative.method = args.speculative
+    if args.num_speculative_tokens is not None:
+        req.speculative.num_tokens = args.num_speculative_tokens
+
+
+def show(text: str) -> None:
+    """Write streamed text to stdout as it comes."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
