@@ -41,6 +41,11 @@ def run_chat(args: argparse.Namespace) -> int:
         return 0
     history = list(start)
     interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history at the prompt)
+        except ImportError:
+            pass
     while True:
         if interactive:
             sys.stdout.write("> ")

@@ -1,4 +1,5 @@
-"""The ghz configs in load/ghz/ are valid ghz settings whose data builds real GenerateRequests.
+"""The ghz configs in load/ghz/ are valid ghz settings whose data builds real GenerateRequests
+(ChatRequests for the Chat configs).
 
 ghz itself cannot run here, so each file is checked the way ghz reads it: the
 JSON keys of its config struct, a Go duration for timeouts, a call that names a
@@ -77,13 +78,34 @@ def test_config_is_valid_ghz(path):
     assert 1 <= config["concurrency"] <= config["total"]
 
 
+def request_type(config: dict):
+    """The request message of the config's call (GenerateRequest or ChatRequest)."""
+    _, service, method = config["call"].rsplit(".", 2)
+    descriptor = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method].input_type
+    return getattr(pb, descriptor.name)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_data_builds_generate_requests(path):
-    for i, item in enumerate(data_items(json.loads(path.read_text()))):
+def test_data_builds_requests(path):
+    config = json.loads(path.read_text())
+    message = request_type(config)
+    for i, item in enumerate(data_items(config)):
         rendered = render(item)
-        assert_field_names(rendered, pb.GenerateRequest.DESCRIPTOR, f"{path.name} data[{i}]")
-        req = json_format.ParseDict(rendered, pb.GenerateRequest())
-        assert req.prompt and req.stopping.HasField("max_new_tokens")
+        assert_field_names(rendered, message.DESCRIPTOR, f"{path.name} data[{i}]")
+        req = json_format.ParseDict(rendered, message())
+        assert (req.messages if message is pb.ChatRequest else req.prompt) and req.stopping.HasField("max_new_tokens")
+
+
+def test_chat_config_renders_with_smollm2s_template(smollm2_model):
+    from lumen.engine.chat.prompt import chat_prompt_ids
+    from lumen.engine.chat.template import ChatTemplate
+
+    template = ChatTemplate(smollm2_model.chat_template)
+    for item in data_items(load("chat-short.json")):
+        req = json_format.ParseDict(render(item), pb.ChatRequest())
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        ids = chat_prompt_ids(smollm2_model.tokenizer, template, messages)
+        assert len(ids) + req.stopping.max_new_tokens <= smollm2_model.config.context_length
 
 
 def test_short_and_long_shapes():
@@ -105,6 +127,8 @@ def test_prompts_fit_the_stories_context(stories_model):
     """Every request is servable by stories260K: prompt (with BOS) plus new tokens fit its context."""
     context = stories_model.config.context_length
     for path in CONFIGS:
+        if request_type(json.loads(path.read_text())) is not pb.GenerateRequest:
+            continue
         for item in data_items(json.loads(path.read_text())):
             req = json_format.ParseDict(render(item), pb.GenerateRequest())
             prompt_len = len(stories_model.tokenizer.encode(req.prompt, add_special_tokens=True))
