@@ -14,6 +14,10 @@ class SpecMethod(enum.Enum):
     NGRAM = "ngram"            # prompt lookup: continue the latest earlier occurrence of the recent n-gram
     DRAFT = "draft"            # a second, smaller GGUF model with the same vocabulary
     LAYER_SKIP = "layer_skip"  # the target's first layers and its output head
+    # n-gram lookup decided at every step (lumen.engine.speculative.auto): no match in the
+    # request's own tokens drafts nothing and the step verifies one row, as plain decoding
+    # does; a match drafts as many tokens as its length makes likely to be accepted (up to k)
+    AUTO = "auto"
 
     @classmethod
     def parse(cls, value: str, field: str = "speculative.method") -> "SpecMethod":
@@ -55,6 +59,9 @@ class SpeculativeConfig:
     layer_skip_layers: int | None = None   # draft layers for LAYER_SKIP (default: a quarter of the model)
     max_batch: int = 4                     # no speculation in steps with more decoding requests than this
     adaptive: bool = False                 # adapt each request's k to its acceptance (adapt_draft_length)
+    # AUTO in a step with several decoding requests: at most this many rows verified in all
+    # (one per request plus the draft tokens; see lumen.engine.speculative.auto)
+    auto_batch_rows: int = 4
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
@@ -65,3 +72,5 @@ class SpeculativeConfig:
             raise ValueError(f"layer_skip_layers must be >= 1, got {self.layer_skip_layers}")
         if self.max_batch < 0:
             raise ValueError(f"max_batch must be >= 0, got {self.max_batch}")
+        if self.auto_batch_rows < 1:
+            raise ValueError(f"auto_batch_rows must be >= 1, got {self.auto_batch_rows}")

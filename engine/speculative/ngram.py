@@ -7,11 +7,12 @@ as llama.cpp's lookup decoding and vLLM's `[ngram]` proposer do.
 from __future__ import annotations
 
 
-def propose_ngram(tokens: list[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier match of the tokens' last n-gram."""
+def find_ngram_match(tokens: list[int], ngram_max: int, ngram_min: int) -> tuple[int, int]:
+    """(n, end): the longest suffix n-gram (n <= ngram_max) that also ends earlier, at index
+    `end`, its latest such occurrence; (0, -1) when none of at least ngram_min tokens exists."""
     length = len(tokens)
-    if length < 2 or k < 1:
-        return []
+    if length < 2:
+        return 0, -1
     last = tokens[-1]
     best_len, best_end = 0, -1
     # Scan candidate ends latest first; a match ends at i (tokens[i] == the last token) and
@@ -27,5 +28,13 @@ def propose_ngram(tokens: list[int], k: int, ngram_max: int, ngram_min: int) -> 
             if n == ngram_max:
                 break
     if best_len < ngram_min:
+        return 0, -1
+    return best_len, best_end
+
+
+def propose_ngram(tokens: list[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier match of the tokens' last n-gram."""
+    if k < 1:
         return []
-    return tokens[best_end + 1: best_end + 1 + k]
+    n, end = find_ngram_match(tokens, ngram_max, ngram_min)
+    return tokens[end + 1: end + 1 + k] if n else []

@@ -5,7 +5,8 @@ Drafting happens at the start of a step, for requests that are decoding, so that
 verified tokens reach their clients before the next drafts are computed. Under load (more
 decoding requests than `max_batch`) a step drafts nothing: a large batch already uses the
 hardware well, and verifying drafts would cost more than it saves. With `adaptive`, each
-request's draft length follows its acceptance (config.adapt_draft_length).
+request's draft length follows its acceptance (config.adapt_draft_length). SpecMethod.AUTO
+decides at every step whether a request drafts at all, and how much (speculative.auto).
 
 Spans: each speculative step gives every request it drafted for a `draft` span (the
 proposer's time, the tokens proposed) and a `verify` span (the target's forward, the tokens
@@ -27,6 +28,7 @@ from lumen.engine.core.scheduler import ScheduledSeq
 from lumen.engine.core.sequence import Sequence
 from lumen.engine.errors import InvalidRequestError
 from lumen.engine.model.llama import LlamaModel
+from lumen.engine.speculative.auto import propose_auto
 from lumen.engine.speculative.config import SpecMethod, SpeculativeConfig, adapt_draft_length
 from lumen.engine.speculative.draft import Draft
 from lumen.engine.speculative.model_proposers import DraftModelProposer, LayerSkipProposer
@@ -98,6 +100,9 @@ class Speculation:
                 for seq, k in items:
                     tokens = propose_ngram(seq.token_ids, k, self.config.ngram_max, self.config.ngram_min)
                     seq.draft = Draft(tokens) if tokens else None
+            elif method is SpecMethod.AUTO:
+                propose_auto(items, len(decoding), self.config.ngram_max, self.config.ngram_min,
+                             self.config.auto_batch_rows)
             elif method is SpecMethod.LAYER_SKIP:
                 self.layer_skip.propose(items)
             else:
