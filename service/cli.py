@@ -219,7 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
     from lumen.engine.core.llm_engine import EngineConfig
     from lumen.engine.core.scheduler import SchedulerConfig
     from lumen.engine.speculative import SpecMethod, SpeculativeConfig
-    from lumen.service.loading import load_models, load_with_progress
+    from lumen.service.loading import in_passing_thread, load_models, load_with_progress
     from lumen.service.server import ServerConfig, ServerConfigError, check_kernels, resolve_matmul_mode, run_server
     from lumen.telemetry import setup_telemetry
 
@@ -245,8 +245,9 @@ def _serve(args: argparse.Namespace) -> int:
         draft_model=args.draft_model, capture_content=args.trace_content,
         limits=_limits(args),
         stream_buffer_tokens=args.stream_buffer_tokens, allow_slow_kernels=args.allow_slow_kernels)
-    loaded = load_models(config.models, config.dtype)
-    draft = load_with_progress(config.draft_model, config.dtype) if config.draft_model else None
+    # Never on the main thread: see in_passing_thread.
+    loaded = in_passing_thread(load_models, config.models, config.dtype)
+    draft = in_passing_thread(load_with_progress, config.draft_model, config.dtype) if config.draft_model else None
     asyncio.run(run_server(config, setup_telemetry(), loaded, draft))
     return 0
 

@@ -21,6 +21,7 @@ from lumen.engine.speculative import SpecMethod
 from lumen.engine.weights.loaded_model import LoadedModel
 from lumen.service.handlers import add_inference_service
 from lumen.service.limits import RequestLimits
+from lumen.service.loading import in_passing_thread
 from lumen.service.registry import ModelRegistry, ModelRuntime
 from lumen.service.servicer import InferenceService
 from lumen.telemetry import StepMetrics, Telemetry
@@ -168,7 +169,8 @@ def resolve_matmul_mode(mode: str) -> str:
 async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel],
                      draft: LoadedModel | None = None) -> None:
     check_kernels(config.allow_slow_kernels)
-    registry = build_registry(loaded, config.engine, telemetry, draft, config.stream_buffer_tokens)
+    # The engines are built (KV pools filled) off the main thread: see loading.in_passing_thread.
+    registry = in_passing_thread(build_registry, loaded, config.engine, telemetry, draft, config.stream_buffer_tokens)
     server = LumenServer(registry, telemetry, config.engine, config.capture_content, config.limits)
     try:
         port = await server.start(config.host, config.port)
