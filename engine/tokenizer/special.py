@@ -34,7 +34,7 @@ def eog_ids(tokens: Sequence[str], eos_id: int | None, meta_ids: Sequence[int]) 
     ids |= {i for i in (eos_id, *meta_ids) if i is not None}
     texts = {tokens[i] for i in ids}
     # gpt-oss and solar-open end a message with <|end|> but a turn with <|return|>/<|call|>.
-    if "<|end|>" in texts and "<|call|>" in texts | {"<|calls|>"} and texts & {"<|return|>", "<|flush|>"}:
+    if "<|end|>" in texts and texts & {"<|call|>", "<|calls|>"} and texts & {"<|return|>", "<|flush|>"}:
         ids.discard(by_text["<|end|>"])
     # Gemma 4 and PaddleOCR use </s> inside a turn.
     if "<|tool_response>" in texts and "</s>" in texts and by_text["</s>"] != eos_id:

@@ -134,3 +134,13 @@ def test_hugging_face_eos_lists_end_generation(tmp_path):
     v = read_hf_vocab(tmp_path, model_config={"eos_token_id": 1})
     assert v.eos_id == 1 and set(v.eog_meta_ids) == {1, 3}
     assert eog_ids(v.tokens, v.eos_id, v.eog_meta_ids) == {1, 3}
+
+
+@pytest.mark.parametrize("turn_ends", [("<|return|>", "<|call|>"), ("<|flush|>", "<|calls|>")])
+def test_end_is_not_an_end_of_generation_where_turns_end_otherwise(turn_ends):
+    """gpt-oss (<|return|>, <|call|>) and solar-open (<|flush|>, <|calls|>) end a message with
+    <|end|> but not the turn, as llama.cpp special-cases them."""
+    from lumen.engine.tokenizer.special import eog_ids
+    tokens = ["a", "<|end|>", *turn_ends, "<|endoftext|>"]
+    assert {tokens[i] for i in eog_ids(tokens, 4, ())} == {*turn_ends, "<|endoftext|>"}
+    assert "<|end|>" in {tokens[i] for i in eog_ids(["a", "<|end|>", "<|endoftext|>"], 2, ())}
