@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lumen.engine.tokenizer.hf_vocab import read_hf_vocab
 from lumen.engine.tokenizer.pretokenizers import BPE_PRE, DEFAULT_SPEC
-from lumen.engine.tokenizer.special import eog_ids, split_special
+from lumen.engine.tokenizer.special import EOG_TEXTS, eog_ids, split_special
 from lumen.engine.tokenizer.vocab import GGUFVocab
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,10 @@ log = logging.getLogger(__name__)
 _T = gguf.TokenType
 
 
-# llama.cpp makes these end-of-generation texts CONTROL tokens whatever the file says, so
-# they decode to "" and are never split out of raw text (e.g. Phi-3's user-defined "</s>").
-_CONTROL_TEXTS = frozenset(
-    "<|eot_id|> <|im_end|> <|end|> <|return|> <|call|> <|flush|> <|calls|> <end_of_turn> <|endoftext|> "
-    "</s> <|eom_id|> <EOT> _<EOT> [EOT] [EOS] <|end_of_text|> <end_of_utterance> <eos> <turn|> "
-    "<|tool_response> <\uff5cend\u2581of\u2581sentence\uff5c> [e~[".split())
+# llama.cpp makes the end-of-generation texts (and two end-of-turn texts it detects as EOT)
+# CONTROL tokens whatever the file says, so they decode to "" and are never split out of raw
+# text (e.g. Phi-3's user-defined "</s>").
+_CONTROL_TEXTS = EOG_TEXTS | {"<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~["}
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -242,9 +240,11 @@ class Tokenizer:
         if add_special_tokens and self.add_bos:
             ids.append(_required(self.bos_id, "BOS"))
         prev_special = True
-        parts = split_special(text, self._specials, protected, self._user_defined_ids) if parse_special \
-            else self._split_user_defined(text)
-        for part in parts if text else []:
+        if parse_special:
+            parts = split_special(text, self._specials, protected, self._user_defined_ids)
+        else:  # user-defined tokens are split out of plain text too, as llama.cpp does
+            parts = split_special(text, self._user_defined)
+        for part in parts:
             if isinstance(part, int):
                 ids.append(part)
                 prev_special = True
@@ -264,20 +264,6 @@ class Tokenizer:
         into a control token where plain encoding keeps characters), or None."""
         return next((piece for piece, tid in self._specials
                      if tid not in self._user_defined_ids and piece in text), None)
-
-    def _split_user_defined(self, text: str) -> list[str | int]:
-        """Split user-defined tokens out of raw text, longest first (llama.cpp st_partition)."""
-        parts: list[str | int] = [text]
-        for piece, tid in self._user_defined:
-            out: list[str | int] = []
-            for part in parts:
-                if isinstance(part, int) or piece not in part:
-                    out.append(part)
-                    continue
-                for k, chunk in enumerate(part.split(piece)):
-                    out.extend(([tid] if k else []) + ([chunk] if chunk else []))
-            parts = out
-        return parts
 
     def _encode_spm(self, text: str) -> list[int]:
         ids: list[int] = []
