@@ -13,18 +13,15 @@ template renders, only stop one that runs away:
 - memory: the characters a render allocates in total are limited to ALLOCATION_FACTOR times
   `max_chars`, so a loop cannot fill memory with values that are each within the size limit.
 
-The limits live in a per-render `Budget` held in a ContextVar, so one environment serves many
-threads. This module knows nothing of chat templates; it must never run template code outside
+The limits live in a per-render `Budget` (budget.py) held in a ContextVar, so one environment
+serves many threads. This module knows nothing of chat templates; it must never run template code outside
 `bounded()` (the hooks raise RuntimeError there) and never loosen jinja2's sandbox.
 """
 from __future__ import annotations
 
 import json
 import re
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Iterable
 from functools import update_wrapper, wraps
 from typing import Any
 
@@ -33,117 +30,14 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.filters import make_attrgetter
 from jinja2.runtime import str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
-from jinja2.utils import Namespace, generate_lorem_ipsum
+from jinja2.utils import generate_lorem_ipsum
 from markupsafe import Markup
 
-ALLOCATION_FACTOR = 16  # a render may allocate this many times max_chars characters in total
-MAX_INT_BITS = 1 << 16  # big-integer arithmetic beyond this is slow in a single C call
-TICK_EVERY = 1024  # our own Python loops over template values check the deadline this often
+from lumen.engine.chat.budget import MAX_INT_BITS, TICK_EVERY, Budget, TemplateLimitError, current_budget
+
 _SEQUENCES = (str, list, tuple)
 _PRINTF_NUMBERS = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 _DIGITS = re.compile(r"\d+")
-
-
-class TemplateLimitError(Exception):
-    """A render ran past one of its bounds; the message says which and how to stay within it."""
-
-
-class Budget:
-    """What one render may still spend: a deadline, a size per value, characters in total."""
-
-    __slots__ = ("_sizes", "allocated", "deadline", "max_chars", "seconds")
-
-    def __init__(self, seconds: float, max_chars: int, deadline: float | None = None) -> None:
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds if deadline is None else deadline
-        self.max_chars = max_chars
-        self.allocated = 0
-        self._sizes: dict[int, tuple[Any, int]] = {}  # id -> (value kept alive, tree size)
-
-    def tick(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise TemplateLimitError(
-                f"rendering took longer than {self.seconds:g} s (max_render_seconds): "
-                "the template loops too long for this conversation")
-
-    def reserve(self, chars: int, what: str) -> None:
-        """Refuse, before it runs, an operation whose result would be `chars` characters long."""
-        if chars > self.max_chars:
-            raise TemplateLimitError(
-                f"{what} would be {chars} characters long; a template's values are limited to "
-                f"{self.max_chars} characters (max_output_chars)")
-        if self.allocated + chars > self.max_chars * ALLOCATION_FACTOR:
-            self._over_allocation()
-
-    def admit(self, value: Any, what: str = "a value the template built") -> Any:
-        """`value`, once its size is checked and its new characters are counted."""
-        self.tree_size(value, what)
-        if isinstance(value, (str, list, tuple, dict)):
-            self.allocated += len(value)
-            if self.allocated > self.max_chars * ALLOCATION_FACTOR:
-                self._over_allocation()
-        return value
-
-    def tree_size(self, value: Any, what: str = "a value the template built") -> int:
-        """Characters `value` would print as, about, counting each reference to a shared part."""
-        if isinstance(value, str):
-            size = len(value)
-        elif isinstance(value, int):
-            if value.bit_length() > MAX_INT_BITS:
-                raise TemplateLimitError(f"{what} is an integer of {value.bit_length()} bits; "
-                                         f"the limit is {MAX_INT_BITS}")
-            size = value.bit_length() // 3 + 1
-        elif isinstance(value, (list, tuple, dict, Namespace)):
-            size = self._container_size(value, what)
-        else:
-            return 8
-        if size > self.max_chars:
-            raise TemplateLimitError(
-                f"{what} is larger than {self.max_chars} characters (max_output_chars)")
-        return size
-
-    def _container_size(self, value: Any, what: str) -> int:
-        cached = self._sizes.get(id(value))
-        if cached is not None:
-            return cached[1]
-        mutable = isinstance(value, Namespace)  # a namespace's attributes change: never cached
-        contents = object.__getattribute__(value, "_Namespace__attrs") if mutable else value
-        items = [*contents.keys(), *contents.values()] if isinstance(contents, dict) else contents
-        total = 2 + 2 * len(items)
-        for index, item in enumerate(items):
-            if index % TICK_EVERY == TICK_EVERY - 1:
-                self.tick()
-            total += self.tree_size(item, what)
-            if total > self.max_chars:
-                break
-        if not mutable:
-            self._sizes[id(value)] = (value, total)
-        return total
-
-    def _over_allocation(self) -> None:
-        raise TemplateLimitError(
-            f"the template allocated more than {self.max_chars * ALLOCATION_FACTOR} characters "
-            f"in total ({ALLOCATION_FACTOR} x max_output_chars)")
-
-
-_BUDGET: ContextVar[Budget | None] = ContextVar("lumen_chat_template_budget", default=None)
-
-
-def current_budget() -> Budget:
-    budget = _BUDGET.get()
-    if budget is None:
-        raise RuntimeError("template code ran outside sandbox.bounded(); render through it")
-    return budget
-
-
-@contextmanager
-def bounded(budget: Budget) -> Iterator[Budget]:
-    """Run the template code of this block (compiling included) under `budget`."""
-    token = _BUDGET.set(budget)
-    try:
-        yield budget
-    finally:
-        _BUDGET.reset(token)
 
 
 def _admitting(visit: Callable[[CodeGenerator, Any, Frame], None]) -> Callable[..., None]:

@@ -32,6 +32,7 @@ from jinja2.ext import Extension
 from jinja2.utils import Namespace
 
 from lumen.engine.chat import sandbox
+from lumen.engine.chat.budget import Budget, TemplateLimitError, bounded
 from lumen.engine.errors import InvalidRequestError, ModelLoadError
 from lumen.engine.hf_json import read_json
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 MAX_TEMPLATE_BYTES = 64 * 1024  # real chat templates are under 20 KB
 MESSAGE_QUOTE_CHARS = 500  # characters of a template's own error message that an error repeats
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # as transformers aliases them
-_MARK_OPEN, _MARK_CLOSE = "\U000F0A00", "\U000F0A01"  # private-use: brackets a content placeholder
+_MARK_OPEN, _MARK_CLOSE = "\U000F0A00", "\U000F0A01"  # private-use: brackets a content marker
 
 
 class ChatTemplateError(InvalidRequestError):
@@ -80,7 +81,7 @@ class ChatTemplate:
         self._max_chars = int(max_output_chars)
         environment = _transformers_environment()
         try:  # compiling folds constants, which runs filters: it is template code too
-            with sandbox.bounded(sandbox.Budget(self._seconds, self._max_chars)):
+            with bounded(Budget(self._seconds, self._max_chars)):
                 self._template = environment.from_string(source)
         except TemplateSyntaxError as exc:
             raise ChatTemplateError(f"Jinja syntax error at line {exc.lineno}: {exc.message}") from exc
@@ -98,11 +99,11 @@ class ChatTemplate:
         return RenderedChat(text, self._content_spans(chat, variables, text, deadline))
 
     def _render(self, variables: dict[str, Any], deadline: float) -> str:
-        budget = sandbox.Budget(self._seconds, self._max_chars, deadline)
+        budget = Budget(self._seconds, self._max_chars, deadline)
         pieces: list[str] = []
         chars = 0
         try:
-            with sandbox.bounded(budget):
+            with bounded(budget):
                 stream = self._template.generate(**variables)
                 try:
                     for piece in stream:
@@ -122,8 +123,8 @@ class ChatTemplate:
 
     def _content_spans(self, chat: list[dict[str, Any]], variables: dict[str, Any], text: str,
                        deadline: float) -> tuple[tuple[int, int], ...] | None:
-        """Render again with each content replaced by a placeholder; where putting the contents
-        back reproduces `text` exactly, the placeholders' places are the spans."""
+        """Render again with each content replaced by a unique marker; where putting the contents
+        back reproduces `text` exactly, the markers' places are the spans."""
         contents = [message.get("content") for message in chat]
         if any(content is not None and not isinstance(content, str) for content in contents):
             return None  # content parts (lists): not located
@@ -141,8 +142,8 @@ class ChatTemplate:
 
 
 def _align(parts: list[str], text: str, contents: list[str | None]) -> tuple[tuple[int, int], ...] | None:
-    """Spans of `text` from a skeleton split at its placeholders ([literal, index, literal, ...]):
-    each placeholder is its content, or its content stripped (templates that `| trim` or
+    """Spans of `text` from a skeleton split at its markers ([literal, index, literal, ...]):
+    each marker stands for its content, or its content stripped (templates that `| trim` or
     `.lstrip("\\n")`), whichever makes the text around it match."""
     if not text.startswith(parts[0]):
         return None
@@ -306,7 +307,7 @@ def _describe(exc: BaseException) -> str:
         return "the template refused the conversation: " + _clip(text)
     if isinstance(exc, RecursionError):
         return "the template recursed too deeply (maximum recursion depth exceeded)"
-    if isinstance(exc, sandbox.TemplateLimitError):
+    if isinstance(exc, TemplateLimitError):
         return str(exc)
     if isinstance(exc, SecurityError):
         return "the sandbox refused an operation: " + _clip(str(exc))
