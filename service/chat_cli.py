@@ -11,7 +11,7 @@ import sys
 
 import grpc
 
-from lumen.service.client import apply_request_options, connect, show, traced_generate
+from lumen.service.client import apply_request_options, connect, end_stream, show, traced_generate
 from lumen.v1 import inference_pb2 as pb
 
 
@@ -26,9 +26,7 @@ def _turn(args: argparse.Namespace, history: list[tuple[str, str]], template: st
     """Ask the server for the assistant's next turn, streaming it to stdout; return its text."""
     summary = traced_generate(args.server, _request(args, history, template), on_text=show,
                               timeout=args.timeout, stub=stub)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    print(f"[{summary.line()}]", file=sys.stderr)
+    end_stream(summary)
     return summary.text
 
 

@@ -264,7 +264,7 @@ def _limits(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lumen.service.client import apply_request_options, show, traced_generate
+    from lumen.service.client import apply_request_options, end_stream, show, traced_generate
     from lumen.v1 import inference_pb2 as pb
 
     req = pb.GenerateRequest(model=args.model, prompt=args.prompt, parse_special=args.parse_special)
@@ -272,9 +272,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         req.add_special_tokens = False
     apply_request_options(req, args)
     summary = traced_generate(args.server, req, on_text=show, timeout=args.timeout)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    print(f"[{summary.line()}]", file=sys.stderr)
+    end_stream(summary)
     return 0
 
 

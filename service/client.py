@@ -117,10 +117,10 @@ def apply_request_options(req: pb.GenerateRequest | pb.ChatRequest, args: Any) -
     req.stopping.stop_token_ids.extend(args.stop_token_id)
     req.stopping.ignore_eos = args.ignore_eos
     s = req.sampling
-    for field, value in (("temperature", args.temperature), ("top_p", args.top_p),
-                         ("repetition_penalty", args.repetition_penalty), ("seed", args.seed)):
+    for name, value in (("temperature", args.temperature), ("top_p", args.top_p),
+                        ("repetition_penalty", args.repetition_penalty), ("seed", args.seed)):
         if value is not None:
-            setattr(s, field, value)
+            setattr(s, name, value)
     s.top_k, s.min_p = args.top_k, args.min_p
     if args.speculative is not None:
         req.speculative.method = args.speculative
@@ -132,3 +132,10 @@ def show(text: str) -> None:
     """Write streamed text to stdout as it comes."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def end_stream(summary: GenerateSummary) -> None:
+    """Close the streamed text's line and print the summary line (to stderr)."""
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(f"[{summary.line()}]", file=sys.stderr)

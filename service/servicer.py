@@ -14,6 +14,7 @@ import asyncio
 
 import grpc
 
+from lumen.engine.chat.prompt import chat_prompt_ids
 from lumen.engine.core.async_engine import RequestStream
 from lumen.engine.core.request import FinishReason
 from lumen.engine.errors import (
@@ -25,7 +26,6 @@ from lumen.engine.errors import (
     LumenError,
     ModelNotFoundError,
 )
-from lumen.engine.chat.prompt import chat_prompt_ids
 from lumen.service import chat, convert
 from lumen.service.handlers import MalformedRequest
 from lumen.service.limits import RequestLimits
