@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Collection
 
-import torch
 from opentelemetry import trace
 
 from lumen.engine.core.block_manager import BlockManager
@@ -22,11 +21,11 @@ from lumen.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from lumen.engine.core.sequence import Sequence
 from lumen.engine.core.step_stats import EngineLoad, StepStats
 from lumen.engine.errors import InvalidRequestError, quoted
-from lumen.engine.model.attention.select import select_backend
-from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
-from lumen.engine.model.llama import Chunk, ForwardBatch, LlamaModel, build_batch
-from lumen.engine.sampling.logprobs import MAX_TOP_LOGPROBS
+from lumen.engine.model.llama import Chunk, ForwardBatch, build_batch
+from lumen.engine.model.placement import CPU_NATIVE, Placement
+from lumen.engine.model.runner import KVSizing, ModelRunner, RowResult
 from lumen.engine.native.kernels import MATMUL_MODES
+from lumen.engine.sampling.logprobs import MAX_TOP_LOGPROBS
 from lumen.engine.speculative import SpeculativeConfig
 from lumen.engine.speculative.speculation import SpecStepStats, Speculation
 from lumen.engine.weights.loaded_model import LoadedModel
@@ -50,6 +49,11 @@ class EngineConfig:
     # the exactly decoded weights) or "int8" (8-bit activations, integer dot products: faster,
     # less precise). Applied to the model's weights (and a draft model's) when the engine starts.
     matmul_mode: str = "exact"
+    # Where the model computes (lumen.engine.model.placement); None: the CPU with the C kernels,
+    # in the loaded weights' dtype.
+    placement: Placement | None = None
+    # On CUDA, the share of the GPU's memory the weights, activations and KV pool may use.
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         if self.default_max_new_tokens < 1:
@@ -58,6 +62,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.step_span_interval_s < 0:
             raise ValueError(f"step_span_interval_s must be >= 0, got {self.step_span_interval_s}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.matmul_mode not in MATMUL_MODES:
             raise ValueError(f"matmul_mode must be one of {', '.join(MATMUL_MODES)}, got {self.matmul_mode!r}")
 
@@ -71,21 +77,22 @@ class LLMEngine:
         the KV cache's state whenever it changes outside a step (a request added, aborted or failed)."""
         self.loaded = model
         self.config = config or EngineConfig()
-        cfg, dtype = model.config, model.weights.dtype
-        spec = KVCacheSpec.from_budget(cfg, dtype, self.config.kv_cache_bytes, self.config.block_size,
-                                       max_tokens=self.config.scheduler.max_running * cfg.context_length)
-        self.kv = KVCachePool(cfg, spec, dtype)
-        self.blocks = BlockManager(spec.num_blocks, spec.block_size, self.config.prefix_caching)
-        attention = select_backend(torch.device("cpu"))
+        cfg, sched = model.config, self.config.scheduler
         for weights in [model.weights] + ([draft.weights] if draft is not None else []):
             weights.set_matmul_mode(self.config.matmul_mode)
-        self.model = LlamaModel(cfg, model.weights, self.kv, attention)
+        placement = self.config.placement or replace(CPU_NATIVE, dtype=model.weights.dtype)
+        sizing = KVSizing(self.config.kv_cache_bytes, self.config.gpu_memory_utilization, self.config.block_size,
+                          sched.max_running * cfg.context_length, sched.max_tokens_per_step)
+        self.runner = ModelRunner(model, placement, sizing)
+        self.kv, self.model = self.runner.kv, self.runner.model
+        spec = self.kv.spec
+        self.blocks = BlockManager(spec.num_blocks, spec.block_size, self.config.prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         self.tokenizer = model.tokenizer
         self.spans = SequenceSpans(tracer or trace.NoOpTracer(), self.config.step_span_interval_s)
-        self.speculation = Speculation(self.config.speculative, model, self.model, self.blocks,
+        self.speculation = Speculation(self.config.speculative, model, self.runner, self.blocks,
                                        self.config.scheduler.max_running, self.config.kv_cache_bytes, draft,
-                                       attention, tracer or trace.NoOpTracer())
+                                       tracer or trace.NoOpTracer())
         self.on_step = on_step
         self.on_load = on_load
         self.tokens_computed = 0  # all tokens ever run through the model (tests use it)
@@ -159,21 +166,21 @@ class LLMEngine:
         self.spans.batched(sched)
         verify_started = self.speculation.verify_started(sched.scheduled)
         batch, rows = self._build_batch(sched.scheduled)
-        logits = self.model.forward(batch)
+        results = self.runner.sample(sched.scheduled, rows, self.runner.forward(batch))
         self.tokens_computed += sched.num_tokens
-        outputs = [out for item, (first, last) in zip(sched.scheduled, rows)
-                   if (out := self._update_or_fail(item, logits[first:last])) is not None]
+        outputs = [out for item, result in zip(sched.scheduled, results)
+                   if (out := self._update_or_fail(item, result)) is not None]
         spec = self.speculation.verified(sched.scheduled, verify_started)
         self.spans.stepped(sched, started_ns)
         if self.on_step is not None:
             self.on_step(self._step_stats(sched, time.perf_counter() - started, spec))
         return outputs
 
-    def _update_or_fail(self, item: ScheduledSeq, logits: torch.Tensor) -> RequestOutput | None:
+    def _update_or_fail(self, item: ScheduledSeq, result: RowResult) -> RequestOutput | None:
         """_update, but an error in one request's sampling, stop matching or detokenization
         fails that request alone: the others in the batch go on."""
         try:
-            return self._update(item, logits)
+            return self._update(item, result)
         except Exception as exc:
             log.exception("request %s failed", quoted(item.seq.request_id))
             return self._fail(item.seq, exc)
@@ -185,10 +192,10 @@ class LLMEngine:
         self._publish_load()
         return seq.final_output(FinishReason.ERROR, error)
 
-    def _update(self, item: ScheduledSeq, logits: torch.Tensor) -> RequestOutput | None:
+    def _update(self, item: ScheduledSeq, result: RowResult) -> RequestOutput | None:
         seq = item.seq
         first_token = not seq.has_sampled
-        out = seq.on_computed(logits, item.num_new)
+        out = seq.on_computed(result.logits, item.num_new, result.token)
         if seq.last_verify is not None:  # give back the blocks of rejected draft tokens
             self.blocks.trim(seq, len(seq.token_ids))
         self.blocks.register_full_blocks(seq)

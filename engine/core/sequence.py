@@ -85,8 +85,18 @@ class Sequence:
             return range(num_new - 1 - drafted, num_new)
         return range(0)
 
-    def on_computed(self, logits: torch.Tensor, num_new: int) -> RequestOutput | None:
-        """Account for `num_new` computed tokens; `logits` holds this step's rows from logit_rows()."""
+    def samples_next(self, num_new: int) -> bool:
+        """Whether a step computing `num_new` tokens ends in one plain sample from its last row
+        (no draft to verify, no prompt logprobs to score): the runner can sample it in a batch."""
+        return (self.draft is None and not self.wants_prompt_logprobs()
+                and self.num_computed + num_new >= len(self.token_ids))
+
+    def wants_logprobs(self) -> bool:
+        return bool(self.request.logprobs or self.request.top_logprobs)
+
+    def on_computed(self, logits: torch.Tensor, num_new: int, sampled: int | None = None) -> RequestOutput | None:
+        """Account for `num_new` computed tokens; `logits` holds this step's rows from logit_rows().
+        `sampled`: the token the runner already drew for this step (samples_next), if it did."""
         start, scoring = self.num_computed, self.wants_prompt_logprobs()
         draft, self.draft = self.draft, None
         self.num_computed += num_new
@@ -104,7 +114,8 @@ class Sequence:
             return self._emit(tokens, logits)
         if self.num_computed < len(self.token_ids):
             return None  # a prefill chunk (or a recompute) that has not caught up yet
-        return self._emit([self.sampler.sample(logits[-1], self.token_ids)], logits[-1:])
+        token = sampled if sampled is not None else self.sampler.sample(logits[-1], self.token_ids)
+        return self._emit([token], logits[-1:])
 
     def _emit(self, tokens: list[int], logits: torch.Tensor) -> RequestOutput:
         """Append `tokens` (logits row i scored tokens[i]) up to the first that finishes the request."""
@@ -114,7 +125,7 @@ class Sequence:
             out.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, []
         for i, token in enumerate(tokens):
             self.token_ids.append(token)
-            if self.request.logprobs or self.request.top_logprobs:
+            if self.wants_logprobs():
                 out.logprobs += token_logprobs(logits[i: i + 1], [token], self.request.top_logprobs)
             out.token_ids.append(token)
             text, out.finish_reason, out.stop_sequence = self._text_and_finish(token)

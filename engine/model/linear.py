@@ -16,6 +16,8 @@ concatenating them, since their types may differ and a concatenation would be a 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -230,9 +232,23 @@ def onednn_usable() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+# False while loading for another device: a oneDNN-packed weight keeps no plain copy to move there.
+_PREPACK = contextvars.ContextVar("lumen_prepack_cpu", default=True)
+
+
+@contextlib.contextmanager
+def plain_weights():
+    """Within it, make_linear keeps float32 weights plain (for weights that go to a GPU)."""
+    token = _PREPACK.set(False)
+    try:
+        yield
+    finally:
+        _PREPACK.reset(token)
+
+
 def make_linear(weight: torch.Tensor) -> DenseLinear | OneDNNLinear:
     """The fastest correct kind for this weight's dtype and device."""
-    if (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= PACK_MIN_WEIGHTS
+    if (_PREPACK.get() and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= PACK_MIN_WEIGHTS
             and onednn_usable()):
         return OneDNNLinear(weight.contiguous())
     return DenseLinear(weight)

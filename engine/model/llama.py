@@ -108,11 +108,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class RotaryEmbedding:
     """RoPE in GGUF's pair layout: dimensions (2i, 2i+1) rotate together."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
         inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.rope_dim, 2, dtype=torch.float64) / cfg.rope_dim))
         angles = torch.outer(torch.arange(cfg.context_length, dtype=torch.float64), inv_freq)
-        self.cos = angles.cos().float()  # [context, rope_dim / 2]
-        self.sin = angles.sin().float()
+        self.cos = angles.cos().float().to(device)  # [context, rope_dim / 2]
+        self.sin = angles.sin().float().to(device)
         self.rope_dim = cfg.rope_dim
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -128,18 +128,20 @@ class RotaryEmbedding:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, kv: KVCachePool, attention) -> None:
+    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, kv: KVCachePool, attention,
+                 native_kernels: bool = True) -> None:
+        """native_kernels=False keeps the C kernels out (the Triton placement on a CPU device)."""
         self.cfg = cfg
         self.w = weights
         self.kv = kv
         # A backend from lumen.engine.model.attention: forward(q, k_cache, v_cache, meta, scale).
         self.attention = attention
-        self.rope = RotaryEmbedding(cfg)
+        self.rope = RotaryEmbedding(cfg, weights.norm.device)
         self.dtype = weights.dtype
         self.scale = cfg.head_dim ** -0.5
         # Float32 on CPU with the C kernels: the row-wise work between matmuls runs in rowwise.c,
         # a few calls per layer instead of dozens of small torch operations (BENCHMARKS.md).
-        self.native_rowwise = (self.dtype == torch.float32 and weights.norm.device.type == "cpu"
+        self.native_rowwise = (native_kernels and self.dtype == torch.float32 and weights.norm.device.type == "cpu"
                             and all(k.dtype == torch.float32 for k in kv.keys) and native.available())
         # When every matmul has a C kernel and attention is the C one, each layer is one C call.
         self.layer_structs = _layer_structs(weights, kv, attention) if self.native_rowwise else None

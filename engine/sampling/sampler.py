@@ -58,6 +58,17 @@ class Sampler:
         # torch seeds are 64-bit signed-safe below 2^63; fold larger seeds in deterministically.
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator.manual_seed(seed % (2**63))
+        self._device_generator: torch.Generator | None = None
+
+    def generator_on(self, device: torch.device) -> torch.Generator:
+        """This request's generator for noise drawn on `device`: the CPU generator itself, or one
+        made once on the accelerator with the same seed, so batched sampling never copies noise."""
+        if torch.device(device).type == "cpu":
+            return self.generator
+        if self._device_generator is None:
+            self._device_generator = torch.Generator(device=device)
+            self._device_generator.manual_seed(self.generator.initial_seed())
+        return self._device_generator
 
     def sample(self, logits: torch.Tensor, history: list[int]) -> int:
         """Pick the next token from fp32 logits [vocab]; `history` = prompt + output ids."""

@@ -23,15 +23,17 @@ import torch
 
 from lumen.engine.core.block_manager import BlockManager
 from lumen.engine.core.sequence import Sequence
-from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
-from lumen.engine.model.llama import Chunk, LlamaModel, build_batch
+from lumen.engine.model.llama import Chunk, build_batch
+from lumen.engine.model.placement import Placement
+from lumen.engine.model.runner import KVSizing, ModelRunner
 from lumen.engine.speculative.draft import Draft
 from lumen.engine.weights.loaded_model import LoadedModel
 
 
 class ModelProposer(ABC):
-    def __init__(self, model: LlamaModel, blocks: BlockManager, num_layers: int | None, context_length: int) -> None:
-        self.model = model
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, num_layers: int | None,
+                 context_length: int) -> None:
+        self.runner = runner
         self.blocks = blocks
         self.num_layers = num_layers
         self.context_length = context_length
@@ -57,7 +59,7 @@ class ModelProposer(ABC):
             if not chunks:
                 break
             batch, _ = build_batch(chunks, self.blocks.block_size)
-            logits = self.model.forward(batch, self.num_layers)
+            logits = self.runner.host_logits(batch, self.num_layers)   # drafts are drawn on the host
             active = []
             for row, (seq, state, k, end) in enumerate(fed):
                 state.num_computed = end
@@ -109,7 +111,7 @@ class ModelProposer(ABC):
 class LayerSkipProposer(ModelProposer):
     """The target's first `num_layers` layers as the draft, on the target's KV cache."""
 
-    def __init__(self, target: LlamaModel, blocks: BlockManager, num_layers: int, context_length: int) -> None:
+    def __init__(self, target: ModelRunner, blocks: BlockManager, num_layers: int, context_length: int) -> None:
         if not 1 <= num_layers < target.cfg.n_layers:
             raise ValueError(f"layer-skip drafting needs 1 to {target.cfg.n_layers - 1} layers of this "
                              f"{target.cfg.n_layers}-layer model, got {num_layers}")
@@ -144,14 +146,13 @@ class _DraftSeq:
 class DraftModelProposer(ModelProposer):
     """A separate draft model with its own paged KV pool."""
 
-    def __init__(self, draft: LoadedModel, target: LoadedModel, attention, block_size: int, max_tokens: int,
-                 memory_bytes: int) -> None:
+    def __init__(self, draft: LoadedModel, target: LoadedModel, placement: Placement, block_size: int,
+                 max_tokens: int, memory_bytes: int) -> None:
+        """The draft runs where the target does (placement), with a KV pool of memory_bytes."""
         check_same_vocabulary(draft, target)
-        dtype = target.weights.dtype
-        spec = KVCacheSpec.from_budget(draft.config, dtype, memory_bytes, block_size, max_tokens=max_tokens)
-        self.kv = KVCachePool(draft.config, spec, dtype)
-        model = LlamaModel(draft.config, draft.weights, self.kv, attention)
-        super().__init__(model, BlockManager(spec.num_blocks, block_size, prefix_caching=False), None,
+        runner = ModelRunner(draft, placement, KVSizing(memory_bytes, None, block_size, max_tokens, max_tokens))
+        self.kv = runner.kv
+        super().__init__(runner, BlockManager(self.kv.spec.num_blocks, block_size, prefix_caching=False), None,
                          draft.config.context_length)
         self.states: dict[str, _DraftSeq] = {}
 

@@ -27,7 +27,7 @@ from lumen.engine.core.request import GenerationRequest
 from lumen.engine.core.scheduler import ScheduledSeq
 from lumen.engine.core.sequence import Sequence
 from lumen.engine.errors import InvalidRequestError
-from lumen.engine.model.llama import LlamaModel
+from lumen.engine.model.runner import ModelRunner
 from lumen.engine.speculative.auto import propose_auto
 from lumen.engine.speculative.config import SpecMethod, SpeculativeConfig, adapt_draft_length
 from lumen.engine.speculative.draft import Draft
@@ -47,25 +47,25 @@ class SpecStepStats:
 class Speculation:
     """Drafting and verification bookkeeping for one engine.
 
-    model, blocks: the target model and its block manager (the layer-skip draft runs the
+    runner, blocks: the target's model runner and its block manager (the layer-skip draft runs the
     target's first layers over its own KV cache); max_running, kv_cache_bytes: the engine's
     limits, which size a draft model's own KV pool."""
 
-    def __init__(self, config: SpeculativeConfig, target: LoadedModel, model: LlamaModel, blocks: BlockManager,
-                 max_running: int, kv_cache_bytes: int, draft: LoadedModel | None, attention,
-                 tracer: trace.Tracer) -> None:
+    def __init__(self, config: SpeculativeConfig, target: LoadedModel, runner: ModelRunner, blocks: BlockManager,
+                 max_running: int, kv_cache_bytes: int, draft: LoadedModel | None, tracer: trace.Tracer) -> None:
         self.config = config
         self.tracer = tracer
         ctx = self.context_length = target.config.context_length
         self.layer_skip: LayerSkipProposer | None = None
         if target.config.n_layers > 1:
             layers = config.layer_skip_layers or max(1, target.config.n_layers // 4)
-            self.layer_skip = LayerSkipProposer(model, blocks, layers, ctx)
+            self.layer_skip = LayerSkipProposer(runner, blocks, layers, ctx)
         self.draft: DraftModelProposer | None = None
         if draft is not None:
             # Room for everything the target can hold, plus each running request's draft tail.
             max_tokens = blocks.num_blocks * blocks.block_size + max_running * (config.num_tokens + blocks.block_size)
-            self.draft = DraftModelProposer(draft, target, attention, blocks.block_size, max_tokens, kv_cache_bytes)
+            self.draft = DraftModelProposer(draft, target, runner.placement, blocks.block_size, max_tokens,
+                                            kv_cache_bytes)
         if config.method is SpecMethod.DRAFT and self.draft is None:
             raise ValueError("the default speculative method 'draft' needs a draft model (--draft-model PATH)")
         if config.method is SpecMethod.LAYER_SKIP and self.layer_skip is None:

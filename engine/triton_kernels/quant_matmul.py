@@ -207,7 +207,8 @@ def _gemv_config(qtype: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of the GEMV; BLOCK_K counts K values."""
     lay = LAYOUTS[qtype]
     if INTERPRETED:   # interpreted cost is per operation, not per element: few, large tiles
-        return min(64, triton.next_power_of_2(n)), lay.group * min(128, triton.next_power_of_2(k // lay.group)), 4, 1, 1
+        # (512 rows x 128 groups x 16 bytes is Triton's largest tensor, 2^20 elements.)
+        return min(512, triton.next_power_of_2(n)), lay.group * min(128, triton.next_power_of_2(k // lay.group)), 4, 1, 1
     # 64 groups over 4 warps: a warp spans 16 groups (256 contiguous bytes of each plane) of every
     # row, so x and the scales come in the quant tile's own layout, and each thread has BLOCK_N
     # rows of loads in flight. More rows than this costs registers (occupancy) faster than it
@@ -221,7 +222,7 @@ def _gemm_config(qtype: int, m: int, n: int, k: int) -> tuple[int, int, int, int
     lay = LAYOUTS[qtype]
     if INTERPRETED:
         block_k = lay.group * min(32, triton.next_power_of_2(k // lay.group))
-        return min(64, max(16, triton.next_power_of_2(m))), min(64, max(16, triton.next_power_of_2(n))), block_k, 4, 1
+        return min(64, max(16, triton.next_power_of_2(m))), min(512, max(16, triton.next_power_of_2(n))), block_k, 4, 1
     block_k = max(128, 2 * lay.group)
     if m <= 16:
         return 16, 64, 2 * block_k, 4, 3

@@ -1,0 +1,169 @@
+"""The model runner: the one owner of the device a model computes on.
+
+It holds the model's weights there (device_weights), the paged KV pool, the attention backend;
+stages each step's inputs (pinned host memory, non-blocking copies), runs the forward and, on
+the Triton placement, samples the whole batch on the device (sampling.batched) with ONE host
+synchronisation for the sampled ids (a second only for rows whose logits the host must see:
+logprobs, prompt logprobs, speculative verification). The scheduler, block manager and
+sequences never see a device tensor.
+
+On the CPU with the C kernels ("native") it is what the engine always did: weights as loaded,
+the C layer kernels, each sequence sampling its own row (bit-exact with earlier releases).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lumen.engine.model.attention import AttentionMetadata
+from lumen.engine.model.attention.select import select_backend
+from lumen.engine.model.config import ModelConfig
+from lumen.engine.model.device_weights import device_nbytes, weights_on
+from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
+from lumen.engine.model.llama import ForwardBatch, LlamaModel
+from lumen.engine.model.placement import CPU_NATIVE, Placement
+from lumen.engine.weights.loaded_model import LoadedModel
+
+if TYPE_CHECKING:
+    from lumen.engine.core.scheduler import ScheduledSeq
+
+log = logging.getLogger(__name__)
+
+# Kept free on a GPU beyond the step's own activations: the CUDA context's allocations outside
+# torch, allocator fragmentation and Triton's launch scratch (vLLM keeps a similar margin).
+GPU_RESERVE_BYTES = 512 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class KVSizing:
+    """How big the KV pool may be: `cache_bytes` on the CPU, `gpu_memory_utilization` of the
+    GPU's memory (weights and activations included) on CUDA, or `cache_bytes` there too when it
+    is None (a draft model's pool); at most `max_tokens` tokens."""
+    cache_bytes: int
+    gpu_memory_utilization: float | None
+    block_size: int
+    max_tokens: int
+    max_tokens_per_step: int
+
+
+@dataclass(slots=True)
+class RowResult:
+    """What a scheduled sequence gets from a step: its logits rows on the host (empty when it
+    needs none) and, when the runner sampled for it, the token."""
+    logits: torch.Tensor
+    token: int | None = None
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, placement: Placement | None, sizing: KVSizing) -> None:
+        self.placement = placement = placement or CPU_NATIVE
+        cfg = loaded.config
+        native = placement.kernels == "native"
+        if native:
+            if placement.device.type != "cpu" or placement.dtype != loaded.weights.dtype:
+                raise ValueError(f"the native kernels compute on the CPU in the loaded dtype "
+                                 f"({loaded.weights.dtype}), not {placement.describe()}")
+            weights, attention = loaded.weights, select_backend(torch.device("cpu"))
+        else:
+            attention = _triton_attention(placement)
+            weights = weights_on(loaded.weights, placement)
+        spec = KVCacheSpec.from_budget(cfg, placement.dtype, self._kv_budget(cfg, sizing), sizing.block_size,
+                                       max_tokens=sizing.max_tokens)
+        self.kv = KVCachePool(cfg, spec, placement.dtype, placement.device)
+        self.attention = attention
+        self.model = LlamaModel(cfg, weights, self.kv, attention, native_kernels=native)
+        self.batched_sampling = not native
+        # The bytes the weights hold on the device (0 for the native placement: they stay as loaded).
+        self.weights_bytes = 0 if native else device_nbytes(weights)
+        log.info("model %s on %s: KV pool %d blocks of %d tokens (%.1f MiB)%s", loaded.name, placement.describe(),
+                 spec.num_blocks, spec.block_size, self.kv.nbytes / 2**20,
+                 f", weights {self.weights_bytes / 2**20:.1f} MiB on the device" if self.weights_bytes else "")
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    def _kv_budget(self, cfg: ModelConfig, sizing: KVSizing) -> int:
+        if not self.placement.on_cuda or sizing.gpu_memory_utilization is None:
+            return sizing.cache_bytes
+        if not 0 < sizing.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {sizing.gpu_memory_utilization}")
+        free, total = torch.cuda.mem_get_info(self.placement.device)
+        element = torch.empty((), dtype=self.placement.dtype).element_size()
+        # The widest activations a step holds at once, and its logits with the sampler's copies.
+        step = sizing.max_tokens_per_step * element * (2 * cfg.ffn_dim + 3 * cfg.dim +
+                                                       (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim)
+        logits = sizing.max_tokens_per_step * cfg.vocab_size * 4 * 3
+        budget = int(total * sizing.gpu_memory_utilization) - (total - free) - step - logits - GPU_RESERVE_BYTES
+        if budget <= 0:
+            raise ValueError(f"no GPU memory is left for the KV cache: {total / 2**30:.1f} GiB x "
+                             f"{sizing.gpu_memory_utilization} minus {(total - free) / 2**30:.1f} GiB in use "
+                             f"(weights) and the step's activations; raise --gpu-memory-utilization or serve a "
+                             f"smaller model")
+        return budget
+
+    def stage(self, batch: ForwardBatch) -> ForwardBatch:
+        """The step's inputs on the device: pinned host copies, copied without waiting."""
+        if self.placement.device.type == "cpu":
+            return batch
+        dev = self.placement.device
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(dev, non_blocking=True)
+
+        a = batch.attn
+        attn = AttentionMetadata(copy(a.query_start_loc), copy(a.seq_lens), copy(a.block_tables),
+                                 copy(a.slot_mapping), a.block_size, a.max_query_len, a.max_seq_len,
+                                 a.query_lens_list, a.seq_lens_list)
+        return ForwardBatch(copy(batch.token_ids), copy(batch.positions), attn, copy(batch.logits_indices))
+
+    def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
+        """float32 logits [num_logits, vocab] on the device (num_layers: the layer-skip draft)."""
+        return self.model.forward(self.stage(batch), num_layers)
+
+    def host_logits(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
+        """forward() with the logits on the host (the speculative proposers sample there)."""
+        return self.forward(batch, num_layers).cpu()
+
+    def sample(self, scheduled: list["ScheduledSeq"], rows: list[tuple[int, int]],
+               logits: torch.Tensor) -> list[RowResult]:
+        """Each scheduled sequence's result from the step's logits (rows[i]: its [first, last))."""
+        if not self.batched_sampling:
+            return [RowResult(logits[first:last]) for first, last in rows]
+        from lumen.engine.sampling.batched import sample_rows
+        plain = [item.seq.samples_next(item.num_new) and last > first
+                 for item, (first, last) in zip(scheduled, rows)]
+        picks = [i for i, p in enumerate(plain) if p]
+        tokens: list[int] = []
+        if picks:
+            seqs = [scheduled[i].seq for i in picks]
+            last_rows = torch.tensor([rows[i][1] - 1 for i in picks], device=logits.device)
+            tokens = sample_rows(logits.index_select(0, last_rows), [s.sampler for s in seqs],
+                                 [s.token_ids for s in seqs]).tolist()   # the step's one synchronisation
+        host = [i for i, item in enumerate(scheduled)
+                if rows[i][1] > rows[i][0] and (not plain[i] or item.seq.wants_logprobs())]
+        results = [RowResult(logits.new_empty((0, logits.shape[1]), device="cpu")) for _ in scheduled]
+        if host:
+            index = torch.tensor([r for i in host for r in range(*rows[i])], device=logits.device)
+            copied = logits.index_select(0, index).cpu()
+            offset = 0
+            for i in host:
+                n = rows[i][1] - rows[i][0]
+                results[i].logits, offset = copied[offset:offset + n], offset + n
+        for i, token in zip(picks, tokens):
+            results[i].token = token
+            if results[i].logits.shape[0] == 0:   # no logprobs: the sequence reads no row
+                results[i].logits = logits.new_empty((1, 0), device="cpu")
+        return results
+
+
+def _triton_attention(placement: Placement):
+    from lumen.engine.model.attention.triton_backend import TritonAttention
+    from lumen.engine.triton_kernels import paged_attention, quant_matmul
+    if placement.device.type == "cpu" and not (paged_attention.INTERPRETED and quant_matmul.INTERPRETED):
+        raise ValueError("--kernels triton on --device cpu: the Triton kernels were imported without "
+                         "TRITON_INTERPRET=1; set it in the environment before the server starts")
+    return TritonAttention()
