@@ -69,8 +69,16 @@ def _serve_parser(sub) -> None:
                         "the default). Without it, the embedded demo model is written to the cache and served.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype of weights and activations")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="activations' and KV cache's dtype (auto: float32 on the CPU, bfloat16 on a GPU)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where the models compute (auto: CUDA when torch sees a GPU, else the CPU)")
+    p.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
+                   help="which kernels compute: native (the C kernels, CPU) or triton (CUDA; on --device cpu "
+                        "only under TRITON_INTERPRET=1, for tests); auto: triton on CUDA, native on the CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                   help="on a GPU, the share of its memory the weights, activations and KV cache may use; the KV "
+                        "cache gets what is left (--kv-cache-memory applies to the CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--matmul-mode", choices=["auto", "exact", "int8"], default="auto",
                    help="how the C kernels multiply quantized weights: exact (float32 on the exactly decoded "
@@ -218,6 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from lumen.engine.core.llm_engine import EngineConfig
     from lumen.engine.core.scheduler import SchedulerConfig
+    from lumen.engine.model.placement import resolve_placement
     from lumen.engine.speculative import SpecMethod, SpeculativeConfig
     from lumen.service.loading import in_passing_thread, load_models, load_with_progress
     from lumen.service.server import ServerConfig, ServerConfigError, check_kernels, resolve_matmul_mode, run_server
@@ -228,16 +237,23 @@ def _serve(args: argparse.Namespace) -> int:
                                 "(a small GGUF with the served model's vocabulary)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_kernels(args.allow_slow_kernels)   # before the models load: a refusal comes at once
-    matmul_mode = resolve_matmul_mode(args.matmul_mode)
+    try:
+        placement = resolve_placement(args.device, args.kernels, args.dtype)
+    except ValueError as exc:
+        raise ServerConfigError(str(exc)) from None
+    native = placement.kernels == "native"
+    if native:
+        check_kernels(args.allow_slow_kernels)   # before the models load: a refusal comes at once
+    matmul_mode = resolve_matmul_mode(args.matmul_mode) if native else "exact"
     config = ServerConfig(
-        models=args.model or [], host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
+        models=args.model or [], host=args.host, port=args.port, dtype=placement.dtype,
         engine=EngineConfig(
             scheduler=SchedulerConfig(max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
                                       max_waiting=args.max_waiting),
             default_max_new_tokens=args.default_max_tokens, kv_cache_bytes=args.kv_cache_memory,
             step_span_interval_s=args.step_span_interval,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching, matmul_mode=matmul_mode,
+            placement=placement, gpu_memory_utilization=args.gpu_memory_utilization,
             speculative=SpeculativeConfig(
                 method=SpecMethod(args.speculative), num_tokens=args.num_speculative_tokens,
                 layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch,
@@ -246,8 +262,10 @@ def _serve(args: argparse.Namespace) -> int:
         limits=_limits(args),
         stream_buffer_tokens=args.stream_buffer_tokens, allow_slow_kernels=args.allow_slow_kernels)
     # Never on the main thread: see in_passing_thread.
-    loaded = in_passing_thread(load_models, config.models, config.dtype)
-    draft = in_passing_thread(load_with_progress, config.draft_model, config.dtype) if config.draft_model else None
+    print(f"lumen: computing on {placement.describe()}", file=sys.stderr, flush=True)
+    loaded = in_passing_thread(load_models, config.models, config.dtype, not native)
+    draft = (in_passing_thread(load_with_progress, config.draft_model, config.dtype, None, not native)
+             if config.draft_model else None)
     asyncio.run(run_server(config, setup_telemetry(), loaded, draft))
     return 0
 
@@ -300,7 +318,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for m in connect(args.server).ListModels(pb.ListModelsRequest()).models:
         mark = " (default)" if m.is_default else ""
         print(f"{m.name}{mark}: {m.architecture} {m.file_type}, {m.parameter_count:,} parameters, "
-              f"context {m.context_length}, vocab {m.vocab_size}, {m.path}")
+              f"context {m.context_length}, vocab {m.vocab_size}, {m.path}; on {m.device} "
+              f"({m.kernels} kernels, {m.dtype})")
     return 0
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from lumen.engine.core.async_engine import AsyncEngine
 from lumen.engine.errors import ModelNotFoundError, quoted
+from lumen.engine.model.placement import Placement
 from lumen.engine.weights.loaded_model import LoadedModel
 
 
@@ -13,6 +14,11 @@ class ModelRuntime:
     name: str
     model: LoadedModel
     engine: AsyncEngine
+
+    @property
+    def placement(self) -> Placement:
+        """Where its engine computes (device, kernels, dtype)."""
+        return self.engine.engine.runner.placement
 
     @property
     def max_prompt_bytes(self) -> int:

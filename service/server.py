@@ -58,8 +58,8 @@ def start_runtime(model: LoadedModel, config: EngineConfig, telemetry: Telemetry
                            on_load=steps.observe_load)
     except ValueError as exc:  # the engine refuses these settings for this model (its message says why)
         raise ServerConfigError(f"cannot serve {model.name}: {exc}") from exc
-    log.info("model %s: %s (%s, %s parameters)", model.name, model.path, model.file_type,
-             f"{model.parameter_count:,}")
+    log.info("model %s: %s (%s, %s parameters) on %s", model.name, model.path, model.file_type,
+             f"{model.parameter_count:,}", engine.runner.placement.describe())
     return ModelRuntime(model.name, model, AsyncEngine(engine, stream_buffer_tokens))
 
 
@@ -168,7 +168,8 @@ def resolve_matmul_mode(mode: str) -> str:
 
 async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel],
                      draft: LoadedModel | None = None) -> None:
-    check_kernels(config.allow_slow_kernels)
+    if config.engine.placement is None or config.engine.placement.kernels == "native":
+        check_kernels(config.allow_slow_kernels)
     # The engines are built (KV pools filled) off the main thread: see loading.in_passing_thread.
     registry = in_passing_thread(build_registry, loaded, config.engine, telemetry, draft, config.stream_buffer_tokens)
     server = LumenServer(registry, telemetry, config.engine, config.capture_content, config.limits)

@@ -248,5 +248,6 @@ class InferenceService(pb_grpc.InferenceServicer):
                 name=rt.name, architecture=cfg.architecture, file_type=m.file_type,
                 parameter_count=m.parameter_count, context_length=cfg.context_length,
                 vocab_size=cfg.vocab_size, path=m.path.name, is_default=rt is self.registry.default,
-                has_chat_template=m.chat_template is not None))
+                has_chat_template=m.chat_template is not None, device=rt.placement.device_name,
+                kernels=rt.placement.kernels, dtype=str(rt.placement.dtype).removeprefix("torch.")))
         return pb.ListModelsResponse(models=models)

@@ -72,16 +72,14 @@ def _lumen_script() -> str:
     return str(script)
 
 
-@pytest.fixture(scope="session")
-def server():
-    smol = shared_file("models", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    stories = shared_file("models", "stories260K.gguf")
+def launch(args: list[str], env_extra: dict[str, str] | None = None):
+    """`lumen serve ARGS --port 0` in a subprocess with the Prometheus endpoint on; yields a Server
+    once it prints its address, and checks that it stops cleanly (a generator for fixtures)."""
     metrics_port = _free_port()
     env = dict(os.environ, OTEL_METRICS_EXPORTER="prometheus", OTEL_TRACES_EXPORTER="none",
                OTEL_LOGS_EXPORTER="none", OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
-               OTEL_EXPORTER_PROMETHEUS_PORT=str(metrics_port))
-    cmd = [_lumen_script(), "serve", "--model", f"smollm2={smol}", "--model", f"stories={stories}",
-           "--port", "0", "--matmul-mode", "exact", "--log-level", "WARNING"]
+               OTEL_EXPORTER_PROMETHEUS_PORT=str(metrics_port), **(env_extra or {}))
+    cmd = [_lumen_script(), "serve", *args, "--port", "0", "--log-level", "WARNING"]
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     ready = threading.Event()
@@ -112,3 +110,10 @@ def server():
             process.kill()
             raise
     assert process.returncode == 0, "".join(log[-40:])
+
+
+@pytest.fixture(scope="session")
+def server():
+    smol = shared_file("models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    stories = shared_file("models", "stories260K.gguf")
+    yield from launch(["--model", f"smollm2={smol}", "--model", f"stories={stories}", "--matmul-mode", "exact"])

@@ -1,0 +1,155 @@
+"""The model runner on the Triton placement (interpreted on a CPU device, float32): weights moved in
+their stored form, logits against the float64 references, and the engine on it against the C
+kernels' engine. What holds on a GPU in bfloat16 is bench/gpu_check.py's to show."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
+from lumen.engine.core.request import GenerationRequest
+from lumen.engine.model.attention import AttentionMetadata
+from lumen.engine.model.device_weights import DeviceChunkedLinear, TritonQuantLinear
+from lumen.engine.model.linear import ConcatLinear, OneDNNLinear, make_linear, plain_weights
+from lumen.engine.model.llama import ForwardBatch
+from lumen.engine.model.placement import resolve_placement
+from lumen.engine.model.runner import KVSizing, ModelRunner
+from lumen.engine.sampling.sampler import SamplingParams
+from lumen.engine.speculative import SpecMethod
+from lumen.engine.speculative.config import SpeculativeParams
+from lumen.engine.weights.gguf_loader import load_gguf
+from tests.conftest import shared_file
+from tests.engine.model.test_llama_reference import PROMPT, assert_as_close_as_llama_cpp
+
+pytest.importorskip("triton")
+
+# One file per path through the device weights: each packed type family, a mixed K-quant file,
+# a type with no Triton kernel (decoded in chunks on the device), and 16-bit dense weights.
+FILES = ["stories260K-Q4_0.gguf", "stories260K-Q8_0.gguf", "synth256-Q4_1.gguf", "synth256-Q5_0.gguf",
+         "synth256-Q5_1.gguf", "synth256-Q2_K.gguf", "synth256-Q3_K_M.gguf", "synth256-Q4_K_M.gguf",
+         "synth256-Q5_K_M.gguf", "synth256-Q6_K.gguf", "synth256-IQ4_XS.gguf", "synth256-F16.gguf",
+         "synth256-BF16.gguf"]
+
+
+@pytest.fixture(scope="module")
+def triton_placement():
+    from lumen.engine.triton_kernels import paged_attention
+    if not paged_attention.INTERPRETED:
+        pytest.skip("the kernels were imported without TRITON_INTERPRET=1 on a machine without CUDA")
+    return resolve_placement("cpu", "triton")
+
+
+def load_plain(path):
+    with plain_weights():
+        return load_gguf(path)
+
+
+def runner_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
+    """All positions' logits of one prefill through the runner, blocks out of order."""
+    block = runner.kv.spec.block_size
+    table = list(reversed(range(-(-len(ids) // block))))
+    meta = AttentionMetadata.build([len(ids)], [len(ids)], [table], block)
+    n = len(ids)
+    return runner.forward(ForwardBatch(torch.tensor(ids), torch.arange(n), meta, torch.arange(n))).cpu()
+
+
+def small_runner(loaded, placement) -> ModelRunner:
+    return ModelRunner(loaded, placement, KVSizing(1 << 20, None, 4, 256, 64))
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_logits_match_float64_reference(name, triton_placement):
+    """As exact as the C kernels' exact mode: relative error under 1e-4, clear argmaxes equal."""
+    path = shared_file("quant", name)
+    ref = torch.from_numpy(np.load(shared_file("quant", name + ".ref64.logits.npy")))
+    runner = small_runner(load_plain(path), triton_placement)
+    assert_as_close_as_llama_cpp(runner_logits(runner, PROMPT), ref, 1.0, "exact")
+
+
+def test_weights_stay_in_their_stored_form(triton_placement):
+    loaded = load_plain(shared_file("quant", "synth256-Q4_K_M.gguf"))
+    runner = small_runner(loaded, triton_placement)
+    kinds = {name: type(getattr(layer, name)) for layer in runner.model.w.layers
+             for name in ("wqkv", "wo", "w_gate_up", "w_down")}
+    assert kinds["w_gate_up"] is TritonQuantLinear                 # gate and up: one packed Q4_K weight
+    assert kinds["wqkv"] in (TritonQuantLinear, ConcatLinear)      # Q4_K_M's attn_v is Q6_K in some layers
+    # The device holds the file's quantized bytes, not a float copy (the tied embedding adds its rows).
+    quant_bytes = sum(p.numel() for layer in loaded.weights.layers for lin in (layer.wo, layer.w_down)
+                      for p in [lin.weight.raw])
+    assert runner.weights_bytes < 2 * os.path.getsize(loaded.path)
+    assert quant_bytes < runner.weights_bytes
+    iq = small_runner(load_plain(shared_file("quant", "synth256-IQ4_XS.gguf")), triton_placement)
+    assert any(isinstance(layer.w_down, DeviceChunkedLinear) for layer in iq.model.w.layers)
+
+
+def test_plain_weights_are_not_prepacked():
+    weight = torch.randn(1024, 1024)
+    assert isinstance(make_linear(weight), OneDNNLinear) or not torch.backends.mkldnn.is_available()
+    with plain_weights():
+        assert not isinstance(make_linear(weight), OneDNNLinear)
+
+
+def run(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+    for req in requests:
+        engine.add_request(req)
+    out: dict[str, list[int]] = {req.request_id: [] for req in requests}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+    engine.check_invariants()
+    return out
+
+
+def test_engine_on_the_runner_matches_the_c_kernels(triton_placement, stories_greedy):
+    """Greedy (plain, with prompt logprobs, with n-gram drafts verified on the host) equals the C
+    kernels' engine; a request alone equals itself in a batch."""
+    oracle, _ = stories_greedy
+    path = shared_file("quant", "stories260K-Q8_0.gguf")
+    greedy = SamplingParams(temperature=0)
+
+    def requests():
+        return [GenerationRequest("plain", [1] + oracle[:3], 10, greedy, ignore_eos=True),
+                GenerationRequest("scored", [1] + oracle[:9], 6, greedy, ignore_eos=True, prompt_logprobs=True),
+                GenerationRequest("ngram", [1] + oracle[:20], 10, greedy, ignore_eos=True,
+                                  speculative=SpeculativeParams(method=SpecMethod.NGRAM, num_tokens=3))]
+
+    cpu = run(LLMEngine(load_gguf(path)), requests())
+    device = LLMEngine(load_plain(path), EngineConfig(placement=triton_placement, kv_cache_bytes=1 << 20))
+    assert run(device, requests()) == cpu
+    assert run(device, requests()[:1]) == {"plain": cpu["plain"]}
+
+
+def test_placement_refusals(monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_placement("cuda")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        resolve_placement("cpu", "native", "float16")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        resolve_placement("cpu", "cublas")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        resolve_placement("cpu", "triton")
+    assert resolve_placement("cpu").kernels == "native"
+
+
+def test_smollm2_logits_match_float64_reference(triton_placement, smollm2_ids_story):
+    """SmolLM2 (Q4_1 layers, Q8_0 tied embedding, 30 layers) through every Triton kernel: each
+    prompt position's logits as exact as the C kernels' exact mode (one prefill: interpreted,
+    SmolLM2's 49152 x 576 output matmul alone takes seconds)."""
+    prompt, greedy = smollm2_ids_story
+    ref = torch.from_numpy(np.load(shared_file("models", "SmolLM2-135M-Instruct.story.ref64.logits.npy")))
+    runner = ModelRunner(load_plain(shared_file("models", "SmolLM2-135M-Instruct.Q4_1.gguf")), triton_placement,
+                         KVSizing(4 << 20, None, 16, 256, 64))
+    logits = runner_logits(runner, prompt)
+    assert_as_close_as_llama_cpp(logits[-ref.shape[0]:], ref, 1.0, "exact")
+    assert int(logits[-1].argmax()) == greedy[0]
+
+
+@pytest.fixture
+def smollm2_ids_story():
+    from tests.conftest import smollm2_ids
+    return smollm2_ids("story", "prompt"), smollm2_ids("story", "greedy")
