@@ -65,6 +65,7 @@ def test_logits_are_at_least_as_close_as_llama_cpps(smollm2, prompt, mode):
 def test_int8_mode_batched_equals_solo(smollm2):
     """Activations are quantized per row, so a request's output alone equals its output in a batch."""
     import random
+
     from tests.engine.core.test_equivalence import assert_batched_equals_solo, make_requests
     if not native.available():
         pytest.skip("no C kernels here: the int8 mode is theirs")
