@@ -76,6 +76,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--kernels", choices=["auto", "native", "triton"], default="auto",
                    help="which kernels compute: native (the C kernels, CPU) or triton (CUDA; on --device cpu "
                         "only under TRITON_INTERPRET=1, for tests); auto: triton on CUDA, native on the CPU")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run every step's kernels one by one instead of replaying CUDA graphs of "
+                        "decode steps (slower; for debugging and comparison)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
                    help="on a GPU, the share of its memory the weights, activations and KV cache may use; the KV "
                         "cache gets what is left (--kv-cache-memory applies to the CPU)")
@@ -254,6 +257,7 @@ def _serve(args: argparse.Namespace) -> int:
             step_span_interval_s=args.step_span_interval,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching, matmul_mode=matmul_mode,
             placement=placement, gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager,
             speculative=SpeculativeConfig(
                 method=SpecMethod(args.speculative), num_tokens=args.num_speculative_tokens,
                 layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch,

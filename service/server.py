@@ -58,6 +58,8 @@ def start_runtime(model: LoadedModel, config: EngineConfig, telemetry: Telemetry
                            on_load=steps.observe_load)
     except ValueError as exc:  # the engine refuses these settings for this model (its message says why)
         raise ServerConfigError(f"cannot serve {model.name}: {exc}") from exc
+    runner = engine.runner
+    steps.set_memory(runner.placement.device_name, runner.weights_bytes, runner.kv.nbytes)
     log.info("model %s: %s (%s, %s parameters) on %s", model.name, model.path, model.file_type,
              f"{model.parameter_count:,}", engine.runner.placement.describe())
     return ModelRuntime(model.name, model, AsyncEngine(engine, stream_buffer_tokens))
@@ -73,11 +75,30 @@ def build_registry(loaded: list[LoadedModel], config: EngineConfig, telemetry: T
             engine_config = config if i == 0 else _without_draft(config, model.name)
             runtimes.append(start_runtime(model, engine_config, telemetry, draft if i == 0 else None,
                                           stream_buffer_tokens))
+        _observe_gpu_memory(telemetry, {rt.placement.device for rt in runtimes if rt.placement.on_cuda})
         return ModelRegistry(runtimes)
     except BaseException:
         for rt in runtimes:
             rt.engine.shutdown()
         raise
+
+
+def _observe_gpu_memory(telemetry: Telemetry, devices: set) -> None:
+    """lumen.device.memory.used: torch's memory on each GPU the models use, by state (allocated,
+    reserved), read when the metrics are collected. No GPU, no gauge."""
+    if not devices:
+        return
+    from opentelemetry.metrics import Observation
+
+    from lumen.engine.model.placement import cuda_memory
+
+    def observe(options):
+        return [Observation(value, {"device": str(device), "state": state})
+                for device in sorted(devices, key=str) for state, value in cuda_memory(device).items()]
+
+    telemetry.meter.create_observable_gauge(
+        "lumen.device.memory.used", callbacks=[observe], unit="By",
+        description="torch's memory on each GPU in use, by state: allocated (tensors) and reserved (its cache).")
 
 
 def _without_draft(config: EngineConfig, name: str) -> EngineConfig:

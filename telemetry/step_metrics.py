@@ -9,6 +9,7 @@ abort with nothing left to run would otherwise leave them stale until the next r
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -19,6 +20,41 @@ STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 QUEUE_TIME_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                         40.96, 81.92)
 STEP_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _Gauges:
+    """The observable gauges of one meter, created once and read for every model's StepMetrics: a
+    meter keeps only the first callbacks of an instrument name, so per-model gauges would report
+    the first model alone."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.members: list[StepMetrics] = []
+        gauge = meter.create_observable_gauge
+        gauge("lumen.engine.requests", callbacks=[self._each("_observe_requests")], unit="{request}",
+              description="Requests in the engine by state (running, waiting).")
+        # "_ratio" in the name: the collector's Prometheus exporter appends it to a gauge of unit 1 and
+        # the Python one does not, so with it in the name both paths expose lumen_kv_cache_usage_ratio.
+        gauge("lumen.kv_cache.usage_ratio", callbacks=[self._each("_observe_usage")], unit="1",
+              description="Fraction of the KV cache blocks in use (free cached blocks count as free).")
+        gauge("lumen.kv_cache.blocks", callbacks=[self._each("_observe_blocks")], unit="{block}",
+              description="KV cache blocks by state (used, free).")
+        gauge("lumen.model.memory", callbacks=[self._each("_observe_memory")], unit="By",
+              description="Memory a model holds where it computes, by part: weights (on a GPU; on the CPU "
+                          "they stay as loaded and are not counted) and kv_cache (the whole preallocated pool).")
+
+    def _each(self, method: str):
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [obs for member in self.members for obs in getattr(member, method)(options)]
+        return observe
+
+
+_METER_GAUGES: "weakref.WeakKeyDictionary[Meter, _Gauges]" = weakref.WeakKeyDictionary()
+
+
+def _gauges_of(meter: Meter) -> _Gauges:
+    if meter not in _METER_GAUGES:
+        _METER_GAUGES[meter] = _Gauges(meter)
+    return _METER_GAUGES[meter]
 
 
 class StepMetrics:
@@ -50,21 +86,23 @@ class StepMetrics:
             "lumen.speculative.accepted_tokens_per_position", unit="{token}",
             description="Accepted draft tokens by their position in the draft (0 = the first drafted token); "
                         "over lumen.speculative.drafts, the fraction of drafts accepted up to each position.")
-        meter.create_observable_gauge(
-            "lumen.engine.requests", callbacks=[self._observe_requests], unit="{request}",
-            description="Requests in the engine by state (running, waiting).")
         self._queue_time = meter.create_histogram(
             "lumen.request.queue_time", unit="s",
             description="Time from a request's arrival (after tokenization) to its first admission into a batch.",
             explicit_bucket_boundaries_advisory=QUEUE_TIME_BUCKETS_S)
-        # "_ratio" in the name: the collector's Prometheus exporter appends it to a gauge of unit 1 and
-        # the Python one does not, so with it in the name both paths expose lumen_kv_cache_usage_ratio.
-        meter.create_observable_gauge(
-            "lumen.kv_cache.usage_ratio", callbacks=[self._observe_usage], unit="1",
-            description="Fraction of the KV cache blocks in use (free cached blocks count as free).")
-        meter.create_observable_gauge(
-            "lumen.kv_cache.blocks", callbacks=[self._observe_blocks], unit="{block}",
-            description="KV cache blocks by state (used, free).")
+        self.memory: dict[str, int] = {}   # part -> bytes (set_memory)
+        self.device = ""
+        _gauges_of(meter).members.append(self)
+
+    def set_memory(self, device: str, weights_bytes: int, kv_cache_bytes: int) -> None:
+        """The model's placement and sizes, once its engine is built."""
+        self.device = device
+        self.memory = {"weights": weights_bytes, "kv_cache": kv_cache_bytes}
+
+    def _observe_memory(self, options: CallbackOptions) -> Iterable[Observation]:
+        attributes = {**self.attributes, "device": self.device}
+        return [Observation(value, {**attributes, "part": part}) for part, value in self.memory.items()
+                if part == "kv_cache" or value]
 
     def observe_load(self, load: Any) -> None:
         """Called by the engine thread when its queues or KV cache change between steps."""

@@ -54,6 +54,8 @@ class EngineConfig:
     placement: Placement | None = None
     # On CUDA, the share of the GPU's memory the weights, activations and KV pool may use.
     gpu_memory_utilization: float = 0.9
+    # On CUDA, decode steps replay CUDA graphs (lumen.engine.model.cuda_graphs) unless this is set.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.default_max_new_tokens < 1:
@@ -83,9 +85,10 @@ class LLMEngine:
         placement = self.config.placement or replace(CPU_NATIVE, dtype=model.weights.dtype)
         sizing = KVSizing(self.config.kv_cache_bytes, self.config.gpu_memory_utilization, self.config.block_size,
                           sched.max_running * cfg.context_length, sched.max_tokens_per_step)
-        self.runner = ModelRunner(model, placement, sizing)
+        graph_batch = sched.max_running if placement.on_cuda and not self.config.enforce_eager else 0
+        self.runner = ModelRunner(model, placement, sizing, graph_batch)
         self.kv, self.model = self.runner.kv, self.runner.model
-        spec = self.kv.spec
+        spec = self.runner.kv_spec
         self.blocks = BlockManager(spec.num_blocks, spec.block_size, self.config.prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         self.tokenizer = model.tokenizer

@@ -92,3 +92,8 @@ def _triton_imports() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cuda_memory(device: torch.device) -> dict[str, int]:
+    """torch's memory on a CUDA device by state: allocated (tensors) and reserved (its cache)."""
+    return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}

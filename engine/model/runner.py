@@ -21,6 +21,7 @@ import torch
 from lumen.engine.model.attention import AttentionMetadata
 from lumen.engine.model.attention.select import select_backend
 from lumen.engine.model.config import ModelConfig
+from lumen.engine.model.cuda_graphs import DecodeGraphs
 from lumen.engine.model.device_weights import device_nbytes, weights_on
 from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
 from lumen.engine.model.llama import ForwardBatch, LlamaModel
@@ -58,7 +59,10 @@ class RowResult:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, placement: Placement | None, sizing: KVSizing) -> None:
+    def __init__(self, loaded: LoadedModel, placement: Placement | None, sizing: KVSizing,
+                 graph_batch: int = 0, graph_capture: bool = True) -> None:
+        """graph_batch: the most sequences a decode step holds, when decode steps run as CUDA graphs
+        (0: never); graph_capture=False replays them eagerly (cuda_graphs.DecodeGraphs, for tests)."""
         self.placement = placement = placement or CPU_NATIVE
         cfg = loaded.config
         native = placement.kernels == "native"
@@ -72,15 +76,26 @@ class ModelRunner:
             weights = weights_on(loaded.weights, placement)
         spec = KVCacheSpec.from_budget(cfg, placement.dtype, self._kv_budget(cfg, sizing), sizing.block_size,
                                        max_tokens=sizing.max_tokens)
-        self.kv = KVCachePool(cfg, spec, placement.dtype, placement.device)
+        self.kv_spec = spec                      # the blocks the engine's BlockManager hands out
+        graphs = graph_batch > 0 and not native
+        # CUDA graphs pad a step with rows that write their K/V into one more block, owned by no one.
+        pool_spec = KVCacheSpec(spec.block_size, spec.num_blocks + 1) if graphs else spec
+        self.kv = KVCachePool(cfg, pool_spec, placement.dtype, placement.device)
         self.attention = attention
         self.model = LlamaModel(cfg, weights, self.kv, attention, native_kernels=native)
         self.batched_sampling = not native
+        self.graphs = None
+        if graphs:
+            for cache in self.kv.keys + self.kv.values:
+                cache[spec.num_blocks].zero_()
+            self.graphs = DecodeGraphs(self.model, graph_batch, min(cfg.context_length, spec.num_blocks * spec.block_size),
+                                       spec.block_size, spec.num_blocks, graph_capture)
         # The bytes the weights hold on the device (0 for the native placement: they stay as loaded).
         self.weights_bytes = 0 if native else device_nbytes(weights)
-        log.info("model %s on %s: KV pool %d blocks of %d tokens (%.1f MiB)%s", loaded.name, placement.describe(),
+        log.info("model %s on %s: KV pool %d blocks of %d tokens (%.1f MiB)%s%s", loaded.name, placement.describe(),
                  spec.num_blocks, spec.block_size, self.kv.nbytes / 2**20,
-                 f", weights {self.weights_bytes / 2**20:.1f} MiB on the device" if self.weights_bytes else "")
+                 f", weights {self.weights_bytes / 2**20:.1f} MiB on the device" if self.weights_bytes else "",
+                 f", CUDA graphs for decode batches of {self.graphs.sizes}" if self.graphs and graph_capture else "")
 
     @property
     def cfg(self) -> ModelConfig:
@@ -122,6 +137,8 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
         """float32 logits [num_logits, vocab] on the device (num_layers: the layer-skip draft)."""
+        if self.graphs is not None and num_layers is None and self.graphs.fits(batch):
+            return self.graphs.run(batch)
         return self.model.forward(self.stage(batch), num_layers)
 
     def host_logits(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:

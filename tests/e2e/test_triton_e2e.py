@@ -43,6 +43,9 @@ def test_list_models_says_device_and_kernels(triton_server):
     models = triton_server.stub.ListModels(pb.ListModelsRequest()).models
     assert {(m.name, m.device, m.kernels, m.dtype) for m in models} == {
         ("stories", "cpu", "triton", "float32"), ("q4", "cpu", "triton", "float32")}
+    # The KV pool (2 MiB asked for) and the weights on the device, as metrics.
+    assert 0 < triton_server.metric("lumen_model_memory_bytes", part="kv_cache", gen_ai_request_model="q4") <= 2 << 20
+    assert triton_server.metric("lumen_model_memory_bytes", part="weights", gen_ai_request_model="q4") > 0
 
 
 def test_oracle_alone_and_batched(triton_server, stories_greedy):

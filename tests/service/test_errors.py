@@ -90,7 +90,7 @@ async def test_model_failure_is_internal_and_server_recovers(stories, monkeypatc
     """A failing forward reaches the client as INTERNAL with the cause: never a made-up answer."""
     real_forward = stories.llm.model.forward
 
-    def broken(batch):
+    def broken(batch, num_layers=None):
         raise RuntimeError("simulated kernel fault")
 
     monkeypatch.setattr(stories.llm.model, "forward", broken)

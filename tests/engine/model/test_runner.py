@@ -153,3 +153,35 @@ def test_smollm2_logits_match_float64_reference(triton_placement, smollm2_ids_st
 def smollm2_ids_story():
     from tests.conftest import smollm2_ids
     return smollm2_ids("story", "prompt"), smollm2_ids("story", "greedy")
+
+
+def test_decode_graph_buffers_give_the_eager_logits(triton_placement):
+    """The CUDA-graph path's static buffers and padding (replayed eagerly here: capture needs a GPU):
+    a decode step of 3 sequences padded to the ladder's 4 gives each sequence the logits and the
+    KV cache an eager step gives it, and the padding row writes only the pad block."""
+    from lumen.engine.model.llama import Chunk, build_batch
+
+    loaded = load_plain(shared_file("quant", "stories260K-Q8_0.gguf"))
+    sizing = KVSizing(1 << 20, None, 4, 256, 64)
+    eager, graphs = small_runner(loaded, triton_placement), ModelRunner(loaded, triton_placement, sizing, 4, False)
+    assert graphs.graphs.sizes == [1, 2, 4] and graphs.kv_spec == eager.kv_spec
+    pad = graphs.graphs.pad_block
+    assert graphs.kv.keys[0].shape[0] == pad + 1
+    prompts = [[1, 403, 407], [1, 261, 378, 432, 383], [1, 286]]
+    tables = [[0, 1], [2, 3], [4, 5]]
+
+    def step(runner, chunks):
+        batch, _ = build_batch(chunks, 4)
+        return runner.forward(batch).cpu()
+
+    prefill = [Chunk(p, 0, t, range(len(p) - 1, len(p))) for p, t in zip(prompts, tables)]
+    torch.testing.assert_close(step(graphs, prefill), step(eager, prefill))
+    assert not graphs.graphs.fits(build_batch(prefill, 4)[0])
+    for i in range(3):
+        decode = [Chunk([300 + i], len(p) + i, t, range(0, 1)) for p, t in zip(prompts, tables)]
+        assert graphs.graphs.fits(build_batch(decode, 4)[0])
+        torch.testing.assert_close(step(graphs, decode), step(eager, decode), rtol=1e-5, atol=1e-5)
+    written = torch.tensor([t[pos // 4] * 4 + pos % 4 for p, t in zip(prompts, tables) for pos in range(len(p) + 3)])
+    for ours, theirs in zip(graphs.kv.keys + graphs.kv.values, eager.kv.keys + eager.kv.values):
+        torch.testing.assert_close(ours.flatten(0, 1)[written], theirs.flatten(0, 1)[written], rtol=1e-5, atol=1e-5)
+    assert any(torch.count_nonzero(k[pad]) for k in graphs.kv.keys)   # the padding row wrote there
