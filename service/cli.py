@@ -57,6 +57,17 @@ def _float_at_least_0(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """A share in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _model_spec(text: str) -> tuple[str | None, Path]:
     name, sep, path = text.partition("=")
     return (name, Path(path)) if sep and name and "/" not in name else (None, Path(text))
@@ -79,7 +90,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run every step's kernels one by one instead of replaying CUDA graphs of "
                         "decode steps (slower; for debugging and comparison)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, metavar="FRACTION",
                    help="on a GPU, the share of its memory the weights, activations and KV cache may use; the KV "
                         "cache gets what is left (--kv-cache-memory applies to the CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

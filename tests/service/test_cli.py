@@ -96,7 +96,8 @@ def test_serve_passes_speculative_flags_to_the_engine(stories_path, monkeypatch)
 
 
 @pytest.mark.parametrize("flag,value", [("--num-speculative-tokens", "17"), ("--num-speculative-tokens", "0"),
-                                        ("--speculative", "bogus"), ("--speculative-max-batch", "-1")])
+                                        ("--speculative", "bogus"), ("--speculative-max-batch", "-1"),
+                                        ("--gpu-memory-utilization", "2"), ("--device", "tpu")])
 def test_bad_speculative_flag_is_a_usage_error(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", flag, value])
@@ -178,3 +179,35 @@ def test_serve_without_a_vector_path_needs_an_explicit_flag(monkeypatch, caplog,
     with caplog.at_level("WARNING", logger="lumen.service.server"):
         server.check_kernels(allow_slow=True)
     assert caplog.records[-1].levelname == "WARNING"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "cuda"], "torch sees no CUDA GPU here"),
+    (["--device", "cpu", "--kernels", "triton"], "needs TRITON_INTERPRET=1"),
+    (["--dtype", "float16"], "compute in float32 or bfloat16"),
+])
+def test_a_placement_that_cannot_work_is_a_one_line_error(argv, message, capsys, monkeypatch, server_never_starts):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda works here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["serve", *argv]) == 1
+    assert message in one_line_error(capsys)
+
+
+def test_serve_passes_the_placement_to_the_engines(stories_path, monkeypatch):
+    seen = {}
+
+    async def fake_run_server(config, telemetry, loaded, draft=None):
+        seen.update(config=config, loaded=loaded)
+
+    monkeypatch.setattr(server, "run_server", fake_run_server)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    argv = ["serve", "--model", str(stories_path), "--device", "cpu", "--kernels", "triton", "--enforce-eager",
+            "--gpu-memory-utilization", "0.5"]
+    assert main(argv) == 0
+    engine = seen["config"].engine
+    assert (engine.placement.device.type, engine.placement.kernels, engine.enforce_eager,
+            engine.gpu_memory_utilization) == ("cpu", "triton", True, 0.5)
+    assert main(["serve", "--model", str(stories_path)]) == 0
+    assert seen["config"].engine.placement.kernels == "native"   # auto on a CPU

@@ -27,7 +27,7 @@ def test_in_passing_thread_returns_and_raises():
 def test_serve_loads_models_off_the_main_thread(monkeypatch, stories_path):
     threads = []
 
-    def fake_load(specs, dtype):
+    def fake_load(specs, dtype, plain=False):
         threads.append(threading.current_thread())
         raise Stop
 
