@@ -5,6 +5,8 @@
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ .
 #     (cuXYZ: a CUDA index that ships torch TORCH_VERSION for your driver)
 #   docker run -p 50051:50051 -v "$PWD/models:/models" lumen --model /models/x.gguf
+#   docker run --gpus all -p 50051:50051 -v "$PWD/models:/models" lumen:cuda --model /models/x.gguf
+#     (a CUDA torch brings Triton; `lumen serve` then computes on the GPU: README, "Serving on a GPU")
 #
 # Telemetry is configured with the standard OTEL_* variables at `docker run`
 # time (e.g. -e OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4317).
