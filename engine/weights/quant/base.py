@@ -32,6 +32,21 @@ class QuantType(ABC):
         return f"{type(self).__name__}(block_size={self.block_size}, type_size={self.type_size})"
 
 
+_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+_SHIFTS: dict[tuple, torch.Tensor] = {}
+
+
+def on(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A module's constant lookup table on `like`'s device, copied there once: blocks decode where
+    they are (a GPU's, for types the Triton kernels lack), never by a trip to the host."""
+    if table.device == like.device:
+        return table
+    key = (id(table), like.device)
+    if key not in _TABLES:
+        _TABLES[key] = table.to(like.device)
+    return _TABLES[key]
+
+
 def split(blocks: torch.Tensor, *sizes: int) -> list[torch.Tensor]:
     """Cut each block into consecutive fields of the given byte sizes (they must cover the block)."""
     return list(torch.split(blocks, list(sizes), dim=-1))
@@ -56,13 +71,15 @@ def u32(field: torch.Tensor) -> torch.Tensor:
 
 def shifted(x: torch.Tensor, shifts: Sequence[int], mask: int) -> torch.Tensor:
     """`(x >> s) & mask` for each shift s, as a new second-to-last axis: [..., n] -> [..., len(shifts), n]."""
-    s = torch.tensor(list(shifts), dtype=x.dtype).view(-1, 1)
-    return (x.unsqueeze(-2) >> s) & mask
+    key = (tuple(shifts), x.dtype, x.device)
+    if key not in _SHIFTS:   # made once per device: a copy from the host cannot run inside a CUDA graph
+        _SHIFTS[key] = torch.tensor(list(shifts), dtype=x.dtype, device=x.device).view(-1, 1)
+    return (x.unsqueeze(-2) >> _SHIFTS[key]) & mask
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
     """Every bit of every byte, least significant first: uint8 [..., n] -> uint8 [..., n, 8]."""
-    s = torch.arange(8, dtype=torch.uint8)
+    s = torch.arange(8, dtype=torch.uint8, device=x.device)
     return (x.unsqueeze(-1) >> s) & 1
 
 

@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from lumen.engine.weights.quant.base import QK_K, QuantType, bits, fp16, shifted, sign_of, split, u16, u32
+from lumen.engine.weights.quant.base import QK_K, QuantType, bits, fp16, on, shifted, sign_of, split, u16, u32
 
 QK4_NL = 32  # values per IQ4_NL block
 KVALUES_IQ4NL = torch.tensor(gq.IQ4_NL.kvalues, dtype=torch.float32)  # [16]
@@ -33,7 +33,7 @@ GRID_IQ3XXS, GRID_IQ3S, GRID_IQ1S = _grid(gq.IQ3_XXS), _grid(gq.IQ3_S), _grid(gq
 def _ksigns(aux: torch.Tensor) -> torch.Tensor:
     """Four 7-bit sign indices per uint32 [n, g] -> float signs [n, g, 4, 8]."""
     idx = shifted(aux, (0, 7, 14, 21), 0x7F).transpose(-1, -2)  # [n, g, 4]
-    return sign_of(bits(KSIGNS[idx]))
+    return sign_of(bits(on(KSIGNS, idx)[idx]))
 
 
 def _nibble_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ class IQ4_NL(QuantType):
         n = blocks.shape[0]
         d, qs = split(blocks, 2, QK4_NL // 2)
         idx = shifted(qs, (0, 4), 0x0F).reshape(n, QK4_NL).long()
-        return fp16(d) * KVALUES_IQ4NL[idx]
+        return fp16(d) * on(KVALUES_IQ4NL, blocks)[idx]
 
 
 class IQ4_XS(QuantType):
@@ -69,7 +69,7 @@ class IQ4_XS(QuantType):
         sc = ((low.to(torch.int32) | (high << 4)) - 32).to(torch.float32)
         dl = (fp16(d) * sc).reshape(n, -1, 1)
         idx = shifted(qs.reshape(n, -1, 16), (0, 4), 0x0F).reshape(n, -1, 32).long()
-        return (dl * KVALUES_IQ4NL[idx]).reshape(n, QK_K)
+        return (dl * on(KVALUES_IQ4NL, blocks)[idx]).reshape(n, QK_K)
 
 
 class IQ2_XXS(QuantType):
@@ -82,7 +82,7 @@ class IQ2_XXS(QuantType):
         groups = qs.reshape(n, QK_K // 32, 8)  # per 32 values: 4 grid indices, then a uint32 aux
         aux = u32(groups[..., 4:]).squeeze(-1)  # [n, 8]
         db = _half_step_scales(fp16(d), aux >> 28, 0.25).reshape(n, -1, 1, 1)
-        grid = GRID_IQ2XXS[groups[..., :4].long()]  # [n, 8, 4, 8]
+        grid = on(GRID_IQ2XXS, blocks)[groups[..., :4].long()]  # [n, 8, 4, 8]
         return (db * grid * _ksigns(aux)).reshape(n, QK_K)
 
 
@@ -96,8 +96,8 @@ class IQ2_XS(QuantType):
         q = u16(qs)  # [n, 32]: 9-bit grid index, 7-bit sign index
         sc = _nibble_scales(scales)
         db = _half_step_scales(fp16(d), sc, 0.25).reshape(n, -1, 1, 1)
-        signs = sign_of(bits(KSIGNS[(q >> 9).long()])).reshape(n, -1, 2, 8)
-        grid = GRID_IQ2XS[(q & 511).long()].reshape(n, -1, 2, 8)
+        signs = sign_of(bits(on(KSIGNS, blocks)[(q >> 9).long()])).reshape(n, -1, 2, 8)
+        grid = on(GRID_IQ2XS, blocks)[(q & 511).long()].reshape(n, -1, 2, 8)
         return (db * grid * signs).reshape(n, QK_K)
 
 
@@ -113,7 +113,7 @@ class IQ2_S(QuantType):
         signs = sign_of(bits(sign_bits)).reshape(n, -1, 2, 8)
         high = shifted(qh, (0, 2, 4, 6), 0x03).transpose(-1, -2).reshape(n, -1)
         idx = qs.long() | (high.long() << 8)
-        grid = GRID_IQ2S[idx].reshape(n, -1, 2, 8)
+        grid = on(GRID_IQ2S, blocks)[idx].reshape(n, -1, 2, 8)
         return (db * grid * signs).reshape(n, QK_K)
 
 
@@ -126,7 +126,7 @@ class IQ3_XXS(QuantType):
         d, qs, scales = split(blocks, 2, QK_K // 4, QK_K // 8)
         aux = u32(scales)  # [n, 8]
         db = _half_step_scales(fp16(d), aux >> 28, 0.5).reshape(n, -1, 1, 1)
-        grid = GRID_IQ3XXS[qs.long()].reshape(n, -1, 4, 8)
+        grid = on(GRID_IQ3XXS, blocks)[qs.long()].reshape(n, -1, 4, 8)
         return (db * grid * _ksigns(aux)).reshape(n, QK_K)
 
 
@@ -141,7 +141,7 @@ class IQ3_S(QuantType):
         db = (fp16(d) * (1 + 2 * sc.to(torch.int32)).to(torch.float32)).reshape(n, -1, 1, 1)
         signs = sign_of(bits(sign_bits)).reshape(n, -1, 4, 8)
         idx = qs.long() | (bits(qh).reshape(n, -1).long() << 8)
-        grid = GRID_IQ3S[idx].reshape(n, -1, 4, 8)
+        grid = on(GRID_IQ3S, blocks)[idx].reshape(n, -1, 4, 8)
         return (db * grid * signs).reshape(n, QK_K)
 
 
@@ -156,7 +156,7 @@ class IQ1_S(QuantType):
         dl = (fp16(d) * (2 * ((qh >> 12) & 7) + 1).to(torch.float32)).reshape(n, -1, 1, 1)
         delta = torch.where((qh & 0x8000) == 0, IQ1S_DELTA, -IQ1S_DELTA).reshape(n, -1, 1, 1)
         high = shifted(qh, (0, 3, 6, 9), 7).transpose(-1, -2).reshape(n, -1)
-        grid = GRID_IQ1S[qs.long() | (high.long() << 8)].reshape(n, -1, 4, 8)
+        grid = on(GRID_IQ1S, blocks)[qs.long() | (high.long() << 8)].reshape(n, -1, 4, 8)
         return (dl * (grid + delta.to(torch.float32))).reshape(n, QK_K)
 
 
@@ -175,7 +175,7 @@ class IQ1_M(QuantType):
         dl = (d * (2 * sc + 1).to(torch.float32)).reshape(n, -1, 2, 1, 1)
         nib = shifted(qh, (0, 4), 0x0F).transpose(-1, -2).reshape(n, -1)  # [n, 32]
         delta = torch.where((nib & 0x08) == 0, IQ1S_DELTA, -IQ1S_DELTA).to(torch.float32)
-        grid = GRID_IQ1S[qs.long() | ((nib & 7).long() << 8)].reshape(n, -1, 2, 2, 8)
+        grid = on(GRID_IQ1S, blocks)[qs.long() | ((nib & 7).long() << 8)].reshape(n, -1, 2, 2, 8)
         return (dl * (grid + delta.reshape(n, -1, 2, 2, 1))).reshape(n, QK_K)
 
 

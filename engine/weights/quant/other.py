@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from lumen.engine.weights.quant.base import QK_K, QuantType, fp16, shifted, split
+from lumen.engine.weights.quant.base import QK_K, QuantType, fp16, on, shifted, split
 
 QK_MXFP4 = 32  # values per MXFP4 block
 KVALUES_MXFP4 = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.float32)
@@ -20,7 +20,7 @@ POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
 def _trits(packed: torch.Tensor, digits: int) -> torch.Tensor:
     """Base-3 fixed-point bytes [n, g] -> digits in {-1, 0, 1} as int32 [n, digits * g]."""
     n = packed.shape[0]
-    scaled = (packed.to(torch.int32).unsqueeze(-2) * POW3[:digits].view(-1, 1)) & 0xFF  # [n, digits, g]
+    scaled = (packed.to(torch.int32).unsqueeze(-2) * on(POW3, packed)[:digits].view(-1, 1)) & 0xFF  # [n, digits, g]
     return ((scaled * 3) >> 8).reshape(n, -1) - 1
 
 
@@ -75,7 +75,7 @@ class MXFP4(QuantType):
         n = blocks.shape[0]
         e, qs = split(blocks, 1, QK_MXFP4 // 2)
         idx = shifted(qs, (0, 4), 0x0F).reshape(n, QK_MXFP4).long()
-        return e8m0_to_fp32_half(e) * KVALUES_MXFP4[idx]
+        return e8m0_to_fp32_half(e) * on(KVALUES_MXFP4, blocks)[idx]
 
 
 class NVFP4(QuantType):
@@ -85,10 +85,10 @@ class NVFP4(QuantType):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         scales, qs = split(blocks, QK_NVFP4 // 16, QK_NVFP4 // 2)
-        d = UE4M3_HALF[scales.long()].reshape(n, 4, 1)
+        d = on(UE4M3_HALF, blocks)[scales.long()].reshape(n, 4, 1)
         # Each 16-value sub-block: 8 low nibbles, then the same 8 bytes' high nibbles.
         idx = shifted(qs.reshape(n, 4, 8), (0, 4), 0x0F).reshape(n, 4, 16).long()
-        return (d * KVALUES_MXFP4[idx]).reshape(n, QK_NVFP4)
+        return (d * on(KVALUES_MXFP4, blocks)[idx]).reshape(n, QK_NVFP4)
 
 
 TYPES: tuple[QuantType, ...] = (TQ1_0(), TQ2_0(), MXFP4(), NVFP4())

@@ -116,3 +116,14 @@ def test_unregistered_type_raises_value_error_naming_it() -> None:
 def test_byte_count_mismatch_raises_value_error() -> None:
     with pytest.raises(ValueError, match="Q4_0"):
         dequantize(torch.zeros(1, 17, dtype=torch.uint8), T.Q4_0, (1, 32))
+
+
+@pytest.mark.parametrize("qtype", sorted(QUANT_TYPES, key=int), ids=lambda t: t.name)
+def test_blocks_decode_on_the_device_they_are_on(qtype):
+    """A GPU decodes the types its Triton kernels lack where their blocks are (the device weights'
+    chunked path): no lookup table may stay behind on the CPU. The meta device stands for the GPU
+    here: any tensor of another device in the computation fails or leaks into the result."""
+    unit = QUANT_TYPES[qtype]
+    raw = torch.empty((3, 2 * unit.type_size), dtype=torch.uint8, device="meta")
+    out = dequantize(raw, qtype, (3, 2 * unit.block_size))
+    assert out.device.type == "meta" and out.shape == (3, 2 * unit.block_size)
