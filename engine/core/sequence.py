@@ -94,9 +94,11 @@ class Sequence:
     def wants_logprobs(self) -> bool:
         return bool(self.request.logprobs or self.request.top_logprobs)
 
-    def on_computed(self, logits: torch.Tensor, num_new: int, sampled: int | None = None) -> RequestOutput | None:
+    def on_computed(self, logits: torch.Tensor, num_new: int, sampled: int | None = None,
+                    sampled_logprob: TokenLogprob | None = None) -> RequestOutput | None:
         """Account for `num_new` computed tokens; `logits` holds this step's rows from logit_rows().
-        `sampled`: the token the runner already drew for this step (samples_next), if it did."""
+        `sampled`: the token the runner already drew for this step (samples_next), if it did, with
+        its logprobs when the request wants them."""
         start, scoring = self.num_computed, self.wants_prompt_logprobs()
         draft, self.draft = self.draft, None
         self.num_computed += num_new
@@ -114,11 +116,14 @@ class Sequence:
             return self._emit(tokens, logits)
         if self.num_computed < len(self.token_ids):
             return None  # a prefill chunk (or a recompute) that has not caught up yet
-        token = sampled if sampled is not None else self.sampler.sample(logits[-1], self.token_ids)
-        return self._emit([token], logits[-1:])
+        if sampled is not None:
+            return self._emit([sampled], logits[-1:], [sampled_logprob] if sampled_logprob else None)
+        return self._emit([self.sampler.sample(logits[-1], self.token_ids)], logits[-1:])
 
-    def _emit(self, tokens: list[int], logits: torch.Tensor) -> RequestOutput:
-        """Append `tokens` (logits row i scored tokens[i]) up to the first that finishes the request."""
+    def _emit(self, tokens: list[int], logits: torch.Tensor,
+              logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+        """Append `tokens` (logits row i scored tokens[i]; or their `logprobs` already computed)
+        up to the first that finishes the request."""
         out = RequestOutput(self.request_id, prompt_tokens=len(self.prompt_ids),
                             cached_tokens=self.num_cached_tokens)
         if not self.has_sampled:
@@ -126,7 +131,8 @@ class Sequence:
         for i, token in enumerate(tokens):
             self.token_ids.append(token)
             if self.wants_logprobs():
-                out.logprobs += token_logprobs(logits[i: i + 1], [token], self.request.top_logprobs)
+                out.logprobs += ([logprobs[i]] if logprobs is not None
+                                 else token_logprobs(logits[i: i + 1], [token], self.request.top_logprobs))
             out.token_ids.append(token)
             text, out.finish_reason, out.stop_sequence = self._text_and_finish(token)
             out.text += text

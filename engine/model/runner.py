@@ -26,6 +26,7 @@ from lumen.engine.model.device_weights import device_nbytes, weights_on
 from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
 from lumen.engine.model.llama import ForwardBatch, LlamaModel
 from lumen.engine.model.placement import CPU_NATIVE, Placement
+from lumen.engine.sampling.logprobs import TokenLogprob, logprob_tensors, unpack_logprobs
 from lumen.engine.weights.loaded_model import LoadedModel
 
 if TYPE_CHECKING:
@@ -53,9 +54,10 @@ class KVSizing:
 @dataclass(slots=True)
 class RowResult:
     """What a scheduled sequence gets from a step: its logits rows on the host (empty when it
-    needs none) and, when the runner sampled for it, the token."""
+    needs none) and, when the runner sampled for it, the token and (if it wants them) its logprobs."""
     logits: torch.Tensor
     token: int | None = None
+    logprob: TokenLogprob | None = None
 
 
 class ModelRunner:
@@ -150,31 +152,45 @@ class ModelRunner:
         """Each scheduled sequence's result from the step's logits (rows[i]: its [first, last))."""
         if not self.batched_sampling:
             return [RowResult(logits[first:last]) for first, last in rows]
-        from lumen.engine.sampling.batched import sample_rows
         plain = [item.seq.samples_next(item.num_new) and last > first
                  for item, (first, last) in zip(scheduled, rows)]
+        results = [RowResult(logits.new_empty((1, 0), device="cpu")) for _ in scheduled]
         picks = [i for i, p in enumerate(plain) if p]
-        tokens: list[int] = []
         if picks:
-            seqs = [scheduled[i].seq for i in picks]
-            last_rows = torch.tensor([rows[i][1] - 1 for i in picks], device=logits.device)
-            tokens = sample_rows(logits.index_select(0, last_rows), [s.sampler for s in seqs],
-                                 [s.token_ids for s in seqs]).tolist()   # the step's one synchronisation
-        host = [i for i, item in enumerate(scheduled)
-                if rows[i][1] > rows[i][0] and (not plain[i] or item.seq.wants_logprobs())]
-        results = [RowResult(logits.new_empty((0, logits.shape[1]), device="cpu")) for _ in scheduled]
-        if host:
+            self._sample_plain(picks, [scheduled[i].seq for i in picks], rows, logits, results)
+        host = [i for i, p in enumerate(plain) if not p and rows[i][1] > rows[i][0]]
+        if host:   # drafts to verify, prompts to score: the host reads these rows
             index = torch.tensor([r for i in host for r in range(*rows[i])], device=logits.device)
             copied = logits.index_select(0, index).cpu()
             offset = 0
             for i in host:
                 n = rows[i][1] - rows[i][0]
                 results[i].logits, offset = copied[offset:offset + n], offset + n
-        for i, token in zip(picks, tokens):
-            results[i].token = token
-            if results[i].logits.shape[0] == 0:   # no logprobs: the sequence reads no row
-                results[i].logits = logits.new_empty((1, 0), device="cpu")
         return results
+
+    def _sample_plain(self, picks: list[int], seqs: list, rows: list[tuple[int, int]], logits: torch.Tensor,
+                      results: list[RowResult]) -> None:
+        """One token for each picked sequence from its last row, with its logprobs when it wants
+        them, all read to the host in ONE synchronisation."""
+        from lumen.engine.sampling.batched import sample_rows
+        last_rows = torch.tensor([rows[i][1] - 1 for i in picks], device=logits.device)
+        picked = logits.index_select(0, last_rows)
+        tokens = sample_rows(picked, [s.sampler for s in seqs], [s.token_ids for s in seqs])
+        scored = [j for j, s in enumerate(seqs) if s.wants_logprobs()]
+        pack, top_n = [tokens.to(torch.float32)], 0
+        if scored:
+            which = torch.tensor(scored, device=logits.device)
+            top_n = max(seqs[j].request.top_logprobs for j in scored)
+            pack += logprob_tensors(picked.index_select(0, which), tokens.index_select(0, which), top_n)
+        flat = torch.cat(pack).tolist()          # the step's one synchronisation
+        token_ids = [int(t) for t in flat[:len(picks)]]
+        for i, token in zip(picks, token_ids):
+            results[i].token = token
+        if scored:
+            logprobs = unpack_logprobs([token_ids[j] for j in scored], flat[len(picks):],
+                                       [seqs[j].request.top_logprobs for j in scored], top_n)
+            for j, logprob in zip(scored, logprobs):
+                results[picks[j]].logprob = logprob
 
 
 def _triton_attention(placement: Placement):

@@ -185,3 +185,29 @@ def test_decode_graph_buffers_give_the_eager_logits(triton_placement):
     for ours, theirs in zip(graphs.kv.keys + graphs.kv.values, eager.kv.keys + eager.kv.values):
         torch.testing.assert_close(ours.flatten(0, 1)[written], theirs.flatten(0, 1)[written], rtol=1e-5, atol=1e-5)
     assert any(torch.count_nonzero(k[pad]) for k in graphs.kv.keys)   # the padding row wrote there
+
+
+def test_logprobs_computed_on_the_device_equal_the_hosts(triton_placement, stories_greedy):
+    """Logprobs of runner-sampled tokens (computed beside them, read in the same synchronisation)
+    against the C kernels' engine, which computes them on the host from the logits."""
+    oracle, _ = stories_greedy
+    path = shared_file("quant", "stories260K-Q8_0.gguf")
+
+    def logprobs(engine: LLMEngine) -> list:
+        engine.add_request(GenerationRequest("a", [1] + oracle[:4], 5, SamplingParams(temperature=0),
+                                             ignore_eos=True, logprobs=True, top_logprobs=3))
+        engine.add_request(GenerationRequest("b", [1] + oracle[:7], 5, SamplingParams(temperature=0),
+                                             ignore_eos=True, logprobs=True))
+        out = []
+        while engine.has_unfinished():
+            out += [(o.request_id, lp) for o in engine.step() for lp in o.logprobs]
+        return sorted(out, key=lambda x: x[0])
+
+    cpu = logprobs(LLMEngine(load_gguf(path)))
+    device = logprobs(LLMEngine(load_plain(path), EngineConfig(placement=triton_placement, kv_cache_bytes=1 << 20)))
+    assert [(rid, lp.token_id, [t for t, _ in lp.top]) for rid, lp in device] == \
+        [(rid, lp.token_id, [t for t, _ in lp.top]) for rid, lp in cpu]
+    assert len([lp for rid, lp in device if rid == "a" and len(lp.top) == 3]) == 5
+    for (_, ours), (_, theirs) in zip(device, cpu):
+        assert abs(ours.logprob - theirs.logprob) < 1e-4
+        assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(ours.top, theirs.top))

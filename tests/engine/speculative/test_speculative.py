@@ -223,9 +223,9 @@ def target_probs(model, prompt: list[int], params: dict) -> torch.Tensor:
     seq = engine.scheduler.waiting[0]
     computed, captured = seq.on_computed, {}
 
-    def capture(logits: torch.Tensor, num_new: int, sampled: int | None = None):
+    def capture(logits: torch.Tensor, num_new: int, *sampled):
         captured["logits"] = logits[-1].clone()
-        return computed(logits, num_new, sampled)
+        return computed(logits, num_new, *sampled)
 
     seq.on_computed = capture
     while engine.has_unfinished():
