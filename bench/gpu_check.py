@@ -270,8 +270,8 @@ def report(r: dict) -> str:
              f"{r['copy_bandwidth_gb_s']:.0f} GB/s (read + written)", ""]
     if "tests" in r:
         lines += [f"GPU tests: {r['tests']['summary']} (exit {r['tests']['returncode']})", ""]
-    lines += ["| model | mode | TTFT ms (1 stream) | decode tok/s @1 | @8 | @32 | @64 | batch-1 bandwidth / copy |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | mode | TTFT ms (1 stream) | " + " | ".join(f"decode tok/s @{n}" for n in STREAMS)
+              + " | batch-1 bandwidth / copy |", "|---" * (len(STREAMS) + 4) + "|"]
     for label, rows in r.get("models", {}).items():
         for mode in ("eager", "graphs"):
             cells = [f"{rows[f'{mode}@{n}']['decode_tok_s']:.0f}" for n in STREAMS]
