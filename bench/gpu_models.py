@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from lumen.engine.demo.synthetic import SyntheticShape, VocabMetadata
+from lumen.engine.demo.synthetic import SyntheticShape, VocabMetadata, add_llama_metadata
 
 LLAMA3_8B = SyntheticShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, context_length=4096,
                            rope_base=500000.0)
@@ -60,22 +60,6 @@ def _matrix(shape: tuple[int, int], qtype: Q, std: float, gen: torch.Generator) 
     return raw.reshape(rows, -1).cpu().numpy()
 
 
-def _metadata(writer: gguf.GGUFWriter, shape: SyntheticShape, vocab_size: int, mix_name: str) -> None:
-    writer.add_name(f"llama3-8b-shaped-{mix_name.lower()}")
-    writer.add_file_type(getattr(gguf.LlamaFileType, {"F16": "MOSTLY_F16"}.get(mix_name, "MOSTLY_" + mix_name)))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(shape.context_length)
-    writer.add_embedding_length(shape.dim)
-    writer.add_block_count(shape.n_layers)
-    writer.add_feed_forward_length(shape.ffn_dim)
-    writer.add_head_count(shape.n_heads)
-    writer.add_head_count_kv(shape.n_kv_heads)
-    writer.add_layer_norm_rms_eps(shape.rms_eps)
-    writer.add_rope_dimension_count(shape.head_dim)
-    writer.add_rope_freq_base(shape.rope_base)
-    writer.add_vocab_size(vocab_size)
-
-
 def write_llama3_8b(path: Path, mix_name: str, seed: int = 0, shape: SyntheticShape = LLAMA3_8B,
                     vocab_size: int = LLAMA3_VOCAB, device: str = "cuda") -> Path:
     """The Llama-3-8B shape (or `shape`, for tests) in `mix_name` (MIXES) at `path`."""
@@ -91,7 +75,8 @@ def write_llama3_8b(path: Path, mix_name: str, seed: int = 0, shape: SyntheticSh
     specs += [("output_norm.weight", (d,)), ("output.weight", (vocab_size, d))]
     gen = torch.Generator(device=device).manual_seed(seed)
     writer = gguf.GGUFWriter(path, arch="llama")
-    _metadata(writer, shape, vocab_size, mix_name)
+    file_type = getattr(gguf.LlamaFileType, {"F16": "MOSTLY_F16"}.get(mix_name, "MOSTLY_" + mix_name))
+    add_llama_metadata(writer, shape, vocab_size, file_type, f"llama3-8b-shaped-{mix_name.lower()}")
     vocab.add_to_writer(writer)
     for name, dims in specs:
         qtype = Q.F32 if len(dims) == 1 else mix.qtype(name)

@@ -251,10 +251,11 @@ def _make_tensor(spec: _TensorSpec, qtype: GGMLQuantizationType, seed: int) -> n
     return out
 
 
-def _add_model_metadata(writer: gguf.GGUFWriter, shape: SyntheticShape, vocab_size: int,
-                        qtype: GGMLQuantizationType, name: str) -> None:
+def add_llama_metadata(writer: gguf.GGUFWriter, shape: SyntheticShape, vocab_size: int,
+                       file_type: LlamaFileType, name: str) -> None:
+    """The `general.*` and `llama.*` keys of a model of this shape (bench/gpu_models.py uses it too)."""
     writer.add_name(name)
-    writer.add_file_type(_FILE_TYPES[qtype])
+    writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(shape.context_length)
     writer.add_embedding_length(shape.dim)
@@ -307,7 +308,7 @@ def write_synthetic_llama(
     with _atomic_target(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         try:
-            _add_model_metadata(writer, shape, vocab.vocab_size, qtype, name)
+            add_llama_metadata(writer, shape, vocab.vocab_size, _FILE_TYPES[qtype], name)
             vocab.add_to_writer(writer)
             # Declare every tensor first, then stream the data one tensor at a time:
             # GGUFWriter.add_tensor would keep all arrays alive until the final write.

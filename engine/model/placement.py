@@ -7,7 +7,6 @@ ValueError with what to change: never a silent fallback to another device or ker
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -76,22 +75,14 @@ def resolve_placement(device: str = "auto", kernels: str = "auto", dtype: str | 
 
 
 def _check_triton(device: str) -> None:
-    if not _triton_imports():
+    from lumen.engine.model.attention.select import triton_imports
+    if not triton_imports():
         raise ValueError("--kernels triton: the triton package does not import; install it "
                          "(pip install 'lumen[cuda]') or use --kernels native")
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("--kernels triton on --device cpu runs the kernels in Triton's interpreter, which needs "
                          "TRITON_INTERPRET=1 in the environment before the server starts (it exists for tests); "
                          "use --kernels native for the CPU")
-
-
-@functools.cache
-def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def cuda_memory(device: torch.device) -> dict[str, int]:

@@ -25,9 +25,9 @@ def select_backend(device: torch.device) -> TorchAttention | TritonAttention:
     wanted = os.environ.get(ENV_VAR, "").strip().lower()
     if wanted not in ("", "torch", "triton"):
         raise ValueError(f"{ENV_VAR}={wanted!r} is not a backend: use 'torch' or 'triton', or unset it")
-    if wanted == "torch" or (not wanted and (device.type != "cuda" or not _triton_imports())):
+    if wanted == "torch" or (not wanted and (device.type != "cuda" or not triton_imports())):
         return TorchAttention()
-    if not _triton_imports():
+    if not triton_imports():
         raise ValueError(f"{ENV_VAR}=triton but triton does not import: install it or use 'torch'")
     from lumen.engine.model.attention.triton_backend import TritonAttention
     from lumen.engine.triton_kernels import paged_attention
@@ -39,8 +39,8 @@ def select_backend(device: torch.device) -> TorchAttention | TritonAttention:
 
 
 @functools.cache
-def _triton_imports() -> bool:
-    # Imported lazily so that CPU-only runs never pay for (or trip over) triton.
+def triton_imports() -> bool:
+    """Whether triton imports here (tried once, lazily: CPU-only runs never pay for it or trip over it)."""
     try:
         import triton  # noqa: F401
     except ImportError:
