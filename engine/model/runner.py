@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -58,6 +58,7 @@ class RowResult:
     logits: torch.Tensor
     token: int | None = None
     logprob: TokenLogprob | None = None
+    choices: list[int] | None = None   # a greedy draft's verification: the argmax of each of its rows
 
 
 class ModelRunner:
@@ -152,14 +153,24 @@ class ModelRunner:
         """Each scheduled sequence's result from the step's logits (rows[i]: its [first, last))."""
         if not self.batched_sampling:
             return [RowResult(logits[first:last]) for first, last in rows]
-        plain = [item.seq.samples_next(item.num_new) and last > first
-                 for item, (first, last) in zip(scheduled, rows)]
         results = [RowResult(logits.new_empty((1, 0), device="cpu")) for _ in scheduled]
-        picks = [i for i, p in enumerate(plain) if p]
-        if picks:
-            self._sample_plain(picks, [scheduled[i].seq for i in picks], rows, logits, results)
-        host = [i for i, p in enumerate(plain) if not p and rows[i][1] > rows[i][0]]
-        if host:   # drafts to verify, prompts to score: the host reads these rows
+        kinds = [_row_kind(item.seq, item.num_new) if last > first else "" for item, (first, last)
+                 in zip(scheduled, rows)]
+        pieces: list[tuple[torch.Tensor, Callable[[list[float]], None]]] = []
+        plain = [i for i, kind in enumerate(kinds) if kind == "plain"]
+        if plain:
+            pieces += self._sample_plain(plain, [scheduled[i].seq for i in plain], rows, logits, results)
+        greedy = [i for i, kind in enumerate(kinds) if kind == "greedy_verify"]
+        if greedy:
+            pieces.append(_greedy_choices(greedy, rows, logits, results))
+        if pieces:   # the step's one synchronisation: every token and logprob in one read
+            flat = torch.cat([tensor for tensor, _ in pieces]).tolist()
+            offset = 0
+            for tensor, read in pieces:
+                read(flat[offset:offset + tensor.numel()])
+                offset += tensor.numel()
+        host = [i for i, kind in enumerate(kinds) if kind == "host"]
+        if host:   # sampled drafts to verify, prompts to score: the host reads these rows
             index = torch.tensor([r for i in host for r in range(*rows[i])], device=logits.device)
             copied = logits.index_select(0, index).cpu()
             offset = 0
@@ -169,28 +180,62 @@ class ModelRunner:
         return results
 
     def _sample_plain(self, picks: list[int], seqs: list, rows: list[tuple[int, int]], logits: torch.Tensor,
-                      results: list[RowResult]) -> None:
+                      results: list[RowResult]) -> list[tuple[torch.Tensor, Callable[[list[float]], None]]]:
         """One token for each picked sequence from its last row, with its logprobs when it wants
-        them, all read to the host in ONE synchronisation."""
+        them: (device tensor, what to do with its values once read) pairs."""
         from lumen.engine.sampling.batched import sample_rows
         last_rows = torch.tensor([rows[i][1] - 1 for i in picks], device=logits.device)
         picked = logits.index_select(0, last_rows)
         tokens = sample_rows(picked, [s.sampler for s in seqs], [s.token_ids for s in seqs])
+
+        def read_tokens(values: list[float]) -> None:
+            for i, token in zip(picks, values):
+                results[i].token = int(token)
+
+        pieces = [(tokens.to(torch.float32), read_tokens)]
         scored = [j for j, s in enumerate(seqs) if s.wants_logprobs()]
-        pack, top_n = [tokens.to(torch.float32)], 0
         if scored:
             which = torch.tensor(scored, device=logits.device)
             top_n = max(seqs[j].request.top_logprobs for j in scored)
-            pack += logprob_tensors(picked.index_select(0, which), tokens.index_select(0, which), top_n)
-        flat = torch.cat(pack).tolist()          # the step's one synchronisation
-        token_ids = [int(t) for t in flat[:len(picks)]]
-        for i, token in zip(picks, token_ids):
-            results[i].token = token
-        if scored:
-            logprobs = unpack_logprobs([token_ids[j] for j in scored], flat[len(picks):],
-                                       [seqs[j].request.top_logprobs for j in scored], top_n)
-            for j, logprob in zip(scored, logprobs):
-                results[picks[j]].logprob = logprob
+            tensors = logprob_tensors(picked.index_select(0, which), tokens.index_select(0, which), top_n)
+
+            def read_logprobs(values: list[float]) -> None:
+                logprobs = unpack_logprobs([results[picks[j]].token for j in scored], values,
+                                           [seqs[j].request.top_logprobs for j in scored], top_n)
+                for j, logprob in zip(scored, logprobs):
+                    results[picks[j]].logprob = logprob
+
+            pieces.append((torch.cat(tensors), read_logprobs))
+        return pieces
+
+
+def _row_kind(seq, num_new: int) -> str:
+    """How the runner serves a sequence's rows: "plain" (it samples the next token on the device),
+    "greedy_verify" (a greedy draft checked against the argmax of each row, on the device), or
+    "host" (its rows are copied to the host: sampled drafts, prompt logprobs)."""
+    if seq.samples_next(num_new):
+        return "plain"
+    params = seq.sampler.params
+    if (seq.draft is not None and params.greedy and params.repetition_penalty == 1.0
+            and not seq.wants_logprobs() and not seq.wants_prompt_logprobs()):
+        return "greedy_verify"
+    return "host"
+
+
+def _greedy_choices(picks: list[int], rows: list[tuple[int, int]], logits: torch.Tensor,
+                    results: list[RowResult]) -> tuple[torch.Tensor, Callable[[list[float]], None]]:
+    """The target's own greedy choice at every row of the picked sequences (what verification
+    compares a greedy draft with), as one argmax over all their rows."""
+    index = torch.tensor([r for i in picks for r in range(*rows[i])], device=logits.device)
+    choices = logits.index_select(0, index).argmax(dim=-1).to(torch.float32)
+
+    def read(values: list[float]) -> None:
+        offset = 0
+        for i in picks:
+            n = rows[i][1] - rows[i][0]
+            results[i].choices, offset = [int(v) for v in values[offset:offset + n]], offset + n
+
+    return choices, read
 
 
 def _triton_attention(placement: Placement):

@@ -48,3 +48,11 @@ def verify(sampler: Sampler, logits: torch.Tensor, draft: Draft, history: list[i
     seen = history + out if sampler.params.repetition_penalty != 1.0 else history
     out.append(sampler.sample(logits[len(draft.tokens)], seen))
     return out, len(draft.tokens)
+
+
+def verify_greedy_choices(choices: list[int], draft: list[int]) -> tuple[list[int], int]:
+    """verify() for a greedy request without repetition penalty, from the target's argmax at each
+    row (choices[i]: its choice after draft[:i]; one more than the draft): the longest agreeing
+    prefix, then the target's token at the first disagreement or after the whole draft."""
+    accepted = next((i for i, (c, d) in enumerate(zip(choices, draft)) if c != d), len(draft))
+    return choices[:accepted + 1], accepted

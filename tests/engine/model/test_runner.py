@@ -103,9 +103,13 @@ def run(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[
     return out
 
 
-def test_engine_on_the_runner_matches_the_c_kernels(triton_placement, stories_greedy):
-    """Greedy (plain, with prompt logprobs, with n-gram drafts verified on the host) equals the C
-    kernels' engine; a request alone equals itself in a batch."""
+def test_engine_on_the_runner_matches_the_c_kernels(triton_placement, stories_greedy, monkeypatch):
+    """Greedy (plain, with prompt logprobs, with n-gram drafts verified from the rows' argmax on
+    the device) equals the C kernels' engine; a request alone equals itself in a batch."""
+    from lumen.engine.model import runner as runner_module
+    verified = []
+    choices = runner_module._greedy_choices
+    monkeypatch.setattr(runner_module, "_greedy_choices", lambda *a: verified.append(1) or choices(*a))
     oracle, _ = stories_greedy
     path = shared_file("quant", "stories260K-Q8_0.gguf")
     greedy = SamplingParams(temperature=0)
@@ -113,12 +117,13 @@ def test_engine_on_the_runner_matches_the_c_kernels(triton_placement, stories_gr
     def requests():
         return [GenerationRequest("plain", [1] + oracle[:3], 10, greedy, ignore_eos=True),
                 GenerationRequest("scored", [1] + oracle[:9], 6, greedy, ignore_eos=True, prompt_logprobs=True),
-                GenerationRequest("ngram", [1] + oracle[:20], 10, greedy, ignore_eos=True,
+                GenerationRequest("ngram", [1] + oracle[:80], 10, greedy, ignore_eos=True,
                                   speculative=SpeculativeParams(method=SpecMethod.NGRAM, num_tokens=3))]
 
     cpu = run(LLMEngine(load_gguf(path)), requests())
     device = LLMEngine(load_plain(path), EngineConfig(placement=triton_placement, kv_cache_bytes=1 << 20))
     assert run(device, requests()) == cpu
+    assert verified, "the n-gram request's drafts were not verified on the device"
     assert run(device, requests()[:1]) == {"plain": cpu["plain"]}
 
 

@@ -13,7 +13,7 @@ from lumen.engine.core.scheduler import SchedulerConfig
 from lumen.engine.demo.demo_model import ensure_demo_model
 from lumen.engine.errors import InvalidRequestError
 from lumen.engine.model.kv_cache import KVCacheSpec
-from lumen.engine.sampling.rejection import verify
+from lumen.engine.sampling.rejection import verify, verify_greedy_choices
 from lumen.engine.sampling.sampler import Sampler, SamplingParams
 from lumen.engine.speculative import Draft, SpecMethod, SpeculativeConfig, SpeculativeParams
 from lumen.engine.speculative.ngram import find_ngram_match, propose_ngram
@@ -351,3 +351,18 @@ def test_adaptive_draft_length_keeps_greedy_outputs_and_follows_acceptance(stori
     assert outputs["r"] == ids[:200]
     assert finals["r"].draft_tokens == sum(lengths) and set(lengths) - {1, 2, 3, 4, 5, 6} == set()
     assert len(set(lengths)) > 1, "the draft length never moved"
+
+
+def test_greedy_verification_from_the_rows_argmax_equals_verify():
+    """The model runner verifies greedy drafts from each row's argmax on the device: the same
+    tokens and acceptance as verify() on the logits, on fresh random cases."""
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        k = int(torch.randint(1, 6, (), generator=gen))
+        logits = torch.randn(k + 1, 12, generator=gen)
+        choices = logits.argmax(-1).tolist()
+        # Drafts that agree with the target for a random prefix, then anything.
+        agree = int(torch.randint(0, k + 1, (), generator=gen))
+        draft = choices[:agree] + torch.randint(0, 12, (k - agree,), generator=gen).tolist()
+        expected = verify(Sampler(SamplingParams(temperature=0)), logits, Draft(draft, None), [1, 2])
+        assert verify_greedy_choices(choices, draft) == expected
