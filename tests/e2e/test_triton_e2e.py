@@ -50,13 +50,13 @@ def test_list_models_says_device_and_kernels(triton_server):
 
 def test_oracle_alone_and_batched(triton_server, stories_greedy):
     oracle, _ = stories_greedy
-    ids, _, last = answer(triton_server, greedy([1], 32))
-    assert ids == oracle[:32] and last.finish_reason == pb.FINISH_REASON_LENGTH
+    ids, _, last = answer(triton_server, greedy([1], 24))
+    assert ids == oracle[:24] and last.finish_reason == pb.FINISH_REASON_LENGTH
     # Four at once, each from another point of the oracle: prefill and decode share steps.
     starts = [0, 5, 17, 30]
     with ThreadPoolExecutor(len(starts)) as pool:
-        got = list(pool.map(lambda s: answer(triton_server, greedy([1] + oracle[:s], 12))[0], starts))
-    assert got == [oracle[s:s + 12] for s in starts]
+        got = list(pool.map(lambda s: answer(triton_server, greedy([1] + oracle[:s], 8))[0], starts))
+    assert got == [oracle[s:s + 8] for s in starts]
 
 
 def test_quantized_model_answers_as_the_cpu_kernels(triton_server, stories_greedy):
@@ -68,11 +68,11 @@ def test_quantized_model_answers_as_the_cpu_kernels(triton_server, stories_greed
     oracle, _ = stories_greedy
     prompt = [1] + oracle[:6]
     engine = LLMEngine(load_gguf(shared_file("quant", "stories260K-Q4_0.gguf")))   # the C kernels, in process
-    engine.add_request(GenerationRequest("cpu", prompt, 24, SamplingParams(temperature=0), ignore_eos=True))
+    engine.add_request(GenerationRequest("cpu", prompt, 12, SamplingParams(temperature=0), ignore_eos=True))
     expected: list[int] = []
     while engine.has_unfinished():
         expected += [t for out in engine.step() for t in out.token_ids]
-    assert answer(triton_server, greedy(prompt, 24, "q4"))[0] == expected
+    assert answer(triton_server, greedy(prompt, 12, "q4"))[0] == expected
 
 
 def test_seeded_sampling_and_logprobs_alone_and_among_others(triton_server):
@@ -80,7 +80,7 @@ def test_seeded_sampling_and_logprobs_alone_and_among_others(triton_server):
         req = pb.GenerateRequest(model="q4", prompt="Once upon a time")
         req.sampling.temperature, req.sampling.top_k, req.sampling.top_p = 1.5, 100, 0.98
         req.sampling.seed = seed
-        req.stopping.max_new_tokens = 10
+        req.stopping.max_new_tokens = 6
         req.logprobs = logprobs
         return req
 

@@ -92,20 +92,37 @@ def test_plain_weights_are_not_prepacked():
         assert not isinstance(make_linear(weight), OneDNNLinear)
 
 
-def run(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+def run(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list]:
+    """Each request's tokens, and its (prompt) logprobs as (token, logprob, top ids, top logprobs)."""
     for req in requests:
         engine.add_request(req)
-    out: dict[str, list[int]] = {req.request_id: [] for req in requests}
+    out: dict[str, list] = {req.request_id: [] for req in requests}
     while engine.has_unfinished():
         for o in engine.step():
             out[o.request_id] += o.token_ids
+            out[o.request_id] += [(lp.token_id, lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top])
+                                  for lp in o.prompt_logprobs + o.logprobs]
     engine.check_invariants()
     return out
 
 
+def assert_same(ours: dict[str, list], theirs: dict[str, list]) -> None:
+    """Tokens and top ids equal, logprobs within 1e-4."""
+    assert ours.keys() == theirs.keys()
+    for rid in ours:
+        assert len(ours[rid]) == len(theirs[rid]), rid
+        for a, b in zip(ours[rid], theirs[rid]):
+            if isinstance(a, int):
+                assert a == b, rid
+            else:
+                assert a[0] == b[0] and a[2] == b[2] and abs(a[1] - b[1]) < 1e-4, rid
+                assert np.allclose(a[3], b[3], atol=1e-4), rid
+
+
 def test_engine_on_the_runner_matches_the_c_kernels(triton_placement, stories_greedy, monkeypatch):
-    """Greedy (plain, with prompt logprobs, with n-gram drafts verified from the rows' argmax on
-    the device) equals the C kernels' engine; a request alone equals itself in a batch."""
+    """Greedy (plain; with logprobs computed beside the sampled tokens on the device; with prompt
+    logprobs; with n-gram drafts verified from the rows' argmax on the device) equals the C
+    kernels' engine, where logprobs come from the host's logits; alone equals batched."""
     from lumen.engine.model import runner as runner_module
     verified = []
     choices = runner_module._greedy_choices
@@ -115,16 +132,20 @@ def test_engine_on_the_runner_matches_the_c_kernels(triton_placement, stories_gr
     greedy = SamplingParams(temperature=0)
 
     def requests():
-        return [GenerationRequest("plain", [1] + oracle[:3], 10, greedy, ignore_eos=True),
-                GenerationRequest("scored", [1] + oracle[:9], 6, greedy, ignore_eos=True, prompt_logprobs=True),
-                GenerationRequest("ngram", [1] + oracle[:80], 10, greedy, ignore_eos=True,
+        return [GenerationRequest("plain", [1] + oracle[:3], 8, greedy, ignore_eos=True),
+                GenerationRequest("logprobs", [1] + oracle[:5], 5, greedy, ignore_eos=True, logprobs=True,
+                                  top_logprobs=3),
+                GenerationRequest("scored", [1] + oracle[:9], 4, greedy, ignore_eos=True, prompt_logprobs=True),
+                GenerationRequest("ngram", [1] + oracle[:80], 8, greedy, ignore_eos=True,
                                   speculative=SpeculativeParams(method=SpecMethod.NGRAM, num_tokens=3))]
 
     cpu = run(LLMEngine(load_gguf(path)), requests())
     device = LLMEngine(load_plain(path), EngineConfig(placement=triton_placement, kv_cache_bytes=1 << 20))
-    assert run(device, requests()) == cpu
+    assert_same(run(device, requests()), cpu)
+    assert len([x for x in cpu["logprobs"] if not isinstance(x, int) and len(x[2]) == 3]) == 5
+    assert len([x for x in cpu["scored"] if not isinstance(x, int)]) == 9   # the prompt's tokens after BOS
     assert verified, "the n-gram request's drafts were not verified on the device"
-    assert run(device, requests()[:1]) == {"plain": cpu["plain"]}
+    assert_same(run(device, requests()[:1]), {"plain": cpu["plain"]})
 
 
 def test_placement_refusals(monkeypatch):
@@ -190,29 +211,3 @@ def test_decode_graph_buffers_give_the_eager_logits(triton_placement):
     for ours, theirs in zip(graphs.kv.keys + graphs.kv.values, eager.kv.keys + eager.kv.values):
         torch.testing.assert_close(ours.flatten(0, 1)[written], theirs.flatten(0, 1)[written], rtol=1e-5, atol=1e-5)
     assert any(torch.count_nonzero(k[pad]) for k in graphs.kv.keys)   # the padding row wrote there
-
-
-def test_logprobs_computed_on_the_device_equal_the_hosts(triton_placement, stories_greedy):
-    """Logprobs of runner-sampled tokens (computed beside them, read in the same synchronisation)
-    against the C kernels' engine, which computes them on the host from the logits."""
-    oracle, _ = stories_greedy
-    path = shared_file("quant", "stories260K-Q8_0.gguf")
-
-    def logprobs(engine: LLMEngine) -> list:
-        engine.add_request(GenerationRequest("a", [1] + oracle[:4], 5, SamplingParams(temperature=0),
-                                             ignore_eos=True, logprobs=True, top_logprobs=3))
-        engine.add_request(GenerationRequest("b", [1] + oracle[:7], 5, SamplingParams(temperature=0),
-                                             ignore_eos=True, logprobs=True))
-        out = []
-        while engine.has_unfinished():
-            out += [(o.request_id, lp) for o in engine.step() for lp in o.logprobs]
-        return sorted(out, key=lambda x: x[0])
-
-    cpu = logprobs(LLMEngine(load_gguf(path)))
-    device = logprobs(LLMEngine(load_plain(path), EngineConfig(placement=triton_placement, kv_cache_bytes=1 << 20)))
-    assert [(rid, lp.token_id, [t for t, _ in lp.top]) for rid, lp in device] == \
-        [(rid, lp.token_id, [t for t, _ in lp.top]) for rid, lp in cpu]
-    assert len([lp for rid, lp in device if rid == "a" and len(lp.top) == 3]) == 5
-    for (_, ours), (_, theirs) in zip(device, cpu):
-        assert abs(ours.logprob - theirs.logprob) < 1e-4
-        assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(ours.top, theirs.top))
