@@ -2,7 +2,7 @@
 
 1. The GPU tests (tests/gpu/test_cuda.py) on CUDA: the stories260K oracle in float32, eager and
    with CUDA graphs; the quantized files' and SmolLM2's logits in bfloat16 against the float64
-   references (at most llama.cpp's error); batched against solo; graphs against eager; a cancel.
+   references (the bounds that file states); batched against solo; graphs against eager; a cancel.
 2. Timings through the engine (in process, greedy, distinct random 128-token prompts): TTFT,
    single-stream decode, and aggregate decode tokens/s at 1, 8, 32 and 64 streams, eager and with
    graphs, on SmolLM2 and on a Llama-3-8B-shaped model written here (bench/gpu_models.py) in

@@ -100,9 +100,9 @@ def build_batch(chunks: list[Chunk], block_size: int) -> tuple[ForwardBatch, lis
     return batch, rows
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 whatever the activation dtype."""
-    return F.rms_norm(x.float(), weight.shape, weight, eps).to(x.dtype)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm computed in fp32 whatever the activation dtype; the result in `dtype` (x's by default)."""
+    return F.rms_norm(x.float(), weight.shape, weight, eps).to(dtype or x.dtype)
 
 
 class RotaryEmbedding:
@@ -154,13 +154,16 @@ class LlamaModel:
             return self._forward_fused(batch, num_layers)
         if self.native_rowwise:
             return self._forward_rowwise(batch, num_layers)
-        x = self.w.embed(batch.token_ids)  # [num_tokens, dim]
+        # The residual stream stays float32 whatever the activation dtype: summed over every layer
+        # in bfloat16 it would lose the small updates (SmolLM2's error grew past llama.cpp's).
+        eps, dtype = self.cfg.rms_eps, self.dtype
+        x = self.w.embed(batch.token_ids).float()  # [num_tokens, dim]
         for index, layer in enumerate(self.w.layers[:num_layers]):
-            x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), batch)
-            h = layer.w_gate_up(rms_norm(x, layer.ffn_norm, self.cfg.rms_eps))
+            x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, eps, dtype), batch).float()
+            h = layer.w_gate_up(rms_norm(x, layer.ffn_norm, eps, dtype))
             gate, up = h.chunk(2, dim=-1)
-            x = x + layer.w_down(F.silu(gate) * up)
-        x = rms_norm(x[batch.logits_indices], self.w.norm, self.cfg.rms_eps)
+            x = x + layer.w_down(F.silu(gate) * up).float()
+        x = rms_norm(x[batch.logits_indices], self.w.norm, eps, dtype)
         return self.w.output(x).float()
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -3,6 +3,7 @@ their stored form, logits against the float64 references, and the engine on it a
 kernels' engine. What holds on a GPU in bfloat16 is bench/gpu_check.py's to show."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -67,6 +68,24 @@ def test_logits_match_float64_reference(name, triton_placement):
     ref = torch.from_numpy(np.load(shared_file("quant", name + ".ref64.logits.npy")))
     runner = small_runner(load_plain(path), triton_placement)
     assert_as_close_as_llama_cpp(runner_logits(runner, PROMPT), ref, 1.0, "exact")
+
+
+@pytest.mark.parametrize("name", ["stories260K-Q8_0.gguf", "synth256-Q4_K_M.gguf", "synth256-IQ4_XS.gguf",
+                                  "synth256-BF16.gguf"])
+def test_bfloat16_activations(name, triton_placement):
+    """The GPU's default dtype through the whole device path (the interpreter rounds activations,
+    KV cache and logits inputs to bfloat16 as a GPU does, and multiplies in float32): quantized
+    files within llama.cpp's own error, 16-bit files within 2e-2 (bfloat16's 8 bits)."""
+    from tests.engine.weights.test_gguf_loader import LLAMA_CPP_ERROR
+    path = shared_file("quant", name)
+    ref = torch.from_numpy(np.load(shared_file("quant", name + ".ref64.logits.npy")))
+    bf16 = dataclasses.replace(triton_placement, dtype=torch.bfloat16)   # CLI refuses it: tests only
+    runner = small_runner(load_plain(path), bf16)
+    assert runner.kv.keys[0].dtype == torch.bfloat16
+    logits = runner_logits(runner, PROMPT)
+    err = float((logits.double() - ref).abs().max() / ref.abs().max())
+    bound = 2e-2 if "BF16" in name else LLAMA_CPP_ERROR[name]
+    assert err <= bound, f"{name}: {err:.2e} > {bound:.1e}"
 
 
 def test_weights_stay_in_their_stored_form(triton_placement):
