@@ -164,7 +164,11 @@ def bench_model(label: str, loaded, results: dict, copy_bw: float, dtype: str = 
 
 
 def _empty_cache() -> None:
+    """Give the GPU memory of the models just measured back before the next one loads."""
+    import gc
+
     import torch
+    gc.collect()   # an engine's objects may hold each other: their tensors go only with a collection
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 
@@ -204,6 +208,8 @@ def lumen_end_to_end(loaded, batch: int, dtype: str) -> float:
     engine = make_engine(loaded, False, dtype)
     timed_run(engine, 1, loaded.config.vocab_size, 0, 4)
     run = timed_run(engine, batch, loaded.config.vocab_size, 99)
+    del engine
+    _empty_cache()
     return batch * DECODE_TOKENS / run["wall_s"]
 
 
