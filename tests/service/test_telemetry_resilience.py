@@ -103,7 +103,9 @@ async def baseline(stories_model) -> list[float]:
 
 def assert_not_blocked(latencies: list[float], base: list[float], stop_s: float) -> None:
     assert len(latencies) == REQUESTS
-    assert statistics.median(latencies) <= 2 * statistics.median(base) + 0.1, (latencies, base)
+    # 0.5 s of slack: half the exporter's shortest retry backoff (1 s), which a request waiting on
+    # an export would pay at least; 0.1 s was within a loaded machine's noise and failed once.
+    assert statistics.median(latencies) <= 2 * statistics.median(base) + 0.5, (latencies, base)
     assert max(latencies) < EXPORT_TIMEOUT_S / 2, latencies
     assert stop_s < STOP_BOUND_S, f"server stop took {stop_s:.1f}s"
 
