@@ -25,6 +25,7 @@ from lumen.service.loading import in_passing_thread
 from lumen.service.registry import ModelRegistry, ModelRuntime
 from lumen.service.servicer import InferenceService
 from lumen.telemetry import StepMetrics, Telemetry
+from lumen.telemetry.step_metrics import observe_device_memory
 from lumen.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -84,21 +85,14 @@ def build_registry(loaded: list[LoadedModel], config: EngineConfig, telemetry: T
 
 
 def _observe_gpu_memory(telemetry: Telemetry, devices: set) -> None:
-    """lumen.device.memory.used: torch's memory on each GPU the models use, by state (allocated,
-    reserved), read when the metrics are collected. No GPU, no gauge."""
+    """lumen.device.memory.used for each GPU the models use (no GPU, no gauge)."""
     if not devices:
         return
-    from opentelemetry.metrics import Observation
-
     from lumen.engine.model.placement import cuda_memory
 
-    def observe(options):
-        return [Observation(value, {"device": str(device), "state": state})
-                for device in sorted(devices, key=str) for state, value in cuda_memory(device).items()]
-
-    telemetry.meter.create_observable_gauge(
-        "lumen.device.memory.used", callbacks=[observe], unit="By",
-        description="torch's memory on each GPU in use, by state: allocated (tensors) and reserved (its cache).")
+    observe_device_memory(telemetry.meter, lambda: [(str(device), state, value)
+                                                    for device in sorted(devices, key=str)
+                                                    for state, value in cuda_memory(device).items()])
 
 
 def _without_draft(config: EngineConfig, name: str) -> EngineConfig:

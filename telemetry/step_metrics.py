@@ -10,7 +10,7 @@ abort with nothing left to run would otherwise leave them stale until the next r
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
@@ -151,3 +151,15 @@ class StepMetrics:
             return []
         return [Observation(s.kv_blocks_used, {**self.attributes, "state": "used"}),
                 Observation(s.kv_blocks_free, {**self.attributes, "state": "free"})]
+
+
+def observe_device_memory(meter: Meter, read: Callable[[], list[tuple[str, str, int]]]) -> None:
+    """lumen.device.memory.used: `read()` gives (device, state, bytes) when the metrics are
+    collected (the server passes torch's allocated and reserved memory on each GPU in use)."""
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(value, {"device": device, "state": state}) for device, state, value in read()]
+
+    meter.create_observable_gauge(
+        "lumen.device.memory.used", unit="By", callbacks=[observe],
+        description="torch's memory on each GPU in use, by state: allocated (tensors) and reserved (its cache).")
+

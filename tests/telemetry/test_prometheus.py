@@ -141,8 +141,9 @@ def test_prometheus_is_for_metrics_only(monkeypatch):
 
 
 
-# Counters that stay absent until their event happens (the SDK exports no point before the first add).
-EVENT_ONLY = {"lumen_engine_preemptions_total"}
+# Series absent until their event happens (the SDK exports no point before the first add), or on
+# servers without a GPU (lumen.device.memory.used).
+EVENT_ONLY = {"lumen_engine_preemptions_total", "lumen_device_memory_used_bytes"}
 
 
 def scraped_series(text: str) -> set[str]:
