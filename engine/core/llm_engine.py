@@ -198,7 +198,7 @@ class LLMEngine:
     def _update(self, item: ScheduledSeq, result: RowResult) -> RequestOutput | None:
         seq = item.seq
         first_token = not seq.has_sampled
-        out = seq.on_computed(result.logits, item.num_new, result.token, result.logprob, result.choices)
+        out = seq.on_computed(result.logits, item.num_new, result.token, result.logprob, result.verdict)
         if seq.last_verify is not None:  # give back the blocks of rejected draft tokens
             self.blocks.trim(seq, len(seq.token_ids))
         self.blocks.register_full_blocks(seq)

@@ -17,7 +17,7 @@ from opentelemetry import trace
 from lumen.engine.core.batch_sizes import BatchSizes
 from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
 from lumen.engine.sampling.logprobs import TokenLogprob, token_logprobs
-from lumen.engine.sampling.rejection import verify, verify_greedy_choices
+from lumen.engine.sampling.rejection import verify
 from lumen.engine.sampling.sampler import Sampler
 from lumen.engine.speculative import Draft, SpecMethod
 from lumen.engine.tokenizer.detokenizer import IncrementalDetokenizer
@@ -96,11 +96,11 @@ class Sequence:
 
     def on_computed(self, logits: torch.Tensor, num_new: int, sampled: int | None = None,
                     sampled_logprob: TokenLogprob | None = None,
-                    choices: list[int] | None = None) -> RequestOutput | None:
+                    verdict: tuple[list[int], int] | None = None) -> RequestOutput | None:
         """Account for `num_new` computed tokens; `logits` holds this step's rows from logit_rows().
         `sampled`: the token the runner already drew for this step (samples_next), if it did, with
-        its logprobs when the request wants them. `choices`: for a greedy draft without penalty,
-        the argmax of each row, which decides verification as the logits would."""
+        its logprobs when the request wants them. `verdict`: the draft's verification when the
+        runner did it on the device, (tokens to append, accepted draft tokens)."""
         start, scoring = self.num_computed, self.wants_prompt_logprobs()
         draft, self.draft = self.draft, None
         self.num_computed += num_new
@@ -109,8 +109,7 @@ class Sequence:
             targets = self.prompt_ids[start + 1: min(self.num_computed + 1, len(self.prompt_ids))]
             self.prompt_logprobs += token_logprobs(logits[: len(targets)], targets, self.request.top_logprobs)
         if draft is not None:
-            tokens, accepted = (verify(self.sampler, logits, draft, self.token_ids) if choices is None
-                                else verify_greedy_choices(choices, draft.tokens))
+            tokens, accepted = verdict or verify(self.sampler, logits, draft, self.token_ids)
             # Computed and kept: the last token and the accepted draft tokens; the rest roll back.
             self.num_computed = len(self.token_ids) + accepted
             self.draft_tokens += len(draft.tokens)

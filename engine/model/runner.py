@@ -26,7 +26,9 @@ from lumen.engine.model.device_weights import device_nbytes, weights_on
 from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
 from lumen.engine.model.llama import ForwardBatch, LlamaModel
 from lumen.engine.model.placement import CPU_NATIVE, Placement
+from lumen.engine.sampling.device_verify import DraftRows, verdicts, verify_on_device
 from lumen.engine.sampling.logprobs import TokenLogprob, logprob_tensors, unpack_logprobs
+from lumen.engine.sampling.rejection import verify_greedy_choices
 from lumen.engine.weights.loaded_model import LoadedModel
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ class RowResult:
     logits: torch.Tensor
     token: int | None = None
     logprob: TokenLogprob | None = None
-    choices: list[int] | None = None   # a greedy draft's verification: the argmax of each of its rows
+    verdict: tuple[list[int], int] | None = None   # a draft verified on the device: (tokens, accepted)
 
 
 class ModelRunner:
@@ -162,7 +164,10 @@ class ModelRunner:
             pieces += self._sample_plain(plain, [scheduled[i].seq for i in plain], rows, logits, results)
         greedy = [i for i, kind in enumerate(kinds) if kind == "greedy_verify"]
         if greedy:
-            pieces.append(_greedy_choices(greedy, rows, logits, results))
+            pieces.append(_greedy_choices(greedy, [scheduled[i].seq for i in greedy], rows, logits, results))
+        sampled = [i for i, kind in enumerate(kinds) if kind == "sampled_verify"]
+        if sampled:
+            pieces.append(_sampled_verdicts(sampled, [scheduled[i].seq for i in sampled], rows, logits, results))
         if pieces:   # the step's one synchronisation: every token and logprob in one read
             flat = torch.cat([tensor for tensor, _ in pieces]).tolist()
             offset = 0
@@ -211,18 +216,18 @@ class ModelRunner:
 
 def _row_kind(seq, num_new: int) -> str:
     """How the runner serves a sequence's rows: "plain" (it samples the next token on the device),
-    "greedy_verify" (a greedy draft checked against the argmax of each row, on the device), or
-    "host" (its rows are copied to the host: sampled drafts, prompt logprobs)."""
+    "greedy_verify" / "sampled_verify" (its draft is verified on the device), or "host" (its rows
+    are copied to the host: drafts under a repetition penalty, logprobs of drafts, prompt logprobs)."""
     if seq.samples_next(num_new):
         return "plain"
     params = seq.sampler.params
-    if (seq.draft is not None and params.greedy and params.repetition_penalty == 1.0
-            and not seq.wants_logprobs() and not seq.wants_prompt_logprobs()):
-        return "greedy_verify"
+    if (seq.draft is not None and params.repetition_penalty == 1.0 and not seq.wants_logprobs()
+            and not seq.wants_prompt_logprobs()):
+        return "greedy_verify" if params.greedy else "sampled_verify"
     return "host"
 
 
-def _greedy_choices(picks: list[int], rows: list[tuple[int, int]], logits: torch.Tensor,
+def _greedy_choices(picks: list[int], seqs: list, rows: list[tuple[int, int]], logits: torch.Tensor,
                     results: list[RowResult]) -> tuple[torch.Tensor, Callable[[list[float]], None]]:
     """The target's own greedy choice at every row of the picked sequences (what verification
     compares a greedy draft with), as one argmax over all their rows."""
@@ -231,11 +236,26 @@ def _greedy_choices(picks: list[int], rows: list[tuple[int, int]], logits: torch
 
     def read(values: list[float]) -> None:
         offset = 0
-        for i in picks:
+        for i, seq in zip(picks, seqs):
             n = rows[i][1] - rows[i][0]
-            results[i].choices, offset = [int(v) for v in values[offset:offset + n]], offset + n
+            results[i].verdict = verify_greedy_choices([int(v) for v in values[offset:offset + n]],
+                                                       seq.draft.tokens)
+            offset += n
 
     return choices, read
+
+
+def _sampled_verdicts(picks: list[int], seqs: list, rows: list[tuple[int, int]], logits: torch.Tensor,
+                      results: list[RowResult]) -> tuple[torch.Tensor, Callable[[list[float]], None]]:
+    """Sampled drafts verified on the device (sampling.device_verify)."""
+    drafts = [DraftRows(seq.sampler, seq.draft.tokens, seq.draft.probs, rows[i][0]) for i, seq in zip(picks, seqs)]
+    flat = verify_on_device(logits, drafts)
+
+    def read(values: list[float]) -> None:
+        for i, verdict in zip(picks, verdicts(drafts, values)):
+            results[i].verdict = verdict
+
+    return flat, read
 
 
 def _triton_attention(placement: Placement):

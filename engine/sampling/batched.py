@@ -165,3 +165,19 @@ def _exponential_noise(samplers: list[Sampler], rows: _RowParams, shape: torch.S
         if not sampler.params.greedy and sampler.params.seed is not None:
             noise[row].exponential_(generator=sampler.generator_on(device))
     return noise.clamp_(min=_TINY)
+
+
+def exponential_noise(samplers: list[Sampler], shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [R, V] for rows drawn by `samplers` (seeded ones from their own generator), for
+    other exponential races (speculative verification on the device)."""
+    return _exponential_noise(samplers, _row_params(samplers, shape[1], device), shape, device)
+
+
+def uniforms(samplers: list[Sampler], device: torch.device) -> torch.Tensor:
+    """U[0, 1) [R], one per row; seeded rows from their own generator, the rest in one call."""
+    u = torch.rand(len(samplers), device=device)
+    for row, sampler in enumerate(samplers):
+        if sampler.params.seed is not None:
+            u[row] = torch.rand((), device=device, generator=sampler.generator_on(device))
+    return u
+

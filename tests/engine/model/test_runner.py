@@ -259,3 +259,25 @@ def test_random_batches_give_the_c_kernels_logits(triton_placement):
         batch, _ = build_batch(chunks, 4)
         ours, theirs = device.forward(batch).cpu(), cpu.forward(batch)
         assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
+
+
+def test_sampled_drafts_verified_on_the_device(triton_placement, stories_greedy, monkeypatch):
+    """A seeded, sampled request with n-gram drafts on the Triton placement: its drafts are
+    verified on the device (device_verify), and it gives the same tokens alone and among others."""
+    from lumen.engine.model import runner as runner_module
+    verified = []
+    verdicts_of = runner_module._sampled_verdicts
+    monkeypatch.setattr(runner_module, "_sampled_verdicts", lambda *a: verified.append(1) or verdicts_of(*a))
+    oracle, _ = stories_greedy
+    engine = LLMEngine(load_plain(shared_file("quant", "stories260K-Q8_0.gguf")),
+                       EngineConfig(placement=triton_placement, kv_cache_bytes=1 << 20))
+
+    def sampled(rid: str, seed: int) -> GenerationRequest:
+        return GenerationRequest(rid, [1] + oracle[:80], 8, SamplingParams(temperature=0.7, seed=seed),
+                                 ignore_eos=True, speculative=SpeculativeParams(method=SpecMethod.NGRAM, num_tokens=3))
+
+    alone = run(engine, [sampled("s", 11)])
+    together = run(engine, [sampled("s", 11), GenerationRequest("g", [1] + oracle[:5], 8, SamplingParams(
+        temperature=0), ignore_eos=True)])
+    assert together["s"] == alone["s"] and len(alone["s"]) == 8
+    assert verified, "no sampled draft was verified on the device"
