@@ -1,11 +1,12 @@
 """The model runner: the one owner of the device a model computes on.
 
 It holds the model's weights there (device_weights), the paged KV pool, the attention backend;
-stages each step's inputs (pinned host memory, non-blocking copies), runs the forward and, on
-the Triton placement, samples the whole batch on the device (sampling.batched) with ONE host
-synchronisation for the sampled ids (a second only for rows whose logits the host must see:
-logprobs, prompt logprobs, speculative verification). The scheduler, block manager and
-sequences never see a device tensor.
+stages each step's inputs (pinned host memory, non-blocking copies), runs the forward (replaying
+a CUDA graph for decode steps on a GPU) and, on the Triton placement, samples the whole batch on
+the device (sampling.batched) and verifies speculative drafts there (greedy argmax,
+sampling.device_verify), with ONE host synchronisation for all the tokens, logprobs and verdicts
+(a second only in steps with rows the host must see: prompt logprobs, drafts under a repetition
+penalty or with logprobs). The scheduler, block manager and sequences never see a device tensor.
 
 On the CPU with the C kernels ("native") it is what the engine always did: weights as loaded,
 the C layer kernels, each sequence sampling its own row (bit-exact with earlier releases).
