@@ -85,23 +85,10 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / best
 
 
-def _linear_bytes(w) -> int:
-    from lumen.engine.model.device_weights import DeviceChunkedLinear, TritonQuantLinear
-    from lumen.engine.model.linear import ConcatLinear, DenseLinear
-
-    def size(linear) -> int:
-        if isinstance(linear, ConcatLinear):
-            return sum(size(p) for p in linear.parts)
-        if isinstance(linear, TritonQuantLinear):
-            return linear.weight.nbytes
-        if isinstance(linear, DeviceChunkedLinear):
-            return linear.weight.raw.nbytes
-        if isinstance(linear, DenseLinear):
-            return linear.weight.nbytes
-        raise TypeError(type(linear).__name__)
-
-    layers = sum(size(getattr(layer, n)) for layer in w.layers for n in ("wqkv", "wo", "w_gate_up", "w_down"))
-    return layers + size(w.output)
+def matrix_bytes(w) -> int:
+    """Bytes of every matrix one decoded token reads (the embedding row aside)."""
+    from lumen.engine.model.device_weights import LAYER_LINEARS, nbytes_on_device
+    return nbytes_on_device(*[getattr(layer, n) for layer in w.layers for n in LAYER_LINEARS], w.output)
 
 
 def make_engine(loaded, eager: bool, dtype: str = "auto"):
@@ -155,7 +142,7 @@ def bench_model(label: str, loaded, results: dict, copy_bw: float, dtype: str = 
         timed_run(engine, 1, loaded.config.vocab_size, 0, 4)          # compiles the kernels
         for n in STREAMS:
             rows[f"{mode}@{n}"] = timed_run(engine, n, loaded.config.vocab_size, n)
-        rows[f"{mode}@1"]["bandwidth_of_copy"] = (_linear_bytes(engine.runner.model.w)
+        rows[f"{mode}@1"]["bandwidth_of_copy"] = (matrix_bytes(engine.runner.model.w)
                                                   / (rows[f"{mode}@1"]["ms_per_step"] / 1e3) / copy_bw)
         rows["weights_gib"] = engine.runner.weights_bytes / 2**30
         del engine

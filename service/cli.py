@@ -47,25 +47,21 @@ def _int_in_range(low: int, high: int | None = None):
     return parse
 
 
-def _float_at_least_0(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def _float_where(holds, span: str):
+    """A float argument type: a number for which holds(value), else "must be {span}"."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return value
+    return parse
 
 
-def _fraction(text: str) -> float:
-    """A share in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+_float_at_least_0 = _float_where(lambda v: v >= 0, ">= 0")
+_fraction = _float_where(lambda v: 0 < v <= 1, "in (0, 1]")   # a share
 
 
 def _model_spec(text: str) -> tuple[str | None, Path]:

@@ -249,5 +249,5 @@ class InferenceService(pb_grpc.InferenceServicer):
                 parameter_count=m.parameter_count, context_length=cfg.context_length,
                 vocab_size=cfg.vocab_size, path=m.path.name, is_default=rt is self.registry.default,
                 has_chat_template=m.chat_template is not None, device=rt.placement.device_name,
-                kernels=rt.placement.kernels, dtype=str(rt.placement.dtype).removeprefix("torch.")))
+                kernels=rt.placement.kernels, dtype=rt.placement.dtype_name))
         return pb.ListModelsResponse(models=models)

@@ -36,11 +36,12 @@ class DecodeGraphs:
         self.sizes = batch_size_ladder(max_batch)
         self.width = -(-max_seq_len // block_size)     # block-table columns of the longest context
         self.pad_block = pad_block
-        self.token_ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.slots = torch.full((max_batch,), pad_block * block_size, dtype=torch.long, device=dev)
-        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
-        self.block_tables = torch.full((max_batch, self.width), pad_block, dtype=torch.int32, device=dev)
+        self.token_ids = torch.empty(max_batch, dtype=torch.long, device=dev)
+        self.positions = torch.empty(max_batch, dtype=torch.long, device=dev)
+        self.slots = torch.empty(max_batch, dtype=torch.long, device=dev)
+        self.seq_lens = torch.empty(max_batch, dtype=torch.int32, device=dev)
+        self.block_tables = torch.empty((max_batch, self.width), dtype=torch.int32, device=dev)
+        self._pad(0, max_batch)
         self.query_start = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(max_batch, dtype=torch.long, device=dev)
         self.capture = capture
@@ -100,8 +101,12 @@ class DecodeGraphs:
         put(self.seq_lens[:n], a.seq_lens)
         put(self.block_tables[:n, :a.block_tables.shape[1]], a.block_tables)
         if size > n:
-            self.token_ids[n:size] = 0
-            self.positions[n:size] = 0
-            self.slots[n:size] = self.pad_block * self.block_size
-            self.seq_lens[n:size] = 1
-            self.block_tables[n:size] = self.pad_block
+            self._pad(n, size)
+
+    def _pad(self, start: int, stop: int) -> None:
+        """Rows start..stop-1 as padding: token 0 at position 0, one token of context, all in the pad block."""
+        self.token_ids[start:stop] = 0
+        self.positions[start:stop] = 0
+        self.slots[start:stop] = self.pad_block * self.block_size
+        self.seq_lens[start:stop] = 1
+        self.block_tables[start:stop] = self.pad_block

@@ -87,15 +87,15 @@ def linear_on(linear, placement: Placement):
     if isinstance(linear, ConcatLinear):
         fused = _fused_blocks(linear.parts)
         if fused is not None:
-            return linear_on(ChunkedQuantLinear(fused), placement)
+            return _blocks_on(fused, placement)
         return ConcatLinear([linear_on(part, placement) for part in linear.parts])
     if isinstance(linear, (NativeQuantLinear, ChunkedQuantLinear)):
         return _blocks_on(linear.weight, placement)
     if isinstance(linear, DenseLinear):
         return DenseLinear(linear.weight.to(placement.device, placement.dtype))
     if isinstance(linear, OneDNNLinear):
-        raise TypeError("a oneDNN-packed linear keeps no plain weight to move; load the model with "
-                        "pack_cpu=False for a device placement")
+        raise TypeError("a oneDNN-packed linear keeps no plain weight to move; load the model inside "
+                        "linear.plain_weights() for a device placement")
     raise TypeError(f"no device form for a {type(linear).__name__}")
 
 
@@ -126,8 +126,11 @@ def _fused_blocks(parts: list) -> GGUFWeight | None:
     return GGUFWeight(raw, weights[0].qtype, sum(w.out_features for w in weights), weights[0].in_features)
 
 
-def device_nbytes(weights: LlamaWeights) -> int:
-    """Bytes the weights hold on their device (what the startup log and gpu_check report)."""
+LAYER_LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
+def nbytes_on_device(*parts) -> int:
+    """Bytes the given device weights hold (linears, embeddings, tensors), each tensor counted once."""
     seen: dict[int, int] = {}
 
     def visit(obj) -> None:
@@ -136,19 +139,20 @@ def device_nbytes(weights: LlamaWeights) -> int:
         elif isinstance(obj, TritonQuantLinear):
             for plane in obj.weight.planes:
                 visit(plane)
-        elif isinstance(obj, (DeviceChunkedLinear,)):
+        elif isinstance(obj, (DeviceChunkedLinear, QuantEmbedding)):
             visit(obj.weight.raw)
         elif isinstance(obj, (DenseLinear, DenseEmbedding)):
             visit(obj.weight)
-        elif isinstance(obj, QuantEmbedding):
-            visit(obj.weight.raw)
         elif isinstance(obj, ConcatLinear):
             for part in obj.parts:
                 visit(part)
 
-    for layer in weights.layers:
-        for name in ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down"):
-            visit(getattr(layer, name))
-    for obj in (weights.embed, weights.norm, weights.output):
-        visit(obj)
+    for part in parts:
+        visit(part)
     return sum(seen.values())
+
+
+def weights_nbytes(weights: LlamaWeights) -> int:
+    """Bytes the whole model's weights hold on their device (the startup log, lumen.model.memory)."""
+    layers = [getattr(layer, name) for layer in weights.layers for name in ("attn_norm", "ffn_norm", *LAYER_LINEARS)]
+    return nbytes_on_device(*layers, weights.embed, weights.norm, weights.output)

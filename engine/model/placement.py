@@ -34,8 +34,13 @@ class Placement:
             return "cpu"
         return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
 
+    @property
+    def dtype_name(self) -> str:
+        """'float32', 'bfloat16', ..."""
+        return str(self.dtype).removeprefix("torch.")
+
     def describe(self) -> str:
-        return f"device {self.device_name}, kernels {self.kernels}, dtype {str(self.dtype).removeprefix('torch.')}"
+        return f"device {self.device_name}, kernels {self.kernels}, dtype {self.dtype_name}"
 
 
 CPU_NATIVE = Placement(torch.device("cpu"), "native", torch.float32)

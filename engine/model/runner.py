@@ -23,7 +23,7 @@ from lumen.engine.model.attention import AttentionMetadata
 from lumen.engine.model.attention.select import select_backend
 from lumen.engine.model.config import ModelConfig
 from lumen.engine.model.cuda_graphs import DecodeGraphs
-from lumen.engine.model.device_weights import device_nbytes, weights_on
+from lumen.engine.model.device_weights import weights_nbytes, weights_on
 from lumen.engine.model.kv_cache import KVCachePool, KVCacheSpec
 from lumen.engine.model.llama import ForwardBatch, LlamaModel
 from lumen.engine.model.placement import CPU_NATIVE, Placement
@@ -87,9 +87,7 @@ class ModelRunner:
         # CUDA graphs pad a step with rows that write their K/V into one more block, owned by no one.
         pool_spec = KVCacheSpec(spec.block_size, spec.num_blocks + 1) if graphs else spec
         self.kv = KVCachePool(cfg, pool_spec, placement.dtype, placement.device)
-        self.attention = attention
         self.model = LlamaModel(cfg, weights, self.kv, attention, native_kernels=native)
-        self.batched_sampling = not native
         self.graphs = None
         if graphs:
             for cache in self.kv.keys + self.kv.values:
@@ -97,7 +95,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, graph_batch, min(cfg.context_length, spec.num_blocks * spec.block_size),
                                        spec.block_size, spec.num_blocks, graph_capture)
         # The bytes the weights hold on the device (0 for the native placement: they stay as loaded).
-        self.weights_bytes = 0 if native else device_nbytes(weights)
+        self.weights_bytes = 0 if native else weights_nbytes(weights)
         log.info("model %s on %s: KV pool %d blocks of %d tokens (%.1f MiB)%s%s", loaded.name, placement.describe(),
                  spec.num_blocks, spec.block_size, self.kv.nbytes / 2**20,
                  f", weights {self.weights_bytes / 2**20:.1f} MiB on the device" if self.weights_bytes else "",
@@ -154,9 +152,10 @@ class ModelRunner:
     def sample(self, scheduled: list["ScheduledSeq"], rows: list[tuple[int, int]],
                logits: torch.Tensor) -> list[RowResult]:
         """Each scheduled sequence's result from the step's logits (rows[i]: its [first, last))."""
-        if not self.batched_sampling:
+        if self.placement.kernels == "native":   # each sequence samples its own row, as always
             return [RowResult(logits[first:last]) for first, last in rows]
-        results = [RowResult(logits.new_empty((1, 0), device="cpu")) for _ in scheduled]
+        no_rows = logits.new_empty((1, 0), device="cpu")   # for sequences that read no logits
+        results = [RowResult(no_rows) for _ in scheduled]
         kinds = [_row_kind(item.seq, item.num_new) if last > first else "" for item, (first, last)
                  in zip(scheduled, rows)]
         pieces: list[tuple[torch.Tensor, Callable[[list[float]], None]]] = []

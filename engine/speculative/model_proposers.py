@@ -151,7 +151,6 @@ class DraftModelProposer(ModelProposer):
         """The draft runs where the target does (placement), with a KV pool of memory_bytes."""
         check_same_vocabulary(draft, target)
         runner = ModelRunner(draft, placement, KVSizing(memory_bytes, None, block_size, max_tokens, max_tokens))
-        self.kv = runner.kv
         super().__init__(runner, BlockManager(runner.kv_spec.num_blocks, block_size, prefix_caching=False), None,
                          draft.config.context_length)
         self.states: dict[str, _DraftSeq] = {}

@@ -31,6 +31,7 @@ from lumen.engine.sampling.sampler import SamplingParams
 from lumen.engine.weights.gguf_loader import load_gguf
 from tests.conftest import shared_file
 from tests.engine.model.test_llama_reference import PROMPT
+from tests.engine.model.test_runner import runner_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.py)")
 
@@ -49,13 +50,6 @@ def load(*parts):
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.double().cpu() - ref).abs().max() / ref.abs().max())
-
-
-def prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
-    block = runner.kv_spec.block_size
-    table = list(range(-(-len(ids) // block)))
-    batch, _ = build_batch([Chunk(ids, 0, table, range(len(ids)))], block)
-    return runner.forward(batch).float().cpu()
 
 
 def engine(loaded, dtype: str = "bfloat16", eager: bool = False, **kw) -> LLMEngine:
@@ -90,7 +84,7 @@ def test_stories_oracle_in_float32(stories_greedy, eager):
 def test_logits_in_bfloat16(name):
     ref = torch.from_numpy(np.load(shared_file("quant", name + ".ref64.logits.npy")))
     runner = ModelRunner(load("quant", name), resolve_placement("cuda", "triton"), KVSizing(8 << 20, None, 16, 256, 64))
-    err = relative_error(prefill_logits(runner, PROMPT), ref)
+    err = relative_error(runner_logits(runner, PROMPT), ref)
     assert err <= BF16_BOUND, f"{name}: {err:.2e} > {BF16_BOUND:.0e}"
 
 
@@ -99,7 +93,7 @@ def test_f16_file_in_float16():
     ref = torch.from_numpy(np.load(shared_file("quant", name + ".ref64.logits.npy")))
     runner = ModelRunner(load("quant", name), resolve_placement("cuda", "triton", "float16"),
                          KVSizing(8 << 20, None, 16, 256, 64))
-    assert relative_error(prefill_logits(runner, PROMPT), ref) <= F16_BOUND
+    assert relative_error(runner_logits(runner, PROMPT), ref) <= F16_BOUND
 
 
 @pytest.mark.parametrize("name", SMOLLM2_PROMPTS)
@@ -107,7 +101,7 @@ def test_smollm2_references_in_bfloat16(smollm2_gpu, name):
     from tests.conftest import smollm2_ids
     prompt = smollm2_ids(name, "prompt")
     ref = torch.from_numpy(np.load(shared_file("models", f"SmolLM2-135M-Instruct.{name}.ref64.logits.npy")))
-    logits = prefill_logits(smollm2_gpu.runner, prompt)
+    logits = runner_logits(smollm2_gpu.runner, prompt)
     err = relative_error(logits[-ref.shape[0]:], ref)
     assert err <= SMOLLM2_BF16_BOUND, f"{name}: {err:.2e} > {SMOLLM2_BF16_BOUND:.0e}"
 
