@@ -3,7 +3,8 @@
 Blocks are fixed-size slots of the KV pool. A full block is identified by a hash
 chained over its token ids and those of every block before it; a new sequence
 whose prefix matches cached blocks (hash AND tokens compared) shares them instead
-of recomputing. Freed blocks keep their contents and stay findable until the free
+of recomputing. The chain starts from the sequence's `cache_salt`, so sequences of different
+LoRA adapters (whose keys and values differ for the same tokens) never share a block. Freed blocks keep their contents and stay findable until the free
 list hands them out again, oldest first (LRU eviction, only when free blocks run out).
 
 This module only changes block tables and counts; it never touches tensors.
@@ -20,6 +21,7 @@ class HasBlocks(Protocol):
     block_table: list[int]
     block_hashes: list[int]   # chained hash of each full block of block_table that is registered
     num_computed: int
+    cache_salt: object        # where its chain starts: None for the base model, the adapter's key with LoRA
 
 
 @dataclass(slots=True)
@@ -62,7 +64,7 @@ class BlockManager:
         if not self.prefix_caching:
             return []
         found: list[int] = []
-        previous = None
+        previous = seq.cache_salt
         for i in range((len(seq.token_ids) - 1) // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             previous = chain_hash(previous, tokens)
@@ -137,7 +139,7 @@ class BlockManager:
         if not self.prefix_caching:
             return
         full = seq.num_computed // self.block_size
-        previous = seq.block_hashes[-1] if seq.block_hashes else None
+        previous = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
         for i in range(len(seq.block_hashes), full):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             previous = chain_hash(previous, tokens)

@@ -21,6 +21,7 @@ from lumen.engine.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from lumen.engine.core.sequence import Sequence
 from lumen.engine.core.step_stats import EngineLoad, StepStats
 from lumen.engine.errors import InvalidRequestError, quoted
+from lumen.engine.lora.registry import LoadedAdapter, LoraConfig
 from lumen.engine.model.llama import Chunk, ForwardBatch, build_batch
 from lumen.engine.model.placement import CPU_NATIVE, Placement
 from lumen.engine.model.runner import KVSizing, ModelRunner, RowResult
@@ -33,6 +34,7 @@ from lumen.engine.weights.loaded_model import LoadedModel
 log = logging.getLogger(__name__)
 
 MAX_STOP_TOKEN_IDS = 64  # a request's stop_token_ids (checked after every token)
+MAX_LORA_SCALE = 10.0
 
 
 @dataclass(slots=True)
@@ -56,6 +58,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     # On CUDA, decode steps replay CUDA graphs (lumen.engine.model.cuda_graphs) unless this is set.
     enforce_eager: bool = False
+    # LoRA adapters: how many may be loaded at once, and their largest rank.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.default_max_new_tokens < 1:
@@ -86,7 +90,8 @@ class LLMEngine:
         sizing = KVSizing(self.config.kv_cache_bytes, self.config.gpu_memory_utilization, self.config.block_size,
                           sched.max_running * cfg.context_length, sched.max_tokens_per_step)
         graph_batch = sched.max_running if placement.on_cuda and not self.config.enforce_eager else 0
-        self.runner = ModelRunner(model, placement, sizing, graph_batch)
+        self.runner = ModelRunner(model, placement, sizing, graph_batch, lora=self.config.lora)
+        self.lora = self.runner.lora   # the adapters it serves (lumen.engine.lora.registry)
         self.kv, self.model = self.runner.kv, self.runner.model
         spec = self.runner.kv_spec
         self.blocks = BlockManager(spec.num_blocks, spec.block_size, self.config.prefix_caching)
@@ -134,6 +139,10 @@ class LLMEngine:
         if bad is not None:
             raise InvalidRequestError("stopping.stop_token_ids",
                                       f"token id {bad} is outside the vocabulary [0, {vocab}); use ids Tokenize gives")
+        if req.adapter:
+            self.lora.get(req.adapter)
+        if not (0.0 <= req.lora_scale <= MAX_LORA_SCALE):   # also refuses NaN
+            raise InvalidRequestError("lora_scale", f"must be in [0, {MAX_LORA_SCALE:g}], got {req.lora_scale}")
         self.speculation.resolve(req)
 
     def add_request(self, req: GenerationRequest) -> None:
@@ -141,15 +150,32 @@ class LLMEngine:
         seq = Sequence(req, self.tokenizer)
         seq.spec_method, seq.max_draft_len = self.speculation.resolve(req)
         seq.draft_len = seq.max_draft_len
+        if req.adapter:
+            seq.lora = self.lora.acquire(req.adapter)
         self.scheduler.add(seq)
         self._publish_load()
+
+    def load_adapter(self, name: str, adapter) -> LoadedAdapter:
+        """Serve a LoRA adapter read by `self.lora.read` (lumen.engine.lora) under `name`."""
+        return self.lora.add(name, adapter)
+
+    def unload_adapter(self, name: str) -> LoadedAdapter:
+        """Stop serving an adapter; refused (FailedPreconditionError) while requests use it."""
+        return self.lora.remove(name)
+
+    def _release(self, seq: Sequence) -> None:
+        """A sequence has left the engine: drop what it holds beyond its blocks."""
+        self.speculation.release(seq)
+        if seq.lora is not None:
+            self.lora.release(seq.lora)
+            seq.lora = None
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request at once, freeing its blocks; None if it is not here (already finished)."""
         seq = self.scheduler.remove(request_id)
         if seq is None:
             return None
-        self.speculation.release(seq)
+        self._release(seq)
         self.spans.end(seq, cancelled=True)
         self._publish_load()
         return seq.final_output(FinishReason.ABORTED)
@@ -190,7 +216,7 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
         self.scheduler.remove(seq.request_id)
-        self.speculation.release(seq)
+        self._release(seq)
         self.spans.end(seq, error=error)
         self._publish_load()
         return seq.final_output(FinishReason.ERROR, error)
@@ -208,7 +234,7 @@ class LLMEngine:
             self.spans.first_token(seq, out.finished)
         if out.finished:
             self.scheduler.finish(seq)
-            self.speculation.release(seq)
+            self._release(seq)
             self.spans.end(seq)
         return out
 
@@ -220,6 +246,12 @@ class LLMEngine:
         """No KV block leaked or miscounted (tests call it after any mix of requests)."""
         self.blocks.check_invariants(self.scheduler.active())
         self.speculation.check_invariants(self.scheduler.active())
+        users: dict[str, int] = {}
+        for seq in self.scheduler.active():
+            if seq.lora is not None:
+                users[seq.lora.name] = users.get(seq.lora.name, 0) + 1
+        held = {a.name: a.users for a in self.lora.adapters() if a.users}
+        assert users == held, f"adapter users {held} but active requests use {users}"
 
     def load(self) -> EngineLoad:
         """The queues and the KV cache now."""
@@ -249,5 +281,5 @@ class LLMEngine:
 
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
         chunks = [Chunk(item.seq.step_tokens(item.num_new), item.seq.num_computed, item.seq.block_table,
-                        item.seq.logit_rows(item.num_new)) for item in scheduled]
+                        item.seq.logit_rows(item.num_new), item.seq.lora_rows) for item in scheduled]
         return build_batch(chunks, self.blocks.block_size)

@@ -34,6 +34,8 @@ class GenerationRequest:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     speculative: SpeculativeParams = field(default_factory=SpeculativeParams)
+    adapter: str = ""                 # a LoRA adapter loaded on the model; "" = the base model
+    lora_scale: float = 1.0           # multiplies the adapter's own scale (alpha / rank)
     # The request's span context: engine spans (prefill, decode) become its children.
     trace_context: Context | None = None
     arrival_time: float = field(default_factory=time.monotonic)

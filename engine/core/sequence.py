@@ -10,6 +10,7 @@ A `Sequence` turns its new tokens into one `RequestOutput` per step; it never ru
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from opentelemetry import trace
@@ -23,6 +24,10 @@ from lumen.engine.speculative import Draft, SpecMethod
 from lumen.engine.tokenizer.detokenizer import IncrementalDetokenizer
 from lumen.engine.tokenizer.stop_strings import StopMatcher
 from lumen.engine.tokenizer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lumen.engine.lora.registry import LoadedAdapter
+    from lumen.engine.lora.weights import AdapterWeights
 
 
 class Sequence:
@@ -52,6 +57,17 @@ class Sequence:
         self.draft_tokens = 0               # draft tokens verified so far (proposed and scheduled)
         self.accepted_tokens = 0            # of which the target accepted
         self.last_verify: tuple[int, int] | None = None  # (proposed, accepted) of this step's verification
+        self.lora: LoadedAdapter | None = None   # the LoRA adapter it holds (set by the engine)
+
+    @property
+    def lora_rows(self) -> tuple[AdapterWeights, float] | None:
+        """What its rows of a forward are adapted with: (the adapter on the device, scale), or None."""
+        return None if self.lora is None else (self.lora.weights, self.request.lora_scale)
+
+    @property
+    def cache_salt(self) -> object:
+        """Its prefix-cache chain's start: blocks are shared only between sequences of one adapter load."""
+        return None if self.lora is None else ("lora", self.lora.weights.uid)
 
     @property
     def num_output(self) -> int:

@@ -69,10 +69,11 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def fits(self, batch: ForwardBatch) -> bool:
-        """Whether `batch` (on the host) is a decode step a graph can run."""
+        """Whether `batch` (on the host) is a decode step a graph can run (without LoRA rows: the
+        adapters' gathers are not captured)."""
         a = batch.attn
         n = a.num_seqs
-        return (0 < n <= self.sizes[-1] and a.max_query_len == 1 and batch.token_ids.shape[0] == n
+        return (batch.lora is None and 0 < n <= self.sizes[-1] and a.max_query_len == 1 and batch.token_ids.shape[0] == n
                 and batch.logits_indices.shape[0] == n and a.max_seq_len <= self.max_seq_len
                 and a.block_tables.shape[1] <= self.width)
 

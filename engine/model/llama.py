@@ -12,6 +12,7 @@ row-wise form's bits exactly (tests/engine/native/test_rowwise.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from lumen.engine.model.linear import (
     QuantEmbedding,
 )
 from lumen.engine.native import kernels as native
+
+if TYPE_CHECKING:
+    from lumen.engine.lora.weights import AdapterWeights, LoraStep
 
 Linear = DenseLinear | OneDNNLinear | NativeQuantLinear | ChunkedQuantLinear | ConcatLinear
 Embedding = DenseEmbedding | QuantEmbedding
@@ -70,6 +74,7 @@ class ForwardBatch:
     positions: torch.Tensor       # [num_tokens] int64
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [num_logits] int64: rows of the batch whose logits are wanted
+    lora: LoraStep | None = None  # the LoRA adapters of its rows; None when no row has one
 
 
 @dataclass(slots=True)
@@ -79,6 +84,7 @@ class Chunk:
     start: int
     block_table: list[int]
     logit_rows: range  # rows of token_ids whose logits are wanted
+    lora: tuple[AdapterWeights, float] | None = None  # its LoRA adapter and scale
 
 
 def build_batch(chunks: list[Chunk], block_size: int) -> tuple[ForwardBatch, list[tuple[int, int]]]:
@@ -87,16 +93,23 @@ def build_batch(chunks: list[Chunk], block_size: int) -> tuple[ForwardBatch, lis
     positions: list[int] = []
     logit_rows: list[int] = []
     rows: list[tuple[int, int]] = []
+    adapted: list[tuple[int, int, AdapterWeights, float]] = []
     for chunk in chunks:
         first = len(token_ids)
+        if chunk.lora is not None:
+            adapted.append((first, len(chunk.token_ids), *chunk.lora))
         token_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.start, chunk.start + len(chunk.token_ids)))
         rows.append((len(logit_rows), len(logit_rows) + len(chunk.logit_rows)))
         logit_rows.extend(first + r for r in chunk.logit_rows)
     attn = AttentionMetadata.build([len(c.token_ids) for c in chunks], [c.start + len(c.token_ids) for c in chunks],
                                    [c.block_table for c in chunks], block_size)
+    lora = None
+    if adapted:
+        from lumen.engine.lora.weights import LoraStep
+        lora = LoraStep.build(adapted, len(token_ids))
     batch = ForwardBatch(torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                         attn, torch.tensor(logit_rows, dtype=torch.long))
+                         attn, torch.tensor(logit_rows, dtype=torch.long), lora)
     return batch, rows
 
 
@@ -150,34 +163,52 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
         """Run one step; returns fp32 logits [num_logits, vocab]. With num_layers, only the first
         layers run before the final norm and output head (the layer-skip draft)."""
-        if self.layer_structs is not None:
+        if self.layer_structs is not None and batch.lora is None:
             return self._forward_fused(batch, num_layers)
         if self.native_rowwise:
             return self._forward_rowwise(batch, num_layers)
         # The residual stream stays float32 whatever the activation dtype: summed over every layer
         # in bfloat16 it would lose the small updates (SmolLM2's error grew past llama.cpp's).
-        eps, dtype = self.cfg.rms_eps, self.dtype
+        eps, dtype, lora = self.cfg.rms_eps, self.dtype, batch.lora
         x = self.w.embed(batch.token_ids).float()  # [num_tokens, dim]
         for index, layer in enumerate(self.w.layers[:num_layers]):
             x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, eps, dtype), batch).float()
-            h = layer.w_gate_up(rms_norm(x, layer.ffn_norm, eps, dtype))
+            normed = rms_norm(x, layer.ffn_norm, eps, dtype)
+            h = layer.w_gate_up(normed)
+            if lora is not None:
+                lora.apply(index, "gate_up", normed, h)
             gate, up = h.chunk(2, dim=-1)
-            x = x + layer.w_down(F.silu(gate) * up).float()
+            act = F.silu(gate) * up
+            down = layer.w_down(act)
+            if lora is not None:
+                lora.apply(index, "down", act, down)
+            x = x + down.float()
         x = rms_norm(x[batch.logits_indices], self.w.norm, eps, dtype)
         return self.w.output(x).float()
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        qkv = layer.wqkv(x).view(-1, nh + 2 * nkv, hd)
+        qkv = layer.wqkv(x)
+        if batch.lora is not None:
+            batch.lora.apply(index, "qkv", x, qkv)
+        qkv = qkv.view(-1, nh + 2 * nkv, hd)
         # One RoPE call rotates the query and key heads together.
         qk = self.rope(qkv[:, : nh + nkv], batch.positions)
         q, k = qk[:, :nh], qk[:, nh:]          # [num_tokens, nh, hd], [num_tokens, nkv, hd]
         v = qkv[:, nh + nkv:]                  # [num_tokens, nkv, hd]
         k_cache, v_cache = self.kv.keys[index], self.kv.values[index]
         write_kv(k, v, k_cache, v_cache, batch.attn.slot_mapping)
-        out = self.attention.forward(q, k_cache, v_cache, batch.attn, self.scale)
-        return layer.wo(out.reshape(-1, nh * hd))
+        out = self.attention.forward(q, k_cache, v_cache, batch.attn, self.scale).reshape(-1, nh * hd)
+        return self._linear(layer.wo, out, index, "o", batch.lora)
+
+    @staticmethod
+    def _linear(linear, x: torch.Tensor, index: int, group: str, lora: LoraStep | None) -> torch.Tensor:
+        """linear(x), plus the LoRA term of the adapted rows."""
+        y = linear(x)
+        if lora is not None:
+            lora.apply(index, group, x, y)
+        return y
 
     def _rowwise_start(self, batch: ForwardBatch, num_layers: int) -> tuple[torch.Tensor, torch.Tensor, list]:
         """(residual stream x, its first norm h, the norm after each layer) for the C paths (which
@@ -196,18 +227,19 @@ class LlamaModel:
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         layers = self.w.layers[:num_layers]
         x, h, norms = self._rowwise_start(batch, len(layers))
-        slots = batch.attn.slot_mapping
+        slots, lora, linear = batch.attn.slot_mapping, batch.lora, self._linear
         for index, layer in enumerate(layers):
-            qkv = layer.wqkv(h)
+            qkv = linear(layer.wqkv, h, index, "qkv", lora)
             native.rope_store(qkv, nh, nkv, hd, self.rope.rope_dim, batch.positions, self.rope.cos,
                               self.rope.sin, self.kv.keys[index], self.kv.values[index], slots)
             q = qkv.view(-1, nh + 2 * nkv, hd)[:, :nh]
             out = self.attention.forward(q, self.kv.keys[index], self.kv.values[index], batch.attn, self.scale)
-            native.add_rms_norm(x, layer.wo(out.reshape(-1, nh * hd)), layer.ffn_norm, eps, h)
-            gate_up = layer.w_gate_up(h)
+            native.add_rms_norm(x, linear(layer.wo, out.reshape(-1, nh * hd), index, "o", lora), layer.ffn_norm,
+                                eps, h)
+            gate_up = linear(layer.w_gate_up, h, index, "gate_up", lora)
             act = torch.empty((x.shape[0], gate_up.shape[1] // 2), dtype=torch.float32)
             native.silu_mul(gate_up, act)
-            native.add_rms_norm(x, layer.w_down(act), norms[index + 1], eps, h)
+            native.add_rms_norm(x, linear(layer.w_down, act, index, "down", lora), norms[index + 1], eps, h)
         return self.w.output(h[batch.logits_indices]).float()
 
     def _forward_fused(self, batch: ForwardBatch, num_layers: int | None) -> torch.Tensor:

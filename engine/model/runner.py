@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from lumen.engine.lora.registry import LoraConfig, LoraRegistry
 from lumen.engine.model.attention import AttentionMetadata
 from lumen.engine.model.attention.select import select_backend
 from lumen.engine.model.config import ModelConfig
@@ -66,9 +67,10 @@ class RowResult:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, placement: Placement | None, sizing: KVSizing,
-                 graph_batch: int = 0, graph_capture: bool = True) -> None:
+                 graph_batch: int = 0, graph_capture: bool = True, lora: LoraConfig | None = None) -> None:
         """graph_batch: the most sequences a decode step holds, when decode steps run as CUDA graphs
-        (0: never); graph_capture=False replays them eagerly (cuda_graphs.DecodeGraphs, for tests)."""
+        (0: never); graph_capture=False replays them eagerly (cuda_graphs.DecodeGraphs, for tests).
+        lora: how many LoRA adapters, of what rank, the model may hold (on its device, in its dtype)."""
         self.placement = placement = placement or CPU_NATIVE
         cfg = loaded.config
         native = placement.kernels == "native"
@@ -94,6 +96,8 @@ class ModelRunner:
                 cache[spec.num_blocks].zero_()
             self.graphs = DecodeGraphs(self.model, graph_batch, min(cfg.context_length, spec.num_blocks * spec.block_size),
                                        spec.block_size, spec.num_blocks, graph_capture)
+        # LoRA adapters live beside the weights; the Triton kernels read them stacked.
+        self.lora = LoraRegistry(cfg, lora or LoraConfig(), placement.device, placement.dtype, stacked=not native)
         # The bytes the weights hold on the device (0 for the native placement: they stay as loaded).
         self.weights_bytes = 0 if native else weights_nbytes(weights)
         log.info("model %s on %s: KV pool %d blocks of %d tokens (%.1f MiB)%s%s", loaded.name, placement.describe(),
@@ -137,10 +141,13 @@ class ModelRunner:
         attn = AttentionMetadata(copy(a.query_start_loc), copy(a.seq_lens), copy(a.block_tables),
                                  copy(a.slot_mapping), a.block_size, a.max_query_len, a.max_seq_len,
                                  a.query_lens_list, a.seq_lens_list)
-        return ForwardBatch(copy(batch.token_ids), copy(batch.positions), attn, copy(batch.logits_indices))
+        lora = batch.lora.to(dev, batch.lora.stack) if batch.lora is not None else None
+        return ForwardBatch(copy(batch.token_ids), copy(batch.positions), attn, copy(batch.logits_indices), lora)
 
     def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
         """float32 logits [num_logits, vocab] on the device (num_layers: the layer-skip draft)."""
+        if batch.lora is not None:   # adapted rows: the loaded adapters as they are now
+            batch.lora.stack = self.lora.stack
         if self.graphs is not None and num_layers is None and self.graphs.fits(batch):
             return self.graphs.run(batch)
         return self.model.forward(self.stage(batch), num_layers)

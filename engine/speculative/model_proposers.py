@@ -54,7 +54,8 @@ class ModelProposer(ABC):
                 end = start + len(feed)
                 if end > self.context_length or not self._grow(state, end):
                     continue
-                chunks.append(Chunk(feed, start, state.block_table, range(len(feed) - 1, len(feed))))
+                chunks.append(Chunk(feed, start, state.block_table, range(len(feed) - 1, len(feed)),
+                                    self._lora(seq)))
                 fed.append((seq, state, k, end))
             if not chunks:
                 break
@@ -85,6 +86,11 @@ class ModelProposer(ABC):
         q = q / q.sum()
         draft.tokens.append(seq.sampler.draw(q))
         draft.probs.append(q)
+
+    @staticmethod
+    def _lora(seq: Sequence):
+        """The LoRA adapter the drafts run with: the request's own (layer skip drafts with the target)."""
+        return seq.lora_rows
 
     # What differs between the two kinds: where a sequence's drafting KV state lives.
     @abstractmethod
@@ -138,13 +144,15 @@ class _DraftSeq:
     token_ids: list[int]                 # the target sequence's tokens (prefix caching is off here)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    cache_salt: object = None
     num_computed: int = 0
     base: int = 0                        # tokens that were the target's own when the last draft was made
     fed: list[int] = field(default_factory=list)  # draft tokens computed after `base`, in order
 
 
 class DraftModelProposer(ModelProposer):
-    """A separate draft model with its own paged KV pool."""
+    """A separate draft model with its own paged KV pool (never with a LoRA adapter: the engine
+    refuses 'draft' for a request that names one)."""
 
     def __init__(self, draft: LoadedModel, target: LoadedModel, placement: Placement, block_size: int,
                  max_tokens: int, memory_bytes: int) -> None:

@@ -26,7 +26,7 @@ from lumen.engine.core.block_manager import BlockManager
 from lumen.engine.core.request import GenerationRequest
 from lumen.engine.core.scheduler import ScheduledSeq
 from lumen.engine.core.sequence import Sequence
-from lumen.engine.errors import InvalidRequestError
+from lumen.engine.errors import InvalidRequestError, quoted
 from lumen.engine.model.runner import ModelRunner
 from lumen.engine.speculative.auto import propose_auto
 from lumen.engine.speculative.config import SpecMethod, SpeculativeConfig, adapt_draft_length
@@ -74,6 +74,12 @@ class Speculation:
     def resolve(self, req: GenerationRequest) -> tuple[SpecMethod, int]:
         """The request's method and draft length, its own choice or the server's defaults."""
         method = req.speculative.method or self.config.method
+        if method is SpecMethod.DRAFT and req.adapter:
+            if req.speculative.method is SpecMethod.DRAFT:
+                raise InvalidRequestError("speculative.method", f"'draft' cannot draft for LoRA adapter "
+                                          f"{quoted(req.adapter)}: the draft model has no adapter; use 'layer_skip' "
+                                          "or 'ngram', which draft with the request's adapter")
+            method = SpecMethod.NONE   # the server's default draft model: the adapter's request decodes plainly
         if method is SpecMethod.DRAFT and self.draft is None:
             raise InvalidRequestError("speculative.method", "'draft' needs a draft model and this server has "
                                       "none (start it with --draft-model PATH); use 'ngram' or 'layer_skip'")

@@ -12,6 +12,7 @@ class Seq:
     token_ids: list[int]
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    cache_salt: object = None
     num_computed: int = 0
 
 
