@@ -69,6 +69,25 @@ def _model_spec(text: str) -> tuple[str | None, Path]:
     return (name, Path(path)) if sep and name and "/" not in name else (None, Path(text))
 
 
+def _lora_spec(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=PATH (a GGUF LoRA adapter or a PEFT directory)")
+    return name, Path(path)
+
+
+def _lora_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA adapters (requests choose one with their `adapter` field)")
+    g.add_argument("--lora", action="append", type=_lora_spec, default=[], metavar="NAME=PATH",
+                   help="an adapter of the default model to load at startup (repeatable): a GGUF LoRA adapter "
+                        "(llama.cpp's convert_lora_to_gguf.py) or a PEFT directory; LoadAdapter loads more "
+                        "while serving")
+    g.add_argument("--max-loras", type=_int_in_range(1, 1024), default=8, metavar="N",
+                   help="adapters loaded at once, per model")
+    g.add_argument("--max-lora-rank", type=_int_in_range(1, 4096), default=64, metavar="R",
+                   help="the largest rank an adapter may have")
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve GGUF or Hugging Face models over gRPC")
     p.add_argument("--model", action="append", type=_model_spec, metavar="[NAME=]PATH",
@@ -115,6 +134,7 @@ def _serve_parser(sub) -> None:
                    help="json: one object per line with trace_id/span_id; text: the classic line")
     _tracing_options(p)
     _speculative_options(p)
+    _lora_options(p)
 
 
 def _limit_options(p: argparse.ArgumentParser) -> None:
@@ -199,6 +219,9 @@ def _request_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
                    help="stop after this token (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--adapter", default="", metavar="NAME", help="a LoRA adapter loaded on the model")
+    g.add_argument("--lora-scale", type=float, default=None, metavar="S",
+                   help="multiplies the adapter's own scale (default 1)")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--speculative", choices=SPEC_METHODS, default=None, metavar="METHOD",
                    help=f"speculative decoding method ({', '.join(SPEC_METHODS)}); default: the server's")
@@ -236,6 +259,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from lumen.engine.core.llm_engine import EngineConfig
     from lumen.engine.core.scheduler import SchedulerConfig
+    from lumen.engine.lora.registry import LoraConfig
     from lumen.engine.model.placement import resolve_placement
     from lumen.engine.speculative import SpecMethod, SpeculativeConfig
     from lumen.service.loading import in_passing_thread, load_models, load_with_progress
@@ -265,11 +289,12 @@ def _serve(args: argparse.Namespace) -> int:
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching, matmul_mode=matmul_mode,
             placement=placement, gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager,
+            lora=LoraConfig(max_loras=args.max_loras, max_rank=args.max_lora_rank),
             speculative=SpeculativeConfig(
                 method=SpecMethod(args.speculative), num_tokens=args.num_speculative_tokens,
                 layer_skip_layers=args.layer_skip_layers, max_batch=args.speculative_max_batch,
                 adaptive=args.adaptive_speculative_tokens)),
-        draft_model=args.draft_model, capture_content=args.trace_content,
+        draft_model=args.draft_model, capture_content=args.trace_content, loras=args.lora,
         limits=_limits(args),
         stream_buffer_tokens=args.stream_buffer_tokens, allow_slow_kernels=args.allow_slow_kernels)
     # Never on the main thread: see in_passing_thread.
@@ -331,6 +356,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{m.name}{mark}: {m.architecture} {m.file_type}, {m.parameter_count:,} parameters, "
               f"context {m.context_length}, vocab {m.vocab_size}, {m.path}; on {m.device} "
               f"({m.kernels} kernels, {m.dtype})")
+        for a in m.adapters:
+            print(f"  adapter {a.name}: {a.format} rank {a.rank}, alpha {a.alpha:g}, {', '.join(a.targets)}; "
+                  f"{a.path}, {a.active_requests} active")
     return 0
 
 

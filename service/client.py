@@ -126,6 +126,9 @@ def apply_request_options(req: pb.GenerateRequest | pb.ChatRequest, args: Any) -
         req.speculative.method = args.speculative
     if args.num_speculative_tokens is not None:
         req.speculative.num_tokens = args.num_speculative_tokens
+    req.adapter = args.adapter
+    if args.lora_scale is not None:
+        req.lora_scale = args.lora_scale
 
 
 def show(text: str) -> None:

@@ -73,6 +73,8 @@ def generation_request(req: pb.GenerateRequest | pb.ChatRequest, prompt_ids: lis
         top_logprobs=req.top_logprobs,
         prompt_logprobs=getattr(req, "prompt_logprobs", False),
         speculative=speculative_from_proto(req.speculative),
+        adapter=req.adapter,
+        lora_scale=req.lora_scale if req.HasField("lora_scale") else 1.0,
     )
 
 

@@ -22,6 +22,7 @@ from opentelemetry.context import Context
 
 from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
 from lumen.telemetry import EngineMetrics
+from lumen.telemetry.metrics import ATTR_LORA_ADAPTER
 
 log = logging.getLogger("lumen.requests")
 
@@ -30,6 +31,7 @@ CHAT_METHOD = "lumen.v1.Inference/Chat"
 PROVIDER_NAME = "lumen"
 OPERATION_NAME = "text_completion"
 CHAT_OPERATION_NAME = "chat"
+ADAPTER_ATTRIBUTE_CHARS = 128   # of a client's adapter name on its spans (names are at most 64)
 # Server-side status codes the gRPC conventions count as errors. The others (a bad argument,
 # a missing model, a client's cancel) leave the SERVER span's status unset.
 SERVER_ERROR_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
@@ -64,6 +66,7 @@ class RequestTrace:
         self.trace_id = format(self.server.get_span_context().trace_id, "032x")
         self.completion: trace.Span | None = None
         self.model = ""
+        self.adapter = ""   # the request's LoRA adapter once the engine has taken it
         self.request_id = ""
         self.ttft: float | None = None
         self.last: RequestOutput | None = None
@@ -104,7 +107,14 @@ class RequestTrace:
                 ensure_ascii=False)
         self.span.set_attributes(attributes)
         self.server.set_attribute("lumen.request_id", gen.request_id)
+        if gen.adapter:   # gen_ai.request.model stays the base model
+            self.span.set_attribute(ATTR_LORA_ADAPTER, gen.adapter[:ADAPTER_ATTRIBUTE_CHARS])
+            self.server.set_attribute(ATTR_LORA_ADAPTER, gen.adapter[:ADAPTER_ATTRIBUTE_CHARS])
         self.request_id = gen.request_id
+
+    def admitted(self, gen: GenerationRequest) -> None:
+        """The engine took the request: its adapter exists, so it may label the metrics."""
+        self.adapter = gen.adapter
 
     def update(self, out: RequestOutput) -> None:
         if self.ttft is None and out.token_ids:
@@ -126,14 +136,14 @@ class RequestTrace:
         prompt_tokens = out.prompt_tokens if out else 0
         completion_tokens = out.completion_tokens if out else 0
         if self.ttft is not None:
-            self.metrics.record_first_token(self.ttft, self.model, context)
+            self.metrics.record_first_token(self.ttft, self.model, context, self.adapter)
         self.metrics.record_finished(model=self.model, finish_reason=reason, status=status,
                                      prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                     duration_s=duration, ttft_s=self.ttft, context=context)
+                                     duration_s=duration, ttft_s=self.ttft, context=context, adapter=self.adapter)
         level = logging.WARNING if status in SERVER_ERROR_CODES else logging.INFO
         with trace.use_span(self.span, end_on_exit=False):
             log.log(level, "chat finished" if self.operation == CHAT_OPERATION_NAME else "generate finished", extra={
-                "request_id": self.request_id, "model": self.model, "status": status,
+                "request_id": self.request_id, "model": self.model, "adapter": self.adapter, "status": status,
                 "finish_reason": reason, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "duration_s": round(duration, 6), "ttft_s": None if self.ttft is None else round(self.ttft, 6)})
 

@@ -44,6 +44,7 @@ class ServerConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS  # undelivered tokens before a request is held
     allow_slow_kernels: bool = False  # serve even where the C kernels have no vector path (check_kernels)
+    loras: list[tuple[str, Path]] = field(default_factory=list)   # LoRA adapters of the default model
 
 
 class ServerConfigError(LumenError):
@@ -52,13 +53,21 @@ class ServerConfigError(LumenError):
 
 def start_runtime(model: LoadedModel, config: EngineConfig, telemetry: Telemetry,
                   draft: LoadedModel | None = None,
-                  stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS) -> ModelRuntime:
+                  stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS,
+                  loras: list[tuple[str, Path]] = ()) -> ModelRuntime:
     steps = StepMetrics(telemetry.meter, model.name)
     try:
         engine = LLMEngine(model, config, tracer=telemetry.tracer, on_step=steps.observe, draft=draft,
                            on_load=steps.observe_load)
     except ValueError as exc:  # the engine refuses these settings for this model (its message says why)
         raise ServerConfigError(f"cannot serve {model.name}: {exc}") from exc
+    for name, path in loras:   # before the engine's thread starts
+        try:
+            loaded = engine.load_adapter(name, engine.lora.read(path))
+        except LumenError as exc:
+            raise ServerConfigError(f"--lora {name}={path}: {exc}") from exc
+        log.info("model %s: LoRA adapter %s (%s, rank %d, %s) from %s", model.name, name, loaded.format,
+                 loaded.rank, ", ".join(loaded.targets), path)
     runner = engine.runner
     steps.set_memory(runner.placement.device_name, runner.weights_bytes, runner.kv.nbytes)
     log.info("model %s: %s (%s, %s parameters) on %s", model.name, model.path, model.file_type,
@@ -68,14 +77,16 @@ def start_runtime(model: LoadedModel, config: EngineConfig, telemetry: Telemetry
 
 def build_registry(loaded: list[LoadedModel], config: EngineConfig, telemetry: Telemetry,
                    draft: LoadedModel | None = None,
-                   stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS) -> ModelRegistry:
-    """One engine per model; the draft model serves the default (first) one only."""
+                   stream_buffer_tokens: int = DEFAULT_STREAM_BUFFER_TOKENS,
+                   loras: list[tuple[str, Path]] = ()) -> ModelRegistry:
+    """One engine per model; the draft model and the startup LoRA adapters serve the default
+    (first) one only."""
     runtimes: list[ModelRuntime] = []
     try:
         for i, model in enumerate(loaded):
             engine_config = config if i == 0 else _without_draft(config, model.name)
             runtimes.append(start_runtime(model, engine_config, telemetry, draft if i == 0 else None,
-                                          stream_buffer_tokens))
+                                          stream_buffer_tokens, loras if i == 0 else ()))
         _observe_gpu_memory(telemetry, {rt.placement.device for rt in runtimes if rt.placement.on_cuda})
         return ModelRegistry(runtimes)
     except BaseException:
@@ -186,7 +197,8 @@ async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[Lo
     if config.engine.placement is None or config.engine.placement.kernels == "native":
         check_kernels(config.allow_slow_kernels)
     # The engines are built (KV pools filled) off the main thread: see loading.in_passing_thread.
-    registry = in_passing_thread(build_registry, loaded, config.engine, telemetry, draft, config.stream_buffer_tokens)
+    registry = in_passing_thread(build_registry, loaded, config.engine, telemetry, draft, config.stream_buffer_tokens,
+                                 config.loras)
     server = LumenServer(registry, telemetry, config.engine, config.capture_content, config.limits)
     try:
         port = await server.start(config.host, config.port)

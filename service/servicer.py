@@ -26,6 +26,8 @@ from lumen.engine.errors import (
     LumenError,
     ModelNotFoundError,
 )
+from lumen.engine.lora.adapter import AdapterLoadError
+from lumen.engine.lora.registry import AdapterExistsError, AdapterNotFoundError, LoadedAdapter, check_name
 from lumen.service import chat, convert
 from lumen.service.handlers import MalformedRequest
 from lumen.service.limits import RequestLimits
@@ -78,6 +80,9 @@ STATUS_FOR = {
     CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StreamStalledError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterNotFoundError: grpc.StatusCode.NOT_FOUND,
+    AdapterExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    AdapterLoadError: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 
@@ -119,6 +124,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             runtime = self.registry.get(request.model)
             gen = await prepare(request, runtime, rt)
             stream = runtime.engine.submit(gen)
+            rt.admitted(gen)
             self.metrics.request_started()
             await self._stream(stream, runtime, rt, context, watch)
             status = "OK"
@@ -249,5 +255,50 @@ class InferenceService(pb_grpc.InferenceServicer):
                 parameter_count=m.parameter_count, context_length=cfg.context_length,
                 vocab_size=cfg.vocab_size, path=m.path.name, is_default=rt is self.registry.default,
                 has_chat_template=m.chat_template is not None, device=rt.placement.device_name,
-                kernels=rt.placement.kernels, dtype=rt.placement.dtype_name))
+                kernels=rt.placement.kernels, dtype=rt.placement.dtype_name,
+                adapters=[adapter_info(rt.name, a) for a in rt.engine.engine.lora.adapters()]))
         return pb.ListModelsResponse(models=models)
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest | MalformedRequest,
+                          context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
+        """Read the adapter off the engine's thread, then add it there between two steps."""
+        try:
+            runtime = self._adapter_call(request)
+            if not request.path:
+                raise InvalidRequestError("path", "is empty: give a GGUF LoRA adapter file or a PEFT directory "
+                                                  "on the server")
+            check_name(request.name)
+            adapter = await asyncio.to_thread(runtime.engine.engine.lora.read, request.path)
+            loaded = await runtime.engine.call(lambda engine: engine.load_adapter(request.name, adapter))
+            return adapter_info(runtime.name, loaded)
+        except LumenError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest | MalformedRequest,
+                            context: grpc.aio.ServicerContext) -> pb.AdapterInfo:
+        try:
+            runtime = self._adapter_call(request)
+            loaded = await runtime.engine.call(lambda engine: engine.unload_adapter(request.name))
+            return adapter_info(runtime.name, loaded)
+        except LumenError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest | MalformedRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
+        try:
+            runtime = self._adapter_call(request)
+            return pb.ListAdaptersResponse(adapters=[adapter_info(runtime.name, a)
+                                                     for a in runtime.engine.engine.lora.adapters()])
+        except LumenError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    def _adapter_call(self, request) -> ModelRuntime:
+        if isinstance(request, MalformedRequest):
+            raise InvalidRequestError("request", request.message())
+        return self.registry.get(request.model)
+
+
+def adapter_info(model: str, a: LoadedAdapter) -> pb.AdapterInfo:
+    # The file's name only, as ListModels gives: other clients have no business with the server's paths.
+    return pb.AdapterInfo(name=a.name, model=model, path=a.path.name, format=a.format, rank=a.rank, alpha=a.alpha,
+                          targets=a.targets, active_requests=a.users, size_bytes=a.weights.nbytes)

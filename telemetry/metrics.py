@@ -41,6 +41,11 @@ OPERATION_NAME = "text_completion"
 PROVIDER_NAME = "lumen"
 # The gRPC status code name a successful request ends with.
 STATUS_OK = "OK"
+# A request's LoRA adapter, on its spans and as a metric attribute (absent for the base model).
+ATTR_LORA_ADAPTER = "lumen.lora.adapter"
+# Distinct adapter names the metrics label; later ones are counted as "other" (a server that loads
+# and unloads adapters for days must not grow its series without bound).
+MAX_ADAPTER_LABELS = 64
 
 
 class EngineMetrics:
@@ -80,13 +85,24 @@ class EngineMetrics:
         self._active = meter.create_up_down_counter(
             "lumen.requests.active", unit="{request}", description="Requests accepted and not yet finished."
         )
+        self._adapters: set[str] = set()
 
-    def record_first_token(self, seconds: float, model: str, context: Context | None = None) -> None:
+    def _attributes(self, model: str, adapter: str) -> dict[str, str]:
+        attributes = _model_attributes(model)
+        if adapter:
+            if adapter not in self._adapters and len(self._adapters) < MAX_ADAPTER_LABELS:
+                self._adapters.add(adapter)
+            attributes[ATTR_LORA_ADAPTER] = adapter if adapter in self._adapters else "other"
+        return attributes
+
+    def record_first_token(self, seconds: float, model: str, context: Context | None = None,
+                           adapter: str = "") -> None:
         """Time from receiving the request to its first generated token.
 
         `context` (the request's span) makes a sampled request's trace an exemplar of the point.
+        `adapter`: the LoRA adapter the request ran with (only one that was loaded: bounded).
         """
-        self._ttft.record(seconds, _model_attributes(model), context=context)
+        self._ttft.record(seconds, self._attributes(model, adapter), context=context)
 
     def record_finished(
         self,
@@ -98,13 +114,14 @@ class EngineMetrics:
         duration_s: float,
         ttft_s: float | None,
         context: Context | None = None,
+        adapter: str = "",
     ) -> None:
         """Everything known once a request ends, however it ended.
 
         `ttft_s` is None when no token was produced; TPOT then has no meaning,
         nor with a single token (there is no gap after the first to average).
         """
-        attributes = _model_attributes(model)
+        attributes = self._attributes(model, adapter)
         duration_attributes = dict(attributes)
         if status != STATUS_OK:
             duration_attributes[ATTR_ERROR_TYPE] = status

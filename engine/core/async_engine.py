@@ -18,7 +18,8 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from typing import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from lumen.engine.core.llm_engine import LLMEngine
 from lumen.engine.core.request import FinishReason, GenerationRequest, RequestOutput
@@ -27,6 +28,7 @@ from lumen.engine.errors import CapacityError, DuplicateRequestError, EngineStop
 log = logging.getLogger(__name__)
 
 DEFAULT_STREAM_BUFFER_TOKENS = 256
+T = TypeVar("T")
 
 
 def output_weight(out: RequestOutput) -> int:
@@ -116,6 +118,7 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._new: deque[tuple[GenerationRequest, RequestStream]] = deque()
         self._aborts: deque[tuple[str, Callable[[], None]]] = deque()
+        self._calls: deque[tuple[Callable[[LLMEngine], Any], Future]] = deque()
         self._streams: dict[str, RequestStream] = {}
         self._stopped = False
         self._idle = threading.Event()
@@ -192,6 +195,17 @@ class AsyncEngine:
             self._cond.notify_all()
             return True
 
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """fn(engine) on the engine's thread between two steps (loading or unloading a LoRA
+        adapter), its result or its exception."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopped or not self._thread.is_alive():
+                raise EngineStoppedError("the engine is shutting down; retry on another replica")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return await asyncio.wrap_future(future)
+
     def wait_until(self, predicate: Callable[["AsyncEngine"], bool], timeout: float | None = None) -> bool:
         """Block until predicate(self) holds; re-checked whenever requests arrive, finish, abort,
         or a held stream is drained."""
@@ -221,7 +235,8 @@ class AsyncEngine:
                 # Held requests are not work: with nothing else to do, sleep until a reader drains one.
                 while True:
                     held = self._held()
-                    if self._stopped or self._new or self._aborts or self.engine.num_active > len(held):
+                    if (self._stopped or self._new or self._aborts or self._calls
+                            or self.engine.num_active > len(held)):
                         break
                     self._cond.wait()
                 if self._stopped:
@@ -229,6 +244,12 @@ class AsyncEngine:
                     return
                 new, self._new = list(self._new), deque()
                 aborts, self._aborts = list(self._aborts), deque()
+                calls, self._calls = list(self._calls), deque()
+            for fn, future in calls:
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as exc:
+                    future.set_exception(exc)
             self._apply(new, aborts)
             try:
                 outputs = self.engine.step(held)
@@ -270,3 +291,5 @@ class AsyncEngine:
                 stream.put(error)
         for _, done in self._aborts:
             done()
+        for _, future in self._calls:
+            future.set_exception(error)
