@@ -16,8 +16,9 @@ import torch
 
 from lumen.engine.errors import FailedPreconditionError, InvalidRequestError, LumenError, quoted
 from lumen.engine.lora.adapter import LoraAdapter, load_adapter
-from lumen.engine.lora.weights import AdapterWeights, LoraStack, group_weights
+from lumen.engine.lora.weights import AdapterWeights, LoraStack, group_weights, native_layers
 from lumen.engine.model.config import ModelConfig
+from lumen.engine.native import kernels as native
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
 _UIDS = itertools.count(1)
@@ -83,6 +84,8 @@ class LoraRegistry:
                                           f"(--max-loras {self.config.max_loras}); unload one first")
         weights = AdapterWeights(name, next(_UIDS), adapter.rank,
                                  group_weights(adapter, self.cfg, self.device, self.dtype))
+        if not self.stacked and self.device.type == "cpu" and self.dtype == torch.float32 and native.available():
+            weights.native = native_layers(adapter, self.cfg)
         loaded = LoadedAdapter(name, adapter.path, adapter.format, adapter.rank, adapter.alpha, adapter.targets,
                                weights)
         self._by_name[name] = loaded

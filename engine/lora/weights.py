@@ -34,6 +34,7 @@ class AdapterWeights:
     rank: int
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
     slot: int = -1    # its index in the runner's LoraStack (the Triton placement), -1 elsewhere
+    native: object = None   # its layers for the C kernels' fused layers (native_layers), on the CPU
 
     @property
     def nbytes(self) -> int:
@@ -61,6 +62,31 @@ def group_weights(adapter: LoraAdapter, cfg: ModelConfig, device: torch.device,
             groups[group] = (a.to(device, dtype).contiguous(), bt.to(device, dtype).contiguous())
         layers.append(groups)
     return layers
+
+
+def native_layers(adapter: LoraAdapter, cfg: ModelConfig):
+    """The adapter as the C kernels' fused layers take it (lora.h): per layer, each target's
+    A [r, in] and B^T [r, out] in float32, and where its columns go in its linear's output.
+    Returns (ctypes array of LoraLayerStruct, the tensors it points into)."""
+    from lumen.engine.native.library import LoraLayerStruct
+    shapes = target_shapes(cfg)
+    keep = []
+    layers = (LoraLayerStruct * cfg.n_layers)()
+    for layer in range(cfg.n_layers):
+        index = 0
+        for targets in GROUPS.values():
+            col = 0
+            for t in targets:
+                if (layer, t) in adapter.tensors:
+                    a, b = adapter.tensors[(layer, t)]
+                    at, bt = a.float().contiguous(), b.T.float().contiguous()
+                    keep += [at, bt]
+                    entry = layers[layer].t[index]
+                    entry.at, entry.bt, entry.r, entry.col, entry.n = (at.data_ptr(), bt.data_ptr(), a.shape[0],
+                                                                      col, shapes[t][0])
+                col += shapes[t][0]
+                index += 1
+    return layers, keep
 
 
 @dataclass(slots=True)
@@ -140,6 +166,24 @@ class LoraStep:
             return t.pin_memory().to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
         groups = [LoraRows(g.weights, g.scale, move(g.rows)) for g in self.groups]
         return LoraStep(groups, move(self.slots), move(self.scales), stack)
+
+    def native_struct(self, n_layers: int):
+        """This step for the C kernels' fused layers (lora.h's lumen_lora_step; set `.layer` per
+        layer), with what it points into; None when an adapter has no C form."""
+        import ctypes
+
+        from lumen.engine.native.library import LoraStepStruct
+        adapters = list({id(g.weights): g.weights for g in self.groups}.values())
+        if any(w.native is None for w in adapters):
+            return None
+        index = {id(w): i for i, w in enumerate(adapters)}
+        rows = torch.full((self.slots.shape[0],), -1, dtype=torch.int32)
+        for g in self.groups:
+            rows[g.rows] = index[id(g.weights)]
+        pointers = (ctypes.c_void_p * len(adapters))(*[ctypes.addressof(w.native[0]) for w in adapters])
+        struct = LoraStepStruct(rows=rows.data_ptr(), scales=self.scales.data_ptr(),
+                                adapters=ctypes.addressof(pointers), n_adapters=len(adapters), layers=n_layers)
+        return struct, (rows, pointers)
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y[rows] += scale * (x[rows] @ A^T) @ B^T for every adapted row. x: [num_tokens, in], y: [num_tokens, out]."""

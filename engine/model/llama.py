@@ -163,8 +163,10 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
         """Run one step; returns fp32 logits [num_logits, vocab]. With num_layers, only the first
         layers run before the final norm and output head (the layer-skip draft)."""
-        if self.layer_structs is not None and batch.lora is None:
-            return self._forward_fused(batch, num_layers)
+        if self.layer_structs is not None:
+            lora = None if batch.lora is None else batch.lora.native_struct(self.cfg.n_layers)
+            if batch.lora is None or lora is not None:
+                return self._forward_fused(batch, num_layers, lora)
         if self.native_rowwise:
             return self._forward_rowwise(batch, num_layers)
         # The residual stream stays float32 whatever the activation dtype: summed over every layer
@@ -242,9 +244,11 @@ class LlamaModel:
             native.add_rms_norm(x, linear(layer.w_down, act, index, "down", lora), norms[index + 1], eps, h)
         return self.w.output(h[batch.logits_indices]).float()
 
-    def _forward_fused(self, batch: ForwardBatch, num_layers: int | None) -> torch.Tensor:
+    def _forward_fused(self, batch: ForwardBatch, num_layers: int | None, lora=None) -> torch.Tensor:
         """_forward_rowwise with each layer in one C call (layer.c): the same kernels in the same
-        order, so the same bits, without Python between them."""
+        order, so the same bits, without Python between them. `lora`: the step's LoRA adapters in
+        their C form (LoraStep.native_struct), applied inside each layer (lora.c)."""
+        import ctypes
         cfg, eps = self.cfg, self.cfg.rms_eps
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         layers = self.layer_structs[:num_layers]
@@ -265,8 +269,11 @@ class LlamaModel:
                                  ldbt=block_tables.stride(0), rope_positions=self.rope.cos.shape[0],
                                  num_blocks=self.kv.keys[0].shape[0], n_seqs=block_tables.shape[0],
                                  table_width=block_tables.shape[1],
+                                 lora=ctypes.addressof(lora[0]) if lora is not None else None,
                                  **{k: t.data_ptr() for k, t in tensors.items()})
         for index, layer in enumerate(layers):
+            if lora is not None:
+                lora[0].layer = index
             native.layer_forward(layer, step, norms[index + 1])
         return self.w.output(h[batch.logits_indices]).float()
 

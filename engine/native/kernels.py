@@ -229,7 +229,9 @@ def layer_forward(layer: LayerStruct, step: StepStruct, next_norm: torch.Tensor)
     rc = library().lumen_layer_forward(ctypes.byref(layer), ctypes.byref(step), next_norm.data_ptr())
     _check(rc, "lumen_layer_forward", lambda: {
         E_TYPE: "cannot decode a weight's GGML type (the C kernels have no decoder for it)",
-        E_SHAPE: "a weight's rows do not hold its input's values, or its parts do not add up to the layer's width",
+        E_SHAPE: "a weight's rows do not hold its input's values, or its parts do not add up to the layer's width, "
+                 "or a LoRA target's rank or columns do not fit its linear",
         E_INDEX: (f"a position, KV slot, sequence or block id is out of range (RoPE table {step.rope_positions} "
-                  f"positions, cache {step.num_blocks} blocks, block table {step.n_seqs} x {step.table_width})"),
+                  f"positions, cache {step.num_blocks} blocks, block table {step.n_seqs} x {step.table_width}), "
+                  "or a row names no LoRA adapter of the step"),
     }.get(rc, f"error {rc}"))

@@ -226,4 +226,21 @@ class StepStruct(ctypes.Structure):
                     "x", "h", "qkv", "attn", "out", "gate_up", "act", "positions", "slots", "cos", "sin",
                     "block_tables")] + [("ldbt", _i64)] + [(name, ctypes.c_void_p) for name in (
                         "attn_rows", "attn_seqs", "attn_ctx")] + [(name, _i64) for name in (
-                            "rope_positions", "num_blocks", "n_seqs", "table_width")]
+                            "rope_positions", "num_blocks", "n_seqs", "table_width")] + [("lora", ctypes.c_void_p)]
+
+
+# LoRA adapters in a fused layer (lora.h).
+LORA_TARGETS = 7
+
+
+class LoraTargetStruct(ctypes.Structure):
+    _fields_ = [("at", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("r", _i64), ("col", _i64), ("n", _i64)]
+
+
+class LoraLayerStruct(ctypes.Structure):
+    _fields_ = [("t", LoraTargetStruct * LORA_TARGETS)]
+
+
+class LoraStepStruct(ctypes.Structure):
+    _fields_ = [("rows", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("adapters", ctypes.c_void_p),
+                ("n_adapters", _i32), ("layers", _i32), ("layer", _i32)]

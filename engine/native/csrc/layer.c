@@ -3,6 +3,7 @@
 #include "layer.h"
 
 #include "attention.h"
+#include "lora.h"
 #include "rowwise.h"
 #include "qmatmul.h"
 
@@ -38,6 +39,8 @@ static int check_layer(const struct lumen_layer *L, const struct lumen_step *S) 
     if ((rc = check_linear(&L->qkv, S->dim, qkv_width)) || (rc = check_linear(&L->wo, attn_width, S->dim))
         || (rc = check_linear(&L->gate_up, S->dim, 2 * S->ffn)) || (rc = check_linear(&L->down, S->ffn, S->dim)))
         return rc;
+    const int64_t widths[4] = {qkv_width, S->dim, 2 * S->ffn, S->dim};
+    if (S->lora && (rc = lumen_lora_check(S->lora, S->rows, widths))) return rc;
     if ((rc = lumen_check_positions_slots(S->positions, S->slots, S->rows, S->rope_positions,
                                           S->num_blocks * S->block_size)))
         return rc;
@@ -51,7 +54,9 @@ int lumen_layer_forward(const struct lumen_layer *L, const struct lumen_step *S,
     const int64_t ldqkv = (int64_t)(S->nq + 2 * S->nkv) * S->hd, ldattn = (int64_t)S->nq * S->hd;
     int rc;
     if ((rc = check_layer(L, S))) return rc;
+    const struct lumen_lora_step *lora = S->lora;
     if ((rc = linear(&L->qkv, S->h, rows, dim, S->qkv, ldqkv, S->nthreads))) return rc;
+    if (lora && (rc = lumen_lora_apply(lora, 0, 3, S->h, dim, rows, dim, S->qkv, ldqkv, S->nthreads))) return rc;
     /* check_layer has checked positions, slots and the attention's indices: the unchecked forms. */
     lumen_rope_store_checked(S->qkv, ldqkv, rows, S->nq, S->nkv, S->hd, S->rope_dim, S->positions, S->cos, S->sin,
                              L->k_cache, L->v_cache, S->slots);
@@ -60,10 +65,13 @@ int lumen_layer_forward(const struct lumen_layer *L, const struct lumen_step *S,
                                             S->block_size, S->scale, S->attn, ldattn, S->nthreads)))
         return rc;
     if ((rc = linear(&L->wo, S->attn, rows, ldattn, S->out, dim, S->nthreads))) return rc;
+    if (lora && (rc = lumen_lora_apply(lora, 3, 4, S->attn, ldattn, rows, ldattn, S->out, dim, S->nthreads))) return rc;
     lumen_add_rms_norm(S->x, dim, S->out, dim, rows, dim, L->ffn_norm, S->eps, S->h, dim);
     if ((rc = linear(&L->gate_up, S->h, rows, dim, S->gate_up, 2 * ffn, S->nthreads))) return rc;
+    if (lora && (rc = lumen_lora_apply(lora, 4, 6, S->h, dim, rows, dim, S->gate_up, 2 * ffn, S->nthreads))) return rc;
     lumen_silu_mul(S->gate_up, 2 * ffn, rows, ffn, S->act, ffn);
     if ((rc = linear(&L->down, S->act, rows, ffn, S->out, dim, S->nthreads))) return rc;
+    if (lora && (rc = lumen_lora_apply(lora, 6, 7, S->act, ffn, rows, ffn, S->out, dim, S->nthreads))) return rc;
     lumen_add_rms_norm(S->x, dim, S->out, dim, rows, dim, next_norm, S->eps, S->h, dim);
     return 0;
 }

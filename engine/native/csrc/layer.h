@@ -5,6 +5,8 @@
 #define LUMEN_LAYER_H
 #include <stdint.h>
 
+#include "lora.h"
+
 /* A linear as up to 3 GGUF matrices stacked by rows (q/k/v, gate/up), over the same input. */
 struct lumen_linear {
     int32_t parts;
@@ -37,6 +39,7 @@ struct lumen_step {
     /* Bounds every index is checked against before the first write: rows of the cos/sin
      * tables, blocks of the KV cache, and the block tables' shape. */
     int64_t rope_positions, num_blocks, n_seqs, table_width;
+    const struct lumen_lora_step *lora;      /* the rows' LoRA adapters (lora.h); NULL: none this step */
 };
 
 /* y[:, cols of part p] = x @ W_p^T for each stacked part in the int8 mode (q8matmul.c): x's rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
 from lumen.engine.core.request import GenerationRequest
@@ -169,18 +170,89 @@ def test_layer_skip_and_ngram_draft_with_the_requests_adapter(stories_model, sto
     assert generate(engine, [request("d", PROMPT, 30, "a")])["d"] == plain
 
 
-def test_rows_without_an_adapter_pay_nothing(smollm2_model, monkeypatch):
-    """With the C kernels' fused layers (a quantized model), a step without adapter rows runs as one
-    C call per layer exactly as before, adapters loaded or not; a step with some runs row-wise."""
+def test_the_c_layers_adapt_rows_as_torch_does_and_base_rows_pay_nothing(smollm2_model, monkeypatch):
+    """With the C kernels' fused layers (a quantized model), LoRA rows are adapted inside each
+    layer's one C call (lora.c) and give the torch path's logits; a step without adapter rows
+    runs exactly as before, adapters loaded or not."""
+    from lumen.engine.lora.weights import LoraStep
     model = smollm2_model
-    engine = engine_with(model, {"a": random_adapter(model.config, 4, seed=7)})
+    adapters = {"a": random_adapter(model.config, 16, seed=7, size=0.02),
+                "b": random_adapter(model.config, 8, seed=8, targets=("attn_k", "ffn_up"), size=0.02)}
+    engine = engine_with(model, adapters)
     if engine.model.layer_structs is None:
         pytest.skip("no fused C layers here (no C compiler)")
-    want = generate(LLMEngine(model), [request("base", PROMPT, 12)])["base"]
-    rowwise = engine.model._forward_rowwise
-    calls = []
-    monkeypatch.setattr(engine.model, "_forward_rowwise", lambda *a: calls.append(1) or rowwise(*a))
-    assert generate(engine, [request("base", PROMPT, 12)])["base"] == want
-    assert not calls
-    generate(engine, [request("lora", PROMPT, 3, "a")])
-    assert calls
+    want = generate(LLMEngine(model), [request("base", PROMPT, 8)])["base"]
+    assert generate(engine, [request("base", PROMPT, 8)])["base"] == want
+
+    def batch_logits():
+        from lumen.engine.model.llama import Chunk, build_batch
+        chunks = [Chunk(PROMPT[:n], 0, [i * 4 + j for j in range(4)], range(n), lora) for i, (n, lora) in enumerate(
+            [(9, (engine.lora.get("a").weights, 1.0)), (5, None), (18, (engine.lora.get("b").weights, 0.5)),
+             (1, (engine.lora.get("a").weights, 1.0))])]
+        return engine.runner.forward(build_batch(chunks, engine.blocks.block_size)[0])
+
+    fused = batch_logits()
+    monkeypatch.setattr(LoraStep, "native_struct", lambda self, n: None)   # the torch path instead
+    rowwise = batch_logits()
+    assert (fused - rowwise).abs().max() / rowwise.abs().max() < 1e-5
+    assert torch.equal(fused[9:14], rowwise[9:14])   # the base rows: the same kernels, the same bits
+
+
+def test_the_triton_placement_adapts_rows_as_the_cpu_does(stories_path):
+    """The stacked Triton kernels (interpreted here) give the torch path's logits for a batch of
+    rows of two adapters and none, and the same greedy tokens."""
+    from lumen.engine.model.linear import plain_weights
+    from lumen.engine.model.llama import Chunk, build_batch
+    from lumen.engine.model.placement import resolve_placement
+    from lumen.engine.triton_kernels import paged_attention
+    from lumen.engine.weights.gguf_loader import load_gguf
+    if not paged_attention.INTERPRETED:
+        pytest.skip("the kernels were imported without TRITON_INTERPRET=1 on a machine without CUDA")
+    cpu_model = load_gguf(stories_path)
+    with plain_weights():
+        device_model = load_gguf(stories_path)
+    adapters = {"a": random_adapter(cpu_model.config, 4, seed=20),
+                "b": random_adapter(cpu_model.config, 8, seed=21, targets=("attn_q", "ffn_down"))}
+    cpu = engine_with(cpu_model, adapters)
+    device = engine_with(device_model, adapters, placement=resolve_placement("cpu", "triton"), kv_cache_bytes=1 << 20)
+    assert device.lora.stack is not None and cpu.lora.stack is None
+    block = cpu.blocks.block_size
+
+    def logits(engine):
+        chunks, start = [], 0
+        for name, ids in (("a", PROMPT[:7]), ("", PROMPT[:5]), ("b", PROMPT), ("a", PROMPT[:3])):
+            n_blocks = -(-len(ids) // block)
+            lora = (engine.lora.get(name).weights, 0.8) if name else None
+            chunks.append(Chunk(ids, 0, list(range(start, start + n_blocks)), range(len(ids)), lora))
+            start += n_blocks
+        return engine.runner.forward(build_batch(chunks, block)[0]).cpu()
+
+    want, got = logits(cpu), logits(device)
+    assert (got - want).abs().max() / want.abs().max() < 1e-4
+    reqs = lambda: [request(n or "base", PROMPT[:9], 3, n) for n in ("", "a", "b")]  # noqa: E731
+    assert generate(device, reqs()) == generate(cpu, reqs())
+
+
+def test_the_c_layers_check_the_lora_indices_before_writing(smollm2_model, monkeypatch):
+    """A row naming no adapter of the step, or a target whose columns overflow its linear, is
+    refused by lumen_lora_check before the layer writes anything."""
+    from lumen.engine.lora.weights import LoraStep
+    from lumen.engine.model.llama import Chunk, build_batch
+    from lumen.engine.native.kernels import NativeInputError
+    engine = engine_with(smollm2_model, {"a": random_adapter(smollm2_model.config, 4, seed=9, size=0.02)})
+    if engine.model.layer_structs is None:
+        pytest.skip("no fused C layers here (no C compiler)")
+    weights = engine.lora.get("a").weights
+    real = LoraStep.native_struct
+    for damage in ("row", "columns"):
+        def damaged(self, n_layers, damage=damage):
+            struct, keep = real(self, n_layers)
+            if damage == "row":
+                keep[0][0] = 5
+            else:
+                weights.native[0][0].t[0].col = 10_000
+            return struct, keep
+        monkeypatch.setattr(LoraStep, "native_struct", damaged)
+        batch, _ = build_batch([Chunk(PROMPT[:4], 0, [0], range(4), (weights, 1.0))], engine.blocks.block_size)
+        with pytest.raises(NativeInputError):
+            engine.runner.forward(batch)
