@@ -21,6 +21,8 @@ import torch
 
 from lumen.engine.errors import LumenError
 from lumen.engine.model.config import ModelConfig
+from lumen.engine.weights.quant import QUANT_TYPES, dequantize
+from lumen.engine.weights.rope_layout import hf_to_gguf_rows
 
 # GGUF tensor name -> PEFT module name, for every projection an adapter may target.
 TARGETS = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
@@ -112,11 +114,9 @@ _GGUF_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight\.lora_([ab])")
 
 def _load_gguf(path: Path, cfg: ModelConfig) -> LoraAdapter:
     from gguf import GGUFReader
-
-    from lumen.engine.weights.gguf_loader import read_metadata
     try:
         reader = GGUFReader(path, "r")
-        meta = read_metadata(reader)
+        meta = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("tokenizer.")}
     except Exception as exc:   # gguf-py raises ValueError, IndexError, KeyError... on damaged files
         raise AdapterLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
@@ -147,7 +147,6 @@ def _load_gguf(path: Path, cfg: ModelConfig) -> LoraAdapter:
 
 def _gguf_tensor(path: Path, t) -> torch.Tensor:
     """One tensor decoded to float32, torch shape (outermost first)."""
-    from lumen.engine.weights.quant import QUANT_TYPES, dequantize
     shape = tuple(int(d) for d in reversed(t.shape))
     if len(shape) != 2:
         raise AdapterLoadError(f"{path}: tensor {t.name!r} has shape {list(shape)}; LoRA tensors are matrices")
@@ -234,8 +233,7 @@ def _load_peft(path: Path, cfg: ModelConfig) -> LoraAdapter:
         alpha = _peft_pattern(config.get("alpha_pattern"), modules[key], config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         if key[1] in ("attn_q", "attn_k") and b.shape[0] == target_shapes(cfg)[key[1]][0]:
-            # HF's RoPE layout -> GGUF's, as the model's own q/k rows are (hf_loader.hf_to_gguf_rows).
-            from lumen.engine.weights.hf_loader import hf_to_gguf_rows
+            # HF's RoPE layout -> GGUF's, as the model's own q/k rows are.
             b = hf_to_gguf_rows(b, cfg.n_heads if key[1] == "attn_q" else cfg.n_kv_heads)
         pairs[key] = (a, b * scale)
     return _finish(path, "peft", float(config["lora_alpha"]), pairs, cfg)

@@ -28,6 +28,7 @@ from lumen.engine.model.linear import stored_embedding, stored_linear
 from lumen.engine.model.llama import LayerWeights, LlamaWeights
 from lumen.engine.tokenizer.tokenizer import Tokenizer
 from lumen.engine.weights.loaded_model import LoadedModel
+from lumen.engine.weights.rope_layout import hf_to_gguf_rows
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,6 @@ class SafetensorsShards:
             if len(info.get_shape()) == 2:
                 kinds[info.get_dtype()] += 1
         return params, kinds.most_common(1)[0][0] if kinds else "UNKNOWN"
-
-
-def hf_to_gguf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder q/k rows from HF's RoPE layout to GGUF's: in each head, rows (i, i + head_dim/2)
-    rotate together in HF; GGUF wants them adjacent, at (2i, 2i + 1)."""
-    # w: [n_heads * head_dim, dim]
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _load_layer(shards: SafetensorsShards, cfg: ModelConfig, i: int, dtype: torch.dtype) -> LayerWeights:

@@ -52,7 +52,7 @@ def test_each_adapter_and_the_base_answer_as_their_merged_reference(lora_server)
     for chat in (True, False):
         assert {name: ask(lora_server, name, chat) for name in want} == want
     # All at once, each several times: one batch mixing both adapters and the base.
-    names = list(want) * 3
+    names = list(want) * 2
     with ThreadPoolExecutor(len(names)) as pool:
         together = list(pool.map(lambda name: ask(lora_server, name, True), names))
     assert together == [want[name] for name in names]

@@ -200,7 +200,7 @@ def test_the_c_layers_adapt_rows_as_torch_does_and_base_rows_pay_nothing(smollm2
 
 def test_the_triton_placement_adapts_rows_as_the_cpu_does(stories_path):
     """The stacked Triton kernels (interpreted here) give the torch path's logits for a batch of
-    rows of two adapters and none, and the same greedy tokens."""
+    rows of two adapters and none."""
     from lumen.engine.model.linear import plain_weights
     from lumen.engine.model.llama import Chunk, build_batch
     from lumen.engine.model.placement import resolve_placement
@@ -229,8 +229,7 @@ def test_the_triton_placement_adapts_rows_as_the_cpu_does(stories_path):
 
     want, got = logits(cpu), logits(device)
     assert (got - want).abs().max() / want.abs().max() < 1e-4
-    reqs = lambda: [request(n or "base", PROMPT[:9], 3, n) for n in ("", "a", "b")]  # noqa: E731
-    assert generate(device, reqs()) == generate(cpu, reqs())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_the_c_layers_check_the_lora_indices_before_writing(smollm2_model, monkeypatch):
@@ -256,3 +255,23 @@ def test_the_c_layers_check_the_lora_indices_before_writing(smollm2_model, monke
         batch, _ = build_batch([Chunk(PROMPT[:4], 0, [0], range(4), (weights, 1.0))], engine.blocks.block_size)
         with pytest.raises(NativeInputError):
             engine.runner.forward(batch)
+
+
+def test_the_c_layers_give_each_request_its_solo_output_in_a_mixed_batch(smollm2_model):
+    """SmolLM2 (Q4_1: the fused C layers with lora.c): 16 requests over 4 adapters and the base,
+    greedy and seeded-sampled, each equal to its run alone."""
+    cfg = smollm2_model.config
+    adapters = {f"a{i}": random_adapter(cfg, rank, seed=30 + i, size=0.02) for i, rank in enumerate((4, 8, 16, 64))}
+    rng = random.Random(7)
+    reqs = [request(str(i), [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(1, 12))],
+                    rng.randint(2, 8), ["", "a0", "a1", "a2", "a3"][i % 5], scale=1.0 if i % 3 else 0.5,
+                    sampled_seed=rng.randrange(2**32) if i % 2 else None) for i in range(16)]
+    solo_engine = engine_with(smollm2_model, adapters, scheduler=SchedulerConfig(max_running=1),
+                              kv_cache_bytes=64 << 20)
+    if solo_engine.model.layer_structs is None:
+        pytest.skip("no fused C layers here (no C compiler)")
+    solo = {}
+    for r in reqs:
+        solo.update(generate(solo_engine, [r]))
+    many = engine_with(smollm2_model, adapters, scheduler=SchedulerConfig(max_running=16), kv_cache_bytes=64 << 20)
+    assert generate(many, reqs) == solo
