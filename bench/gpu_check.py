@@ -11,6 +11,9 @@
    against a device-to-device copy measured in the same run.
 4. Hugging Face transformers' generate on a model of the same shape and dtype as the F16 one, at
    batch 1 and 32, beside Lumen on the same workload (128-token prompts, 32 new tokens).
+5. Issue 18: the LoRA kernels' tests compiled for CUDA (tests/engine/triton_kernels/test_lora.py,
+   with step 1), and bench/lora.py --device cuda (decode with no adapter, one of rank 16 or 64,
+   four mixed, at 1 and 16 streams) into lora.txt.
 
 Writes gpu_check.json and gpu_check.md (the tables for BENCHMARKS.md, each target marked met or
 not) under --out. Run on the device (bench/gpu_stage.sh prepares what travels):
@@ -62,11 +65,24 @@ def _sync() -> None:
 
 def run_tests(env: dict, out: Path) -> dict:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu", "-x",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu",
+                           "tests/engine/triton_kernels/test_lora.py", "-x",
                            "--timeout", "240"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
     tail = (proc.stdout.strip().splitlines() or [""])[-1]
     return {"returncode": proc.returncode, "summary": tail, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_lora_bench(env: dict, out: Path) -> dict:
+    """bench/lora.py on the GPU (issue 18), its table into lora.txt."""
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "bench/lora.py", "--device", "cuda", "--tokens", "32", "--repeats", "3"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as exc:
+        return {"returncode": None, "error": f"timed out: {exc}"}
+    (out / "lora.txt").write_text(proc.stdout + proc.stderr)
+    return {"returncode": proc.returncode, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def copy_bandwidth() -> float:
@@ -226,6 +242,8 @@ def main() -> int:
     if not args.skip_tests:
         results["tests"] = run_tests(env, args.out)
         print("tests:", results["tests"], flush=True)
+        results["lora"] = run_lora_bench(env, args.out)
+        print("lora:", results["lora"], flush=True)
     results["copy_bandwidth_gb_s"] = copy_bandwidth() / 1e9 if DEVICE == "cuda" else 1.0
     from lumen.engine.model.linear import plain_weights
     from lumen.engine.weights.gguf_loader import load_gguf

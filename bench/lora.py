@@ -1,6 +1,10 @@
 """Decode throughput with LoRA adapters against the base model (engine, in-process, CPU).
 
     .venv/bin/python bench/lora.py [--model PATH] [--streams 1 16] [--tokens 48] [--repeats 3] [--threads 2]
+                                   [--device cuda]
+
+--device cuda: the engine on the GPU (Triton kernels, bfloat16; the adapters stacked for the
+BGMV kernels); default: the CPU with the C kernels.
 
 For each stream count, alternating the configurations round after round (so a drift of the
 machine's speed hits them all alike) and keeping each one's median:
@@ -54,9 +58,18 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_gguf(args.model)
+    placement = None
+    if args.device == "cuda":
+        from lumen.engine.model.linear import plain_weights
+        from lumen.engine.model.placement import resolve_placement
+        placement = resolve_placement("cuda", "triton")
+        with plain_weights():
+            loaded = load_gguf(args.model)
+    else:
+        loaded = load_gguf(args.model)
     cfg = loaded.config
     # Small values, as trained adapters have: large random ones would overflow the activations.
     adapters = {name: random_adapter(cfg, rank, seed, size=0.02) for seed, (name, rank) in enumerate(
@@ -64,7 +77,7 @@ def main() -> None:
     rows = []
     for streams in args.streams:
         config = EngineConfig(scheduler=SchedulerConfig(max_running=streams, max_tokens_per_step=2048),
-                              prefix_caching=False)
+                              prefix_caching=False, placement=placement)
         bare = LLMEngine(loaded, config)
         engine = LLMEngine(loaded, config)
         for name, adapter in adapters.items():
@@ -83,6 +96,7 @@ def main() -> None:
             tok_s = statistics.median(results[name])
             rows.append({"streams": streams, "config": name, "decode_tok_s": tok_s, "vs_base": tok_s / base,
                          "runs": results[name]})
+    print(f"{args.device}: {placement.describe() if placement else 'the C kernels, float32'}")
     print("| streams | configuration | decode tok/s | vs base | throughput lost |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from lumen.engine.sampling.sampler import SamplingParams
 from lumen.telemetry import setup_telemetry
 from lumen.v1 import inference_pb2 as pb
 from tests.otlp_receiver import exporting_to_receiver
-from tests.service.conftest import StepGate, assert_still_serving, read_rest, start_harness
+from tests.service.conftest import assert_still_serving, read_rest, start_harness
 
 MODULES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -160,19 +161,39 @@ async def test_every_bad_call_gets_its_status_and_the_server_keeps_serving(stori
         await harness.close()
 
 
+class HoldWhenDecoding:
+    """Holds the engine thread before its first step in which all of `request_ids` are decoding
+    (so each has delivered its first message), until `release` is set."""
+
+    def __init__(self, llm: LLMEngine, request_ids: set[str]) -> None:
+        self.llm, self.request_ids = llm, request_ids
+        self.blocked, self.release = threading.Event(), threading.Event()
+        self._step = llm.step
+        llm.step = self.step
+
+    def step(self, *args):
+        decoding = {s.request_id for s in self.llm.scheduler.running if s.has_sampled}
+        if self.request_ids <= decoding and not self.release.is_set():
+            self.blocked.set()
+            self.release.wait(timeout=60)
+        return self._step(*args)
+
+
 async def test_load_use_unload_reload_while_others_stream(stories_model, tmp_path):
     cfg = stories_model.config
     paths = {name: write_peft(tmp_path / name, cfg, 4, seed=10 + i) for i, name in enumerate(("a", "b"))}
     harness = await start_harness(stories_model)
     stub, llm = harness.stub, harness.llm
+    N = 100   # long enough that every request is still decoding when the engine is held
     try:
         await stub.LoadAdapter(pb.LoadAdapterRequest(name="a", path=str(paths["a"])))
-        solo = {name: await tokens(stub, greedy("Once upon a time", 40, name)) for name in ("", "a")}
+        solo = {name: await tokens(stub, greedy("Once upon a time", N, name)) for name in ("", "a")}
         await stub.LoadAdapter(pb.LoadAdapterRequest(name="b", path=str(paths["b"])))
-        solo["b"] = await tokens(stub, greedy("Once upon a time", 40, "b"))
-        # Hold the engine while requests of every kind are in flight.
-        gate = StepGate(llm, free_steps=2)
-        calls = {name: stub.Generate(greedy("Once upon a time", 40, name)) for name in ("", "a", "b")}
+        solo["b"] = await tokens(stub, greedy("Once upon a time", N, "b"))
+        # Hold the engine once requests of every kind are decoding.
+        gate = HoldWhenDecoding(llm, {"r", "ra", "rb"})
+        calls = {name: stub.Generate(greedy("Once upon a time", N, name, request_id=f"r{name}"))
+                 for name in ("", "a", "b")}
         firsts = {name: await call.read() for name, call in calls.items()}
         assert await asyncio.to_thread(gate.blocked.wait, 30)
         unload = asyncio.ensure_future(stub.UnloadAdapter(pb.UnloadAdapterRequest(name="a")))
@@ -183,12 +204,12 @@ async def test_load_use_unload_reload_while_others_stream(stories_model, tmp_pat
                 for name, call in calls.items()}
         assert outs == solo   # nobody saw another's adapter
         await stub.UnloadAdapter(pb.UnloadAdapterRequest(name="a"))
-        streaming = stub.Generate(greedy("Once upon a time", 40, "b"))
+        streaming = stub.Generate(greedy("Once upon a time", N, "b"))
         first = await streaming.read()
         await stub.LoadAdapter(pb.LoadAdapterRequest(name="a", path=str(paths["a"])))   # while b streams
         rest = [t for m in await read_rest(streaming) for t in m.token_ids]
         assert list(first.token_ids) + rest == solo["b"]
-        assert await tokens(stub, greedy("Once upon a time", 40, "a")) == solo["a"]
+        assert await tokens(stub, greedy("Once upon a time", N, "a")) == solo["a"]
         assert await asyncio.to_thread(harness.runtime.engine.wait_idle, 30)
         await harness.runtime.engine.call(lambda engine: engine.check_invariants())
         assert all(a.users == 0 for a in llm.lora.adapters())

@@ -14,23 +14,9 @@ import random
 import pytest
 import torch
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from tests.engine.triton_kernels import DEVICE, import_kernels
 
-
-def _import_kernels():
-    """(module, None) or (None, why the Triton tests cannot run)."""
-    if DEVICE.type == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"   # read when the kernels are decorated, and by triton later
-    try:
-        from lumen.engine.triton_kernels import lora
-    except ImportError as exc:
-        return None, f"triton is not importable ({exc}); the LoRA kernels are untested"
-    if DEVICE.type == "cpu" and not lora.INTERPRETED:
-        return None, "lumen.engine.triton_kernels.lora was imported before TRITON_INTERPRET=1; rerun with it set"
-    return lora, None
-
-
-KERNELS, NO_TRITON = _import_kernels()
+KERNELS, NO_TRITON = import_kernels("lora", "LoRA")
 pytestmark = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
 
 N_ADAPTERS = 3

@@ -17,26 +17,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from lumen.engine.weights.quant import QUANT_TYPES, dequantize
+from tests.engine.triton_kernels import DEVICE, import_kernels
 from tests.engine.weights.quant.blocks import random_blocks
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _import_kernels():
-    """(module, None) or (None, why the Triton tests cannot run)."""
-    if DEVICE.type == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"   # read when the kernels are decorated, and by triton later
-    try:
-        from lumen.engine.triton_kernels import quant_matmul
-    except ImportError as exc:
-        return None, f"triton is not importable ({exc}); the quantized matmul kernels are untested"
-    if DEVICE.type == "cpu" and not quant_matmul.INTERPRETED:
-        return None, ("lumen.engine.triton_kernels.quant_matmul was imported before TRITON_INTERPRET=1; "
-                      "rerun with it set")
-    return quant_matmul, None
-
-
-KERNELS, NO_TRITON = _import_kernels()
+KERNELS, NO_TRITON = import_kernels("quant_matmul", "quantized matmul")
 pytestmark = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
 
 TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
