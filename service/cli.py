@@ -1,4 +1,4 @@
-"""`lumen`: serve models, or talk to a running server (generate, chat, tokenize, models)."""
+"""`lumen`: serve models, or talk to a running server (generate, chat, tokenize, models, adapter)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from lumen.load.cli import add_bench_parser, cmd_bench
+from lumen.service.adapter_cli import add_adapter_parser, cmd_adapter
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # lumen.engine.core.async_engine's default, spelled out so that parsing arguments does not import torch.
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _client_parsers(sub)
     add_bench_parser(sub)
+    add_adapter_parser(sub, DEFAULT_TARGET)
     return parser
 
 
@@ -363,7 +365,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "tokenize": cmd_tokenize,
-            "models": cmd_models, "bench": cmd_bench}
+            "models": cmd_models, "bench": cmd_bench, "adapter": cmd_adapter}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,3 +215,23 @@ async def test_load_use_unload_reload_while_others_stream(stories_model, tmp_pat
         assert all(a.users == 0 for a in llm.lora.adapters())
     finally:
         await harness.close()
+
+
+async def test_the_adapter_command(stories_model, tmp_path, capsys):
+    from lumen.service.cli import main
+    path = write_peft(tmp_path / "tiny", stories_model.config, 4, seed=1)
+    harness = await start_harness(stories_model)
+    try:
+        server = ["--server", harness.target]
+        assert await asyncio.to_thread(main, ["adapter", "load", "tiny", str(path), *server]) == 0
+        assert "loaded stories260K/tiny: peft rank 4, alpha 8" in capsys.readouterr().out
+        assert await asyncio.to_thread(main, ["adapter", "list", *server]) == 0
+        assert capsys.readouterr().out.startswith("stories260K/tiny: peft rank 4")
+        assert await asyncio.to_thread(main, ["adapter", "load", "tiny", str(path), *server]) == 1
+        assert "ALREADY_EXISTS: adapter 'tiny' is already loaded" in capsys.readouterr().err
+        assert await asyncio.to_thread(main, ["adapter", "unload", "tiny", *server]) == 0
+        assert await asyncio.to_thread(main, ["adapter", "list", *server]) == 0
+        assert capsys.readouterr().out == "unloaded stories260K/tiny: peft rank 4, alpha 8, attn_q, attn_k, attn_v, " \
+                                          "attn_output, ffn_gate, ffn_up, ffn_down; tiny, 0.1 MiB, 0 active\n"
+    finally:
+        await harness.close()
