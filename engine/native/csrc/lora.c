@@ -3,8 +3,8 @@
  * Rows are taken adapter by adapter, so that each adapter's A and B are read once per step
  * whatever the number of its rows (a GEMM, not a GEMV per row): threads split A's rows (the
  * rank) for the shrink t = x @ A^T, then the output columns for the expand y += t @ B^T.
- * Every output accumulates in one fixed order in every build (scalar, AVX2, AVX-512) and for
- * any batch: a dot product keeps 64 independent lanes reduced by a fixed tree, and y[c] adds
+ * Every output accumulates in one fixed order in every build (no contraction into fma: the
+ * x86-64-v3 and -v4 builds give the same bits, checked on SmolLM2) and for any batch: a dot product keeps 64 independent lanes reduced by a fixed tree, and y[c] adds
  * t[j] * B[c, j] for j in order; a row's bits never depend on the other rows of its batch. */
 #include "lora.h"
 
