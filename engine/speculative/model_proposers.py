@@ -154,6 +154,11 @@ class DraftModelProposer(ModelProposer):
     """A separate draft model with its own paged KV pool (never with a LoRA adapter: the engine
     refuses 'draft' for a request that names one)."""
 
+    @staticmethod
+    def _lora(seq: Sequence):
+        """None: the draft model has no adapter (the target's would not even fit its shapes)."""
+        return None
+
     def __init__(self, draft: LoadedModel, target: LoadedModel, placement: Placement, block_size: int,
                  max_tokens: int, memory_bytes: int) -> None:
         """The draft runs where the target does (placement), with a KV pool of memory_bytes."""
