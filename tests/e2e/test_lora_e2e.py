@@ -21,6 +21,7 @@ def lora_server():
     pytest.importorskip("peft", reason="the LoRA test data is made with peft (pip install -e '.[test]')")
     if lora_data.llama_cpp_converter() is None:
         pytest.skip("llama.cpp's convert_lora_to_gguf.py is not available (set LUMEN_LLAMA_CPP_DIR)")
+    lora_data.build_all()   # every adapter the LoRA tests use, the conversions two at a time
     smol = shared_file("models", "SmolLM2-135M-Instruct.Q4_1.gguf")
     yield from launch(["--model", f"smollm2={smol}", "--matmul-mode", "exact",
                        "--lora", f"trained={lora_data.adapter_dir('trained16')}",

@@ -22,6 +22,7 @@ from tests.engine.model.test_smollm2_reference import LLAMA_CPP_ERROR
 @pytest.fixture(scope="module")
 def engine(smollm2_model):
     pytest.importorskip("peft", reason="the LoRA test data is made with peft (pip install -e '.[test]')")
+    lora_data.build_all()   # every adapter these tests use, the conversions two at a time
     return LLMEngine(smollm2_model, EngineConfig(kv_cache_bytes=64 << 20))
 
 
