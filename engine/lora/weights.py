@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lumen.engine.lora.adapter import LoraAdapter, target_shapes
+from lumen.engine.lora.adapter import TARGETS, LoraAdapter, target_shapes
 from lumen.engine.model.config import ModelConfig
 
 # The model's fused linears and the targets each holds, in its output order.
@@ -41,10 +41,20 @@ class AdapterWeights:
         return sum(a.nbytes + bt.nbytes for layer in self.layers for a, bt in layer.values())
 
 
+def target_columns(cfg: ModelConfig) -> dict[str, int]:
+    """Where each target's outputs start in its group's fused linear (q at 0, k after q, ...)."""
+    shapes, columns = target_shapes(cfg), {}
+    for targets in GROUPS.values():
+        col = 0
+        for t in targets:
+            columns[t], col = col, col + shapes[t][0]
+    return columns
+
+
 def group_weights(adapter: LoraAdapter, cfg: ModelConfig, device: torch.device,
                   dtype: torch.dtype) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The adapter's tensors as each layer's four groups (only the groups it targets)."""
-    shapes = target_shapes(cfg)
+    shapes, columns = target_shapes(cfg), target_columns(cfg)
     layers = []
     for layer in range(cfg.n_layers):
         groups = {}
@@ -56,7 +66,7 @@ def group_weights(adapter: LoraAdapter, cfg: ModelConfig, device: torch.device,
             bt = torch.zeros(a.shape[0], sum(shapes[t][0] for t in targets))   # [R, out]
             row = 0
             for t, (ta, tb) in present:
-                col = sum(shapes[u][0] for u in targets[:targets.index(t)])
+                col = columns[t]
                 bt[row:row + ta.shape[0], col:col + shapes[t][0]] = tb.T
                 row += ta.shape[0]
             groups[group] = (a.to(device, dtype).contiguous(), bt.to(device, dtype).contiguous())
@@ -69,23 +79,18 @@ def native_layers(adapter: LoraAdapter, cfg: ModelConfig):
     A [r, in] and B^T [r, out] in float32, and where its columns go in its linear's output.
     Returns (ctypes array of LoraLayerStruct, the tensors it points into)."""
     from lumen.engine.native.library import LoraLayerStruct
-    shapes = target_shapes(cfg)
+    shapes, columns = target_shapes(cfg), target_columns(cfg)
     keep = []
     layers = (LoraLayerStruct * cfg.n_layers)()
     for layer in range(cfg.n_layers):
-        index = 0
-        for targets in GROUPS.values():
-            col = 0
-            for t in targets:
-                if (layer, t) in adapter.tensors:
-                    a, b = adapter.tensors[(layer, t)]
-                    at, bt = a.float().contiguous(), b.T.float().contiguous()
-                    keep += [at, bt]
-                    entry = layers[layer].t[index]
-                    entry.at, entry.bt, entry.r, entry.col, entry.n = (at.data_ptr(), bt.data_ptr(), a.shape[0],
-                                                                      col, shapes[t][0])
-                col += shapes[t][0]
-                index += 1
+        for index, t in enumerate(TARGETS):   # lora.h's order, GROUPS' too
+            if (layer, t) in adapter.tensors:
+                a, b = adapter.tensors[(layer, t)]
+                at, bt = a.float().contiguous(), b.T.float().contiguous()
+                keep += [at, bt]
+                entry = layers[layer].t[index]
+                entry.at, entry.bt, entry.r, entry.col, entry.n = (at.data_ptr(), bt.data_ptr(), a.shape[0],
+                                                                  columns[t], shapes[t][0])
     return layers, keep
 
 

@@ -11,6 +11,7 @@ row-wise form's bits exactly (tests/engine/native/test_rowwise.py).
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -175,26 +176,16 @@ class LlamaModel:
         x = self.w.embed(batch.token_ids).float()  # [num_tokens, dim]
         for index, layer in enumerate(self.w.layers[:num_layers]):
             x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, eps, dtype), batch).float()
-            normed = rms_norm(x, layer.ffn_norm, eps, dtype)
-            h = layer.w_gate_up(normed)
-            if lora is not None:
-                lora.apply(index, "gate_up", normed, h)
+            h = self._linear(layer.w_gate_up, rms_norm(x, layer.ffn_norm, eps, dtype), index, "gate_up", lora)
             gate, up = h.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-            down = layer.w_down(act)
-            if lora is not None:
-                lora.apply(index, "down", act, down)
-            x = x + down.float()
+            x = x + self._linear(layer.w_down, F.silu(gate) * up, index, "down", lora).float()
         x = rms_norm(x[batch.logits_indices], self.w.norm, eps, dtype)
         return self.w.output(x).float()
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        qkv = layer.wqkv(x)
-        if batch.lora is not None:
-            batch.lora.apply(index, "qkv", x, qkv)
-        qkv = qkv.view(-1, nh + 2 * nkv, hd)
+        qkv = self._linear(layer.wqkv, x, index, "qkv", batch.lora).view(-1, nh + 2 * nkv, hd)
         # One RoPE call rotates the query and key heads together.
         qk = self.rope(qkv[:, : nh + nkv], batch.positions)
         q, k = qk[:, :nh], qk[:, nh:]          # [num_tokens, nh, hd], [num_tokens, nkv, hd]
@@ -248,7 +239,6 @@ class LlamaModel:
         """_forward_rowwise with each layer in one C call (layer.c): the same kernels in the same
         order, so the same bits, without Python between them. `lora`: the step's LoRA adapters in
         their C form (LoraStep.native_struct), applied inside each layer (lora.c)."""
-        import ctypes
         cfg, eps = self.cfg, self.cfg.rms_eps
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         layers = self.layer_structs[:num_layers]
