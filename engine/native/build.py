@@ -33,7 +33,7 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).resolve().with_name("csrc")
 PACKAGE_DIR = Path(__file__).resolve().parent
 SOURCES = ("qmatmul.c", "q8matmul.c", "attention.c", "rowwise.c", "layer.c", "lora.c")
-HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "rowwise.h", "layer.h", "simd.h")
+HEADERS = ("qmatmul.h", "decoders.h", "attention.h", "rowwise.h", "layer.h", "lora.h", "simd.h")
 PROBE_SOURCE = "cpu.c"
 # No implicit fused multiply-adds: the decoders are bit-exact with ggml's only unfused, and the
 # matmul spells its fma out.

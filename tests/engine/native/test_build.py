@@ -30,6 +30,13 @@ def test_every_variant_of_this_architecture_is_installed():
         assert build.installed_path(module).is_file(), f"{module} was not built at install time"
 
 
+def test_every_source_and_header_enters_the_build_id():
+    """A file left out of SOURCES or HEADERS is missed by the build id, so an installed library
+    built before that file changed would still be loaded (lora.h was missed so once)."""
+    assert set(build.SOURCES) | {build.PROBE_SOURCE} == {p.name for p in build.SOURCE_DIR.glob("*.c")}
+    assert set(build.HEADERS) == {p.name for p in build.SOURCE_DIR.glob("*.h")}
+
+
 def test_the_best_variant_this_cpu_runs_is_loaded(fresh_library):
     level = library.cpu_level()
     best = [v for v in build.variants() if v.level <= level][-1]
