@@ -400,6 +400,20 @@ REGDEC __m512 q4_0_group(const uint8_t *b, const q4_0_prep *p, int g) {
     return _mm512_permutexvar_ps(g == 0 ? q : _mm512_srli_epi32(q, 4), p->levels);
 }
 
+/* Q4_1: the same lookup in a table of the block's 16 values, levels[i] = (float)i * d + m */
+enum { q4_1_BS = 32, q4_1_TS = 20 };
+typedef struct { __m512 levels; } q4_1_prep;
+
+REGDEC void q4_1_prepare(const uint8_t *b, q4_1_prep *p) {
+    const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    p->levels = _mm512_add_ps(_mm512_mul_ps(q, _mm512_set1_ps(fp16_to_fp32(b))), _mm512_set1_ps(fp16_to_fp32(b + 2)));
+}
+
+REGDEC __m512 q4_1_group(const uint8_t *b, const q4_1_prep *p, int g) {
+    const __m512i q = _mm512_cvtepu8_epi32(load16(b + 4));
+    return _mm512_permutexvar_ps(g == 0 ? q : _mm512_srli_epi32(q, 4), p->levels);
+}
+
 /* Q2_K, Q3_K, Q5_K, Q6_K: the block's integers staged in value order as int8, and the scales
  * (and mins) of its sub-blocks; value = scale * (float)q (- min), as the decoders compute it. */
 typedef struct { int8_t q[256]; float s[16], m[16]; } staged_prep;

@@ -5,8 +5,9 @@
  * so the weight bytes stream from memory once with no float copy of them. Larger batches
  * decode a tile of rows over all of K once into a per-thread buffer, then run the same
  * micro-kernel over every group of MR activation rows, so decoding is paid once per tile.
- * With AVX-512 (F, BW, VL), batches of up to WIDE_MAX_M rows of the quantized types that decoders.h has
- * register decoders for skip the L1 buffer: 16 weights at a time go straight to a register.
+ * With AVX-512 (F, BW, VL), batches of up to WIDE_MAX_M rows (Q4_1: 8) of the quantized types that
+ * decoders.h has register decoders for skip the L1 buffer: 16 weights at a time go straight to a
+ * register.
  * AVX2 builds do the same for 1-4 rows of Q8_0, Q4_0 and Q4_1 (AVX2_STREAM below).
  * Whatever the path, output (m, n) is the same sequence of fused multiply-adds: lane l of a
  * 16-lane accumulator sums k = l, l + 16, ... in order, then the lanes are added in a fixed
@@ -195,6 +196,9 @@ static inline __attribute__((always_inline)) void name(                         
  * speculative verify). Up to 20 rows this path beat the tile path and beyond it lost, as
  * measured with bench/kernel_ab.py (BENCHMARKS.md, "Figures from code comments"). */
 enum { WMR = 8, WNR = 3, WIDE_MAX_M = 20 };
+/* Q4_1's wide path won up to 8 rows only (1.31x the tile path at 8, even at 10-16, 0.86x at 20:
+ * BENCHMARKS.md, "AVX-512 builds: Q4_1 in registers"). */
+static inline int64_t wide_max_m(int qtype) { return qtype == LUMEN_Q4_1 ? 8 : WIDE_MAX_M; }
 #endif
 
 /* One matmul call: what every thread's share of the work needs. */
@@ -465,8 +469,8 @@ static int wide_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {  
     }                                                                                            \
     return 0;                                                                                    \
 }
-#define REGISTER_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q2_K, q2_k) X(LUMEN_Q3_K, q3_k) \
-    X(LUMEN_Q4_K, q4_k) X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k) X(LUMEN_F16, f16) X(LUMEN_BF16, bf16)
+#define REGISTER_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q4_1, q4_1) X(LUMEN_Q2_K, q2_k) \
+    X(LUMEN_Q3_K, q3_k) X(LUMEN_Q4_K, q4_k) X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k) X(LUMEN_F16, f16) X(LUMEN_BF16, bf16)
 #define PATHS(id, T) REGISTER_PATHS(T)
 REGISTER_TYPES(PATHS)
 #undef PATHS
@@ -487,7 +491,7 @@ int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int
 #ifdef REGISTER_DECODERS
 #define REGISTER_MATMUL(id, T)                                                               \
     if (qtype == id && M <= MR) return run_parallel(stream_regs_range_##T, &jb, N, NR, nthreads); \
-    if (qtype == id && M <= WIDE_MAX_M) return run_parallel(wide_regs_range_##T, &jb, N, WNR, nthreads);
+    if (qtype == id && M <= wide_max_m(qtype)) return run_parallel(wide_regs_range_##T, &jb, N, WNR, nthreads);
     REGISTER_TYPES(REGISTER_MATMUL)
 #undef REGISTER_MATMUL
 #endif

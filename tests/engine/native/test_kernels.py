@@ -66,10 +66,9 @@ def test_matmul_matches_float64(qtype, rng):
         assert rel < 1e-6, f"m={m}: relative error {rel:.2e}"
 
 
-# Types with register paths (M <= 20 on AVX-512) and a type without, checked against the tile path (M > 20).
-REGISTER_TYPES = [T.Q8_0, T.Q4_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.F16, T.BF16]
-# Types with a register path on some instruction set (Q4_1: AVX2 builds), checked on every build.
-VECTOR_TYPES = REGISTER_TYPES + [T.Q4_1]
+# Types with register paths (AVX-512: M <= 20, Q4_1 M <= 8; AVX2: Q8_0, Q4_0 and Q4_1, M <= 4), checked on
+# every build against the tile path (M > 20), and a type without (Q5_0).
+VECTOR_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.F16, T.BF16]
 
 
 @pytest.mark.parametrize("qtype", VECTOR_TYPES + [T.Q5_0], ids=lambda t: t.name)
@@ -95,14 +94,14 @@ def test_rows_are_batch_invariant(qtype, rng):
 
 @pytest.mark.parametrize("qtype", VECTOR_TYPES, ids=lambda t: t.name)
 def test_register_paths_match_decoded_weights(qtype, rng):
-    """The register paths (1, 16 and 20 rows) give the tile path's bits (25 rows), and those are the
+    """The register paths (1, 8, 16 and 20 rows) give the tile path's bits (25 rows), and those are the
     decoded weights' sums in the documented order, on weights over the whole finite fp16 scale range."""
     n, k = 6, 512
     w = random_weight(qtype, rng, n, k, max_exp=30)
     x = torch.randn(25, k) * 1e-3
     tile = torch.empty(25, n)
     native.qmatmul_into(qtype, w.raw, k, x, tile)
-    for m in (1, 16, 20):
+    for m in (1, 8, 16, 20):
         y = torch.empty(m, n)
         native.qmatmul_into(qtype, w.raw, k, x[:m], y)
         assert torch.equal(y, tile[:m]), f"{m} rows differ from the tile path"
