@@ -33,6 +33,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define Q8_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define Q8_AVX512 1   /* batches of more than MR rows in 512-bit registers: two weight rows a register */
+#endif
 #endif
 
 enum { G = 32, H = 8 };   /* values per weight group, per activation scale (2 lanes) */
@@ -362,6 +365,126 @@ static void T##_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi)
  * instead of unpacking each weight group again for every group of activation rows. The same
  * values enter the same operations as in T##_tile, so the same bits. */
 enum { TR = 16 };
+#endif
+
+#ifdef Q8_AVX512
+/* AVX-512 builds: the same products for two weight rows in one 512-bit register (lanes 0-7 the
+ * first row's 8 lanes, 8-15 the second's), so each instruction does the work of two AVX2 ones.
+ * Unpacked weights are stored by pairs of rows: group g of rows 2p and 2p + 1 as 64 quant bytes
+ * and 16 lane scales (a_lo x 4, a_hi x 4 for each row); an odd last row is paired with zeros and
+ * its outputs are not written. Per lane, the integer sum, the scale product and the fma are the
+ * ones of the 256-bit code, in the same order, so the same bits. Signed quants: |q| times qx
+ * negated where q < 0 (AVX-512 has no vpsignb), the products of the AVX2 code's sign trick. */
+enum { NP = 4 };         /* pairs of weight rows per tile: MR x NP accumulators of the 32 zmm */
+
+struct wpairs {
+    int8_t *q;           /* [TR / 2][groups][64] */
+    float *s;            /* [TR / 2][groups][4]: a_lo, a_hi of each row */
+    float *c;            /* [TR][groups] */
+};
+
+static inline __attribute__((always_inline)) void pair_tile(
+        const struct wpairs *wp, int64_t p0, int64_t rows, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
+        const int mr, const int np, const int SIGNED) {
+    const int64_t groups = xq->groups;
+    const __m512i ones = _mm512_set1_epi16(1);
+    /* lanes: the row's dx_0 dx_0 dx_1 dx_1 dx_2 dx_2 dx_3 dx_3, twice; a_lo x 4, a_hi x 4 of each row */
+    const __m512i spread_d = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 3);
+    const __m512i spread_s = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc[MR][NP];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < np; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i wq[NP];
+        __m512 sc[NP];
+        __mmask64 neg[NP];
+        for (int j = 0; j < np; j++) {
+            const int64_t at = (p0 + j) * groups + g;
+            wq[j] = _mm512_loadu_si512((const void *)(wp->q + at * 64));
+            sc[j] = _mm512_permutexvar_ps(spread_s, _mm512_castps128_ps512(_mm_loadu_ps(wp->s + at * 4)));
+            if (SIGNED) {
+                neg[j] = _mm512_movepi8_mask(wq[j]);
+                wq[j] = _mm512_abs_epi8(wq[j]);
+            }
+        }
+        for (int i = 0; i < mr; i++) {
+            const int8_t *xi = xq->q + (m0 + i) * xq->K + g * G;
+            const __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xi));
+            const __m512 dx = _mm512_permutexvar_ps(spread_d, _mm512_castps128_ps512(
+                _mm_loadu_ps(xq->d + ((m0 + i) * groups + g) * (G / H))));
+            for (int j = 0; j < np; j++) {
+                const __m512i xs = SIGNED ? _mm512_mask_sub_epi8(xv, neg[j], _mm512_setzero_si512(), xv) : xv;
+                const __m512 l = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(wq[j], xs), ones));
+                acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(sc[j], dx), l, acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < np; j++) {
+            float a[16];
+            _mm512_storeu_ps(a, acc[i][j]);
+            for (int h = 0; h < 2; h++) {
+                const int64_t r = 2 * (p0 + j) + h;
+                if (r < rows)
+                    y[(m0 + i) * ldy + r] = hsum8(a + 8 * h) +
+                        (SIGNED ? 0.0f : additive(wp->c + r * groups, xq->t + (m0 + i) * groups, groups));
+            }
+        }
+}
+
+#define PAIR_CASE(S, MRv, NPv) \
+    case MRv * 8 + NPv: pair_tile(&wp, p, rows, jb->xq, m0, yn, jb->ldy, MRv, NPv, S); break;
+#define Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                    \
+static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const struct xq *xq,       \
+                       struct wpairs *wp) {                                                          \
+    const int64_t groups = xq->groups;                                                               \
+    for (int64_t r = 0; r < (rows + 1) / 2 * 2; r++)                                                 \
+        for (int64_t g = 0; g < groups; g++) {                                                       \
+            const int64_t at = (r / 2) * groups + g, h = r % 2;                                      \
+            float lo = 0.0f, hi = 0.0f, c = 0.0f;                                                    \
+            __m256i q = _mm256_setzero_si256();                                                      \
+            if (r < rows) {                                                                          \
+                const uint8_t *blk = w + r * row_bytes + g / SUBS * TS;                              \
+                T##_scales(blk, (int)(g % SUBS), &lo, &hi, &c);                                      \
+                q = T##_quants8(blk, (int)(g % SUBS));                                               \
+                wp->c[r * groups + g] = c;                                                           \
+            }                                                                                        \
+            _mm256_storeu_si256((__m256i *)(wp->q + at * 64 + h * 32), q);                           \
+            wp->s[at * 4 + h * 2] = lo;                                                              \
+            wp->s[at * 4 + h * 2 + 1] = HALVES ? hi : lo;                                            \
+        }                                                                                            \
+}                                                                                                    \
+static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {              \
+    const int64_t groups = jb->xq->groups;                                                           \
+    struct wpairs wp = {malloc((size_t)(TR * groups * G)), malloc((size_t)(TR * groups * 2) * sizeof(float)), \
+                        malloc((size_t)(TR * groups) * sizeof(float))};                              \
+    if (wp.q == NULL || wp.s == NULL || wp.c == NULL) {                                              \
+        free(wp.q), free(wp.s), free(wp.c);                                                          \
+        return -1;                                                                                   \
+    }                                                                                                \
+    for (int64_t n0 = lo; n0 < hi; n0 += TR) {                                                       \
+        const int64_t rows = hi - n0 < TR ? hi - n0 : TR, pairs = (rows + 1) / 2;                    \
+        T##_unpack(jb->w + n0 * jb->row_bytes, jb->row_bytes, rows, jb->xq, &wp);                    \
+        float *yn = jb->y + n0;                                                                      \
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                     \
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;                                         \
+            for (int64_t p = 0; p < pairs; p += NP) {                                                \
+                const int np = pairs - p < NP ? (int)(pairs - p) : NP;                               \
+                switch (mr * 8 + np) {                                                               \
+                    PAIR_CASE(SIGNED, 4, 4) PAIR_CASE(SIGNED, 4, 3) PAIR_CASE(SIGNED, 4, 2)              \
+                    PAIR_CASE(SIGNED, 4, 1) PAIR_CASE(SIGNED, 3, 4) PAIR_CASE(SIGNED, 3, 3)              \
+                    PAIR_CASE(SIGNED, 3, 2) PAIR_CASE(SIGNED, 3, 1) PAIR_CASE(SIGNED, 2, 4)              \
+                    PAIR_CASE(SIGNED, 2, 3) PAIR_CASE(SIGNED, 2, 2) PAIR_CASE(SIGNED, 2, 1)              \
+                    PAIR_CASE(SIGNED, 1, 4) PAIR_CASE(SIGNED, 1, 3) PAIR_CASE(SIGNED, 1, 2)              \
+                    default: pair_tile(&wp, p, rows, jb->xq, m0, yn, jb->ldy, 1, 1, SIGNED); break;  \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+    free(wp.q), free(wp.s), free(wp.c);                                                              \
+    return 0;                                                                                        \
+}
+#elif defined(Q8_AVX2)
 
 struct wtile {
     int8_t *q;              /* [TR][K] */
