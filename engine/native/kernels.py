@@ -62,7 +62,7 @@ MATMUL_MODES = ("exact", "int8")
 def auto_matmul_mode() -> str:
     """The faster mode for this CPU's kernel build, by measurement (BENCHMARKS.md, issue 15's int8
     sections): "int8" for the AVX2 build, whose float path does 8 multiply-adds an instruction where
-    the integer path does 32; "exact" for the AVX-512 build (its 16-lane float paths are 1.1-1.7x
+    the integer path does 32; "exact" for the AVX-512 build (its 16-lane float paths are 1.1-1.9x
     the int8 kernels at 4-128 rows, even with their 512-bit batch kernels, and 0.9-1.5x at one row)
     and the scalar one."""
     try:
