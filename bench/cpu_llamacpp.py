@@ -63,7 +63,7 @@ def tool(name: str) -> str:
     path = BIN / name
     if not path.exists():
         sys.exit(f"{path} not found: set LLAMA_CPP_BIN to the bin/ folder of a llama.cpp cmake build "
-                 "(BENCHMARKS.md, section: Lumen against llama.cpp's own tools on AVX2)")
+                 "(BENCHMARKS.md, sections: Lumen against llama.cpp's own tools on AVX2, and on AVX-512)")
     return str(path)
 
 
