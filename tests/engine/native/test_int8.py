@@ -1,7 +1,7 @@
 """The int8 matmul mode (q8matmul.c): what it computes, that a row's result does not depend on its
 batch, how far it is from the exact product, and that it refuses what the exact mode refuses.
 
-The mode quantizes each activation row in groups of 16 values (scale amax / 127 in float32,
+The mode quantizes each activation row in groups of 8 values (scale amax / 127 in float32,
 quants rounded to nearest even) and multiplies integers; tests/engine/weights/test_gguf_loader.py
 and tests/engine/model/test_smollm2_reference.py check whole models against llama.cpp's error.
 """
