@@ -161,7 +161,7 @@ static inline __attribute__((always_inline)) void decode_row(
  * same fma order per output as every other path. Each cache line of a block is prefetched
  * into L2 from the same place in the next group of rows (ANR rows further), which streamed
  * faster than a fixed distance ahead (BENCHMARKS.md, "Figures from code comments"). */
-#define REGISTER_STREAM(name, T, AMR, ANR)                                                     \
+#define REGISTER_STREAM(name, T, AMR, ANR, PREPARE)                                            \
 static inline __attribute__((always_inline)) void name(                                          \
         const uint8_t *w, int64_t row_bytes, int64_t K, const float *x, int64_t ldx, float *y,    \
         int64_t ldy, const int mr, const int nr) {                                               \
@@ -174,7 +174,7 @@ static inline __attribute__((always_inline)) void name(                         
             const uint8_t *blk = w + j * row_bytes + b * T##_TS;                                 \
             for (int o = 0; o < T##_TS; o += 64)                                                 \
                 _mm_prefetch((const char *)blk + ANR * row_bytes + o, _MM_HINT_T1);                   \
-            T##_prepare(blk, &p[j]);                                                             \
+            PREPARE(blk, &p[j]);                                                                 \
         }                                                                                        \
         _Pragma("GCC unroll 16")                                                                 \
         for (int g = 0; g < T##_BS / 16; g++) {                                                  \
@@ -444,8 +444,8 @@ int lumen_decode_row(int qtype, const uint8_t *row, int64_t row_bytes, int64_t k
 /* For a type T with register decoders: M <= MR streams MR x NR outputs at a time (every row of
  * the batch), M <= WIDE_MAX_M streams WMR x WNR (the batch in slices of WMR rows). */
 #define REGISTER_PATHS(T)                                                                       \
-REGISTER_STREAM(stream_regs_##T, T, MR, NR)                                                     \
-REGISTER_STREAM(wide_regs_##T, T, WMR, WNR)                                                     \
+REGISTER_STREAM(stream_regs_##T, T, MR, NR, STREAM_PREPARE_##T)                                \
+REGISTER_STREAM(wide_regs_##T, T, WMR, WNR, T##_prepare)                                        \
 static int stream_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {                 \
     const int mr = (int)jb->M;                                                                   \
     const int64_t m0 = 0;                                                                        \
@@ -471,6 +471,17 @@ static int wide_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {  
 }
 #define REGISTER_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q4_1, q4_1) X(LUMEN_Q2_K, q2_k) \
     X(LUMEN_Q3_K, q3_k) X(LUMEN_Q4_K, q4_k) X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k) X(LUMEN_F16, f16) X(LUMEN_BF16, bf16)
+/* What 1-4 rows prepare a block with: the wide path's T_prepare, but for Q4_1 (decoders.h). */
+#define STREAM_PREPARE_q8_0 q8_0_prepare
+#define STREAM_PREPARE_q4_0 q4_0_prepare
+#define STREAM_PREPARE_q4_1 q4_1_prepare_stream
+#define STREAM_PREPARE_q2_k q2_k_prepare
+#define STREAM_PREPARE_q3_k q3_k_prepare
+#define STREAM_PREPARE_q4_k q4_k_prepare
+#define STREAM_PREPARE_q5_k q5_k_prepare
+#define STREAM_PREPARE_q6_k q6_k_prepare
+#define STREAM_PREPARE_f16 f16_prepare
+#define STREAM_PREPARE_bf16 bf16_prepare
 #define PATHS(id, T) REGISTER_PATHS(T)
 REGISTER_TYPES(PATHS)
 #undef PATHS
