@@ -404,20 +404,23 @@ REGDEC __m512 q4_0_group(const uint8_t *b, const q4_0_prep *p, int g) {
 enum { q4_1_BS = 32, q4_1_TS = 20 };
 typedef struct { __m512 levels; } q4_1_prep;
 
-REGDEC void q4_1_prepare(const uint8_t *b, q4_1_prep *p) {
+REGDEC __m512 q4_1_levels(float d, float m) {
     const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    p->levels = _mm512_add_ps(_mm512_mul_ps(q, _mm512_set1_ps(fp16_to_fp32(b))), _mm512_set1_ps(fp16_to_fp32(b + 2)));
+    return _mm512_add_ps(_mm512_mul_ps(q, _mm512_set1_ps(d)), _mm512_set1_ps(m));
+}
+
+REGDEC void q4_1_prepare(const uint8_t *b, q4_1_prep *p) {
+    p->levels = q4_1_levels(fp16_to_fp32(b), fp16_to_fp32(b + 2));
 }
 
 /* The same table for 1-4 rows: d and m widened by one vcvtph2ps (exact, as fp16_to_fp32) and
  * broadcast from memory, two fewer shuffles on port 5 a block (one row: 1.3x; with the 8 x 3
  * accumulators of 5-8 rows it was 0.65x, so those keep q4_1_prepare). */
 REGDEC void q4_1_prepare_stream(const uint8_t *b, q4_1_prep *p) {
-    const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     float dm[4];
     _mm_storeu_ps(dm, _mm_cvtph_ps(_mm_loadu_si32(b)));
     IN_MEMORY(dm);
-    p->levels = _mm512_add_ps(_mm512_mul_ps(q, _mm512_set1_ps(dm[0])), _mm512_set1_ps(dm[1]));
+    p->levels = q4_1_levels(dm[0], dm[1]);
 }
 
 REGDEC __m512 q4_1_group(const uint8_t *b, const q4_1_prep *p, int g) {

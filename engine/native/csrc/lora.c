@@ -4,8 +4,9 @@
  * whatever the number of its rows (a GEMM, not a GEMV per row): threads split A's rows (the
  * rank) for the shrink t = x @ A^T, then the output columns for the expand y += t @ B^T.
  * Every output accumulates in one fixed order in every build (no contraction into fma: the
- * x86-64-v3 and -v4 builds give the same bits, checked on SmolLM2) and for any batch: a dot product keeps 64 independent lanes reduced by a fixed tree, and y[c] adds
- * t[j] * B[c, j] for j in order; a row's bits never depend on the other rows of its batch. */
+ * x86-64-v3 and -v4 builds give the same bits, checked on SmolLM2) and for any batch: a dot
+ * product keeps 64 independent lanes reduced by a fixed tree, and y[c] adds t[j] * B[c, j] for
+ * j in order; a row's bits never depend on the other rows of its batch. */
 #include "lora.h"
 
 #include <omp.h>

@@ -371,8 +371,8 @@ enum { TR = 16 };
 /* AVX-512 builds: the same products for two weight rows in one 512-bit register (lanes 0-7 the
  * first row's 8 lanes, 8-15 the second's), so each instruction does the work of two AVX2 ones.
  * Unpacked weights are stored by pairs of rows: group g of rows 2p and 2p + 1 as 64 quant bytes
- * and 16 lane scales (a_lo x 4, a_hi x 4 for each row); an odd last row is paired with zeros and
- * its outputs are not written. Per lane, the integer sum, the scale product and the fma are the
+ * and 4 lane scales (a_lo, a_hi of each row, spread over the lanes when used); an odd last row is
+ * paired with zeros and its outputs are not written. Per lane, the integer sum, the scale product and the fma are the
  * ones of the 256-bit code, in the same order, so the same bits. Signed quants: |q| times qx
  * negated where q < 0 (AVX-512 has no vpsignb), the products of the AVX2 code's sign trick. */
 enum { NP = 4 };         /* pairs of weight rows per tile: MR x NP accumulators of the 32 zmm */
