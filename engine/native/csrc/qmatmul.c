@@ -3,8 +3,8 @@
  * Two loop orders, one arithmetic. Small batches (M <= MR, decode steps) decode one block of
  * NR weight rows into an L1 buffer and consume it at once with MR x NR register accumulators,
  * so the weight bytes stream from memory once with no float copy of them. Larger batches
- * decode a tile of rows over all of K once into a per-thread buffer, then run the same
- * micro-kernel over every group of MR activation rows, so decoding is paid once per tile.
+ * decode a tile of rows over all of K once into a per-thread buffer, then run a micro-kernel
+ * over every group of MR activation rows (AVX-512: 6), so decoding is paid once per tile.
  * With AVX-512 (F, BW, VL), batches of up to WIDE_MAX_M rows (Q4_1: 8) of the quantized types that
  * decoders.h has register decoders for skip the L1 buffer: 16 weights at a time go straight to a
  * register.
@@ -136,6 +136,44 @@ static inline __attribute__((always_inline)) void decoded_block(
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum(acc[i][j]);
 }
+
+#ifdef __AVX512F__
+/* AVX-512 builds: the tile path's micro-kernel takes 6 activation rows x NR weight rows (24 of the
+ * 32 zmm as accumulators, each activation vector loaded once for its NR fmas), 1.04-1.11x the
+ * MR x NR one at 64-256 rows (BENCHMARKS.md, "AVX-512 builds: the tile path decodes with the
+ * register decoders"). The same fmas per output in the same order, so the same bits. */
+enum { TILE_MR = 6 };
+static inline __attribute__((always_inline)) void decoded_block_6(
+        const float *w, int64_t K, const float *x, int64_t ldx, float *y, int64_t ldy, const int mr, const int nr) {
+    __m512 acc[TILE_MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 wv[NR];
+        for (int j = 0; j < nr; j++) { wv[j] = _mm512_loadu_ps(w + j * K + k); IN_REGISTER(wv[j]); }
+        for (int i = 0; i < mr; i++) {
+            __m512 xv = _mm512_loadu_ps(x + i * ldx + k);
+            IN_REGISTER(xv);
+            for (int j = 0; j < nr; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum((v16)acc[i][j]);
+}
+#define TILE_SIZES(call, kernel, mr, nr)                                                       \
+    switch ((mr) * 8 + (nr)) {                                                                 \
+        case 6 * 8 + NR: call(kernel, 6, NR); break; case 5 * 8 + NR: call(kernel, 5, NR); break; \
+        case 4 * 8 + NR: call(kernel, 4, NR); break; case 3 * 8 + NR: call(kernel, 3, NR); break; \
+        case 2 * 8 + NR: call(kernel, 2, NR); break; case 1 * 8 + NR: call(kernel, 1, NR); break; \
+        case 6 * 8 + 1: call(kernel, 6, 1); break; case 5 * 8 + 1: call(kernel, 5, 1); break;    \
+        case 4 * 8 + 1: call(kernel, 4, 1); break; case 3 * 8 + 1: call(kernel, 3, 1); break;    \
+        case 2 * 8 + 1: call(kernel, 2, 1); break; default: call(kernel, 1, 1); break;           \
+    }
+#else
+enum { TILE_MR = MR };
+#define decoded_block_6 decoded_block
+#define TILE_SIZES SIZES
+#endif
 
 static inline __attribute__((always_inline)) void decode_row(
         block_decoder dec, const int bs, const int ts, const uint8_t *row, int64_t K, float *out) {
@@ -332,26 +370,30 @@ static inline __attribute__((always_inline)) int stream_range(
 
 enum { TILE = 64 };   /* rows decoded at once for large batches */
 
+/* Decodes one weight row of K values: decode_row with the type's block decoder, or in AVX-512
+ * builds the type's register decoders (regs_row_T below: the same values). */
+typedef void (*row_decoder)(const uint8_t *row, int64_t K, float *out);
+
 /* Large batches: tiles [lo, hi) of TILE output rows each, all M rows. */
 static inline __attribute__((always_inline)) int tile_range(
-        block_decoder dec, const int bs, const int ts, const struct job *jb, int64_t lo, int64_t hi) {
+        row_decoder decode, const struct job *jb, int64_t lo, int64_t hi) {
     const int64_t K = jb->K, M = jb->M;
     float *wbuf = aligned_alloc(64, (size_t)(TILE * K * sizeof(float) + 63) / 64 * 64);
     if (wbuf == NULL) return -2;
     for (int64_t t = lo; t < hi; t++) {
         const int64_t n0 = t * TILE, rows = jb->N - n0 < TILE ? jb->N - n0 : TILE;
-        for (int64_t r = 0; r < rows; r++) decode_row(dec, bs, ts, jb->w + (n0 + r) * jb->row_bytes, K, wbuf + r * K);
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
-            for (int64_t j = 0; j < rows;) {
-                const int nr = rows - j >= NR ? NR : 1;
+        for (int64_t r = 0; r < rows; r++) decode(jb->w + (n0 + r) * jb->row_bytes, K, wbuf + r * K);
 #define DECODED(kernel, MRC, NRC) kernel(wbuf + j * K, K, jb->x + m0 * jb->ldx, jb->ldx, \
                                                 jb->y + m0 * jb->ldy + n0 + j, jb->ldy, MRC, NRC)
-                SIZES(DECODED, decoded_block, mr, nr)
-#undef DECODED
+        for (int64_t m0 = 0; m0 < M; m0 += TILE_MR) {
+            const int mr = M - m0 < TILE_MR ? (int)(M - m0) : TILE_MR;
+            for (int64_t j = 0; j < rows;) {
+                const int nr = rows - j >= NR ? NR : 1;
+                TILE_SIZES(DECODED, decoded_block_6, mr, nr)
                 j += nr;
             }
         }
+#undef DECODED
     }
     free(wbuf);
     return 0;
@@ -442,7 +484,11 @@ int lumen_decode_row(int qtype, const uint8_t *row, int64_t row_bytes, int64_t k
         jb->x + m0 * jb->ldx, jb->ldx, jb->y + m0 * jb->ldy + n, jb->ldy, MRC, NRC)
 
 /* For a type T with register decoders: M <= MR streams MR x NR outputs at a time (every row of
- * the batch), M <= WIDE_MAX_M streams WMR x WNR (the batch in slices of WMR rows). */
+ * the batch), M <= WIDE_MAX_M streams WMR x WNR (the batch in slices of WMR rows), and larger
+ * batches take the tile path with the register decoders' values, 16 at a time, as its row
+ * decoder (regs_row_T): the block decoders, scalar loops that GCC vectorizes only in part, left
+ * Q6_K's tile path up to 1.35x slower (BENCHMARKS.md, "AVX-512 builds: the tile path decodes
+ * with the register decoders"). */
 #define REGISTER_PATHS(T)                                                                       \
 REGISTER_STREAM(stream_regs_##T, T, MR, NR, STREAM_PREPARE_##T)                                \
 REGISTER_STREAM(wide_regs_##T, T, WMR, WNR, T##_prepare)                                        \
@@ -468,6 +514,18 @@ static int wide_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {  
         n += nr;                                                                                 \
     }                                                                                            \
     return 0;                                                                                    \
+}                                                                                                \
+static void regs_row_##T(const uint8_t *row, int64_t K, float *out) {                            \
+    for (int64_t b = 0; b < K / T##_BS; b++) {                                                   \
+        const uint8_t *blk = row + b * T##_TS;                                                   \
+        T##_prep p;                                                                              \
+        T##_prepare(blk, &p);                                                                    \
+        _Pragma("GCC unroll 16")                                                                 \
+        for (int g = 0; g < T##_BS / 16; g++) _mm512_storeu_ps(out + b * T##_BS + 16 * g, T##_group(blk, &p, g)); \
+    }                                                                                            \
+}                                                                                                \
+static int tile_regs_range_##T(const struct job *jb, int64_t lo, int64_t hi) {                   \
+    return tile_range(regs_row_##T, jb, lo, hi);                                                 \
 }
 #define REGISTER_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q4_1, q4_1) X(LUMEN_Q2_K, q2_k) \
     X(LUMEN_Q3_K, q3_k) X(LUMEN_Q4_K, q4_k) X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k) X(LUMEN_F16, f16) X(LUMEN_BF16, bf16)
@@ -489,7 +547,8 @@ REGISTER_TYPES(PATHS)
 
 #define RANGES(id, fn, bs, ts)                                                                         \
     static int stream_##fn(const struct job *jb, int64_t lo, int64_t hi) { return stream_range(fn, bs, ts, jb, lo, hi); } \
-    static int tile_##fn(const struct job *jb, int64_t lo, int64_t hi) { return tile_range(fn, bs, ts, jb, lo, hi); }
+    static void row_##fn(const uint8_t *row, int64_t K, float *out) { decode_row(fn, bs, ts, row, K, out); } \
+    static int tile_##fn(const struct job *jb, int64_t lo, int64_t hi) { return tile_range(row_##fn, jb, lo, hi); }
 TYPES(RANGES)
 #undef RANGES
 
@@ -502,7 +561,8 @@ int lumen_qmatmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int
 #ifdef REGISTER_DECODERS
 #define REGISTER_MATMUL(id, T)                                                               \
     if (qtype == id && M <= MR) return run_parallel(stream_regs_range_##T, &jb, N, NR, nthreads); \
-    if (qtype == id && M <= wide_max_m(qtype)) return run_parallel(wide_regs_range_##T, &jb, N, WNR, nthreads);
+    if (qtype == id && M <= wide_max_m(qtype)) return run_parallel(wide_regs_range_##T, &jb, N, WNR, nthreads); \
+    if (qtype == id) return run_parallel(tile_regs_range_##T, &jb, (N + TILE - 1) / TILE, 1, nthreads);
     REGISTER_TYPES(REGISTER_MATMUL)
 #undef REGISTER_MATMUL
 #endif
