@@ -15,7 +15,7 @@
 
 #define DECODER static inline __attribute__((always_inline)) void
 
-/* AVX2 builds (no AVX-512) decode F16, BF16, Q4_K, Q5_K and Q6_K blocks with 8-lane vectors
+/* AVX2 builds (no AVX-512) decode F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K blocks with 8-lane vectors
  * (below each scalar decoder): the same float operations in the same order per value, so the
  * same bits. AVX-512 builds keep the scalar forms, which GCC vectorizes there. */
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__F16C__)
@@ -40,6 +40,11 @@ static inline __attribute__((always_inline)) void affine32(float *y, __m256i q, 
     const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
     for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + 8 * c, _mm256_sub_ps(_mm256_mul_ps(dv, u8_ps(q, c)), mv));
 }
+/* A Q4 block's 16 bytes as its 32 values in order: the low nibbles, then the high ones. */
+static inline __attribute__((always_inline)) __m256i nibbles32_avx2(const uint8_t *qs) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs), low = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+}
 #endif
 
 static inline float fp16_to_fp32(const uint8_t *p) {
@@ -60,6 +65,7 @@ static inline uint32_t u32le(const uint8_t *p) {
 }
 
 /* Q4_0: d fp16 | qs[16]; value j = d * ((qs[j % 16] >> 4 * (j / 16)) & 15) - 8 */
+#ifndef AVX2_BLOCK_DECODERS
 DECODER dec_q4_0(const uint8_t *b, float *y) {
     const float d = fp16_to_fp32(b);
     const uint8_t *qs = b + 2;
@@ -68,8 +74,16 @@ DECODER dec_q4_0(const uint8_t *b, float *y) {
         y[j + 16] = (float)((qs[j] >> 4) - 8) * d;
     }
 }
+#else
+DECODER dec_q4_0(const uint8_t *b, float *y) {
+    const __m256 dv = _mm256_set1_ps(fp16_to_fp32(b));
+    const __m256i q = _mm256_sub_epi8(nibbles32_avx2(b + 2), _mm256_set1_epi8(8));
+    for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + 8 * c, _mm256_mul_ps(i8_ps(q, c), dv));
+}
+#endif
 
 /* Q4_1: d fp16 | m fp16 | qs[16]; value = d * q + m */
+#ifndef AVX2_BLOCK_DECODERS
 DECODER dec_q4_1(const uint8_t *b, float *y) {
     const float d = fp16_to_fp32(b), m = fp16_to_fp32(b + 2);
     const uint8_t *qs = b + 4;
@@ -78,6 +92,13 @@ DECODER dec_q4_1(const uint8_t *b, float *y) {
         y[j + 16] = (float)(qs[j] >> 4) * d + m;
     }
 }
+#else
+DECODER dec_q4_1(const uint8_t *b, float *y) {
+    const __m256 dv = _mm256_set1_ps(fp16_to_fp32(b)), mv = _mm256_set1_ps(fp16_to_fp32(b + 2));
+    const __m256i q = nibbles32_avx2(b + 4);
+    for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + 8 * c, _mm256_add_ps(_mm256_mul_ps(u8_ps(q, c), dv), mv));
+}
+#endif
 
 /* Q5_0: d fp16 | qh u32 (bit j = value j's bit 4) | qs[16]; value = d * (q - 16) */
 DECODER dec_q5_0(const uint8_t *b, float *y) {
@@ -106,11 +127,19 @@ DECODER dec_q5_1(const uint8_t *b, float *y) {
 }
 
 /* Q8_0: d fp16 | qs[32] int8; value = d * q */
+#ifndef AVX2_BLOCK_DECODERS
 DECODER dec_q8_0(const uint8_t *b, float *y) {
     const float d = fp16_to_fp32(b);
     const int8_t *qs = (const int8_t *)(b + 2);
     for (int j = 0; j < 32; j++) y[j] = (float)qs[j] * d;
 }
+#else
+DECODER dec_q8_0(const uint8_t *b, float *y) {
+    const __m256 dv = _mm256_set1_ps(fp16_to_fp32(b));
+    const __m256i q = load_bytes32(b + 2);
+    for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + 8 * c, _mm256_mul_ps(i8_ps(q, c), dv));
+}
+#endif
 
 /* Q2_K: scales[16] (4-bit scale | 4-bit min) | qs[64] (2-bit) | d fp16 | dmin fp16 */
 DECODER dec_q2_k(const uint8_t *b, float *y) {
