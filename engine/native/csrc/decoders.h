@@ -17,7 +17,8 @@
 
 /* AVX2 builds (no AVX-512) decode F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K blocks with 8-lane vectors
  * (below each scalar decoder): the same float operations in the same order per value, so the
- * same bits. AVX-512 builds keep the scalar forms, which GCC vectorizes there. */
+ * same bits. AVX-512 builds keep the scalar forms (GCC vectorizes them in part); their matmuls decode
+ * with the register decoders at the end of this file. */
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__F16C__)
 #define AVX2_BLOCK_DECODERS 1
 #include <immintrin.h>
