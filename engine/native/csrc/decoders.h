@@ -15,6 +15,27 @@
 
 #define DECODER static inline __attribute__((always_inline)) void
 
+#ifdef __AVX2__
+#include <immintrin.h>
+/* For every build with AVX2 (the AVX-512 ones too): a Q4 block's 16 bytes as its 32 values in
+ * order, the low nibbles then the high ones. */
+static inline __attribute__((always_inline)) __m256i nibbles32_avx2(const uint8_t *qs) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs), low = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+}
+/* Q4_K / Q5_K block b's 8 six-bit scales (bytes 0-7) and 8 mins (bytes 8-15), the fields of
+ * scale_min_k4, unpacked from the 12 bytes u0 u1 u2 at b + 4 as ggml's SIMD kernels do: sc_0..7
+ * are u0 & k1, (u2 & k2) | (u0 >> 6 & k3) << 4 and m_0..7 are u1 & k1, (u2 >> 4 & k2) | (u1 >> 6 & k3) << 4.
+ * Reads 16 bytes (the 12 and 4 of qs). */
+static inline __attribute__((always_inline)) __m128i k4_scale_min_bytes(const uint8_t *b) {
+    const __m128i u = _mm_loadu_si128((const __m128i *)(b + 4));
+    const __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
+    const __m128i top = _mm_srli_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(1, 1, 0, 0)), 2);   /* bits 6-7 at 4-5 */
+    return _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+                        _mm_and_si128(top, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+}
+#endif
+
 /* AVX2 builds (no AVX-512) decode F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K blocks with 8-lane vectors
  * (below each scalar decoder): the same float operations in the same order per value, so the
  * same bits. AVX-512 builds keep the scalar forms (GCC vectorizes them in part); their matmuls decode
@@ -40,11 +61,6 @@ static inline __attribute__((always_inline)) __m256i load_bytes32(const uint8_t 
 static inline __attribute__((always_inline)) void affine32(float *y, __m256i q, float d, float m) {
     const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
     for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + 8 * c, _mm256_sub_ps(_mm256_mul_ps(dv, u8_ps(q, c)), mv));
-}
-/* A Q4 block's 16 bytes as its 32 values in order: the low nibbles, then the high ones. */
-static inline __attribute__((always_inline)) __m256i nibbles32_avx2(const uint8_t *qs) {
-    const __m128i q = _mm_loadu_si128((const __m128i *)qs), low = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
 }
 #endif
 
@@ -490,15 +506,9 @@ REGDEC __m512 q5_k_group(const uint8_t *b, const staged_prep *p, int g) {
 #define q3_k_group scaled_group
 #define q6_k_group scaled_group
 
-/* Q4_K / Q5_K: s[0..7] = d * sc_j and s[8..15] = dmin * m_j, the fields of scale_min_k4, all
- * unpacked at once from the 12 bytes u0 u1 u2 as ggml's SIMD kernels do: bytes sc_0..7 are
- * u0 & k1, (u2 & k2) | (u0 >> 6 & k3) << 4 and mins m_0..7 are u1 & k1, (u2 >> 4 & k2) | (u1 >> 6 & k3) << 4. */
+/* Q4_K / Q5_K: s[0..7] = d * sc_j and s[8..15] = dmin * m_j, from k4_scale_min_bytes. */
 REGDEC void k4_scales_mins(const uint8_t *b, float *s) {
-    const __m128i u = load16(b + 4);
-    const __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
-    const __m128i top = _mm_srli_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(1, 1, 0, 0)), 2);   /* bits 6-7 at 4-5 */
-    const __m128i f = _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
-                                   _mm_and_si128(top, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+    const __m128i f = k4_scale_min_bytes(b);
     const __m128 d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128((int)u32le(b)));         /* exact widening */
     const __m512 dd = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
                                             _mm512_zextps128_ps512(d_dmin));

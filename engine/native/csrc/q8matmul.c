@@ -166,33 +166,28 @@ static inline void q6_k_quants(const uint8_t *b, int s, int8_t *q) {
         q[j] = (int8_t)((((k >= 2) ? ql[j] >> 4 : ql[j] & 0x0F) | (((qh[j] >> (2 * k)) & 3) << 4)) - 32);
 }
 
+#ifdef Q8_AVX2
 /* A block's SUBS groups' scales at once, for the 1-4 row kernels, which otherwise unpacked them
  * group by group for every weight row: ls[s] = a (or with halves, ls[2 s] = a_lo and ls[2 s + 1]
  * = a_hi) and c[s] of T_scales(block, s), the same values (the K-quants' products computed with
- * SIMD, each rounded once as in T_scales). */
-#define BLOCK_SCALES(T)                                                                                \
+ * SIMD, each rounded once as in T_scales). Types of one group a block take T_scales as it is. */
+#define ONE_GROUP_SCALES(T)                                                                            \
 static inline __attribute__((always_inline)) void T##_block_scales(const uint8_t *b, float *ls, float *c) { \
     float hi;                                                                                          \
     T##_scales(b, 0, &ls[0], &hi, &c[0]);                                                              \
 }
-BLOCK_SCALES(q8_0)
-BLOCK_SCALES(q4_0)
-BLOCK_SCALES(q4_1)
-#ifdef Q8_AVX2
-/* Q4_K, Q5_K: the 8 six-bit scales and mins of scale_min_k4 unpacked from the 12 bytes u0 u1 u2
- * as ggml's SIMD kernels do (bytes sc_0..7: u0 & k1, (u2 & k2) | (u0 >> 6 & k3) << 4; mins m_0..7:
- * u1 & k1, (u2 >> 4 & k2) | (u1 >> 6 & k3) << 4), then ls = d * sc and c = -(dmin * m). */
+ONE_GROUP_SCALES(q8_0)
+ONE_GROUP_SCALES(q4_0)
+ONE_GROUP_SCALES(q4_1)
+/* Q4_K, Q5_K: ls = d * sc and c = -(dmin * m) over the bytes of k4_scale_min_bytes. */
 static inline __attribute__((always_inline)) void q4_k_block_scales(const uint8_t *b, float *ls, float *c) {
-    const __m128i u = _mm_loadu_si128((const __m128i *)(b + 4));      /* the 12 bytes and 4 of qs */
-    const __m128i low = _mm_srlv_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(2, 1, 2, 0)), _mm_setr_epi32(0, 0, 0, 4));
-    const __m128i top = _mm_srli_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(1, 1, 0, 0)), 2);   /* bits 6-7 at 4-5 */
-    const __m128i f = _mm_or_si128(_mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
-                                   _mm_and_si128(top, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+    const __m128i f = k4_scale_min_bytes(b);
     const __m256 m = _mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(b + 2)),
                                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(f, 8))));
     _mm256_storeu_ps(ls, _mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(f))));
     _mm256_storeu_ps(c, _mm256_xor_ps(m, _mm256_set1_ps(-0.0f)));     /* -(dmin * m), exactly */
 }
+#define q5_k_block_scales q4_k_block_scales
 /* Q6_K: group s's a_lo, a_hi are d * sc[2 s], d * sc[2 s + 1]: all 16 products in order. */
 static inline __attribute__((always_inline)) void q6_k_block_scales(const uint8_t *b, float *ls, float *c) {
     (void)c;
@@ -201,26 +196,18 @@ static inline __attribute__((always_inline)) void q6_k_block_scales(const uint8_
     _mm256_storeu_ps(ls, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
     _mm256_storeu_ps(ls + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
 }
-#define q5_k_block_scales q4_k_block_scales
-#endif
 
-#ifdef Q8_AVX2
-/* nibbles32 on a register. */
-static inline __attribute__((always_inline)) __m256i nibbles(__m128i v) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
-}
 static inline __attribute__((always_inline)) __m256i q8_0_quants8(const uint8_t *b, int s) {
     (void)s;
     return _mm256_loadu_si256((const __m256i *)(b + 2));
 }
 static inline __attribute__((always_inline)) __m256i q4_0_quants8(const uint8_t *b, int s) {
     (void)s;
-    return nibbles(_mm_loadu_si128((const __m128i *)(b + 2)));
+    return nibbles32_avx2(b + 2);
 }
 static inline __attribute__((always_inline)) __m256i q4_1_quants8(const uint8_t *b, int s) {
     (void)s;
-    return nibbles(_mm_loadu_si128((const __m128i *)(b + 4)));
+    return nibbles32_avx2(b + 4);
 }
 static inline __attribute__((always_inline)) __m256i q4_k_quants8(const uint8_t *b, int s) {
     const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * (s / 2)));

@@ -125,25 +125,14 @@ static inline __attribute__((always_inline)) void stream_block(
         for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum(acc[i][j]);
 }
 
-/* Large batches: mr x nr outputs from rows already decoded over all of K. */
-static inline __attribute__((always_inline)) void decoded_block(
-        const float *w, int64_t K, const float *x, int64_t ldx, float *y, int64_t ldy, const int mr, const int nr) {
-    v16 acc[MR][NR];
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) acc[i][j] = (v16){0};
-    for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK)
-        ACCUMULATE(acc, x + k0, ldx, w + k0, K, K - k0 < K_CHUNK ? K - k0 : K_CHUNK, mr, nr);
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum(acc[i][j]);
-}
-
+/* Large batches: mr x nr outputs from rows already decoded over all of K, mr up to TILE_MR. In
+ * AVX-512 builds TILE_MR is 6 (24 of the 32 zmm as accumulators, each activation vector loaded
+ * once for its NR fmas): 1.04-1.11x 4 rows at 64-256 rows (BENCHMARKS.md, "AVX-512 builds: the
+ * tile path decodes with the register decoders"); the same fmas per output in the same order
+ * as ACCUMULATE's, so the same bits. */
 #ifdef __AVX512F__
-/* AVX-512 builds: the tile path's micro-kernel takes 6 activation rows x NR weight rows (24 of the
- * 32 zmm as accumulators, each activation vector loaded once for its NR fmas), 1.04-1.11x the
- * MR x NR one at 64-256 rows (BENCHMARKS.md, "AVX-512 builds: the tile path decodes with the
- * register decoders"). The same fmas per output in the same order, so the same bits. */
 enum { TILE_MR = 6 };
-static inline __attribute__((always_inline)) void decoded_block_6(
+static inline __attribute__((always_inline)) void decoded_block(
         const float *w, int64_t K, const float *x, int64_t ldx, float *y, int64_t ldy, const int mr, const int nr) {
     __m512 acc[TILE_MR][NR];
     for (int i = 0; i < mr; i++)
@@ -160,6 +149,7 @@ static inline __attribute__((always_inline)) void decoded_block_6(
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum((v16)acc[i][j]);
 }
+/* SIZES (below) for mr up to 6. */
 #define TILE_SIZES(call, kernel, mr, nr)                                                       \
     switch ((mr) * 8 + (nr)) {                                                                 \
         case 6 * 8 + NR: call(kernel, 6, NR); break; case 5 * 8 + NR: call(kernel, 5, NR); break; \
@@ -171,7 +161,16 @@ static inline __attribute__((always_inline)) void decoded_block_6(
     }
 #else
 enum { TILE_MR = MR };
-#define decoded_block_6 decoded_block
+static inline __attribute__((always_inline)) void decoded_block(
+        const float *w, int64_t K, const float *x, int64_t ldx, float *y, int64_t ldy, const int mr, const int nr) {
+    v16 acc[MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) acc[i][j] = (v16){0};
+    for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK)
+        ACCUMULATE(acc, x + k0, ldx, w + k0, K, K - k0 < K_CHUNK ? K - k0 : K_CHUNK, mr, nr);
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) y[i * ldy + j] = hsum(acc[i][j]);
+}
 #define TILE_SIZES SIZES
 #endif
 
@@ -389,7 +388,7 @@ static inline __attribute__((always_inline)) int tile_range(
             const int mr = M - m0 < TILE_MR ? (int)(M - m0) : TILE_MR;
             for (int64_t j = 0; j < rows;) {
                 const int nr = rows - j >= NR ? NR : 1;
-                TILE_SIZES(DECODED, decoded_block_6, mr, nr)
+                TILE_SIZES(DECODED, decoded_block, mr, nr)
                 j += nr;
             }
         }
