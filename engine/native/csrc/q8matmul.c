@@ -39,12 +39,19 @@
 #endif
 
 enum { G = 32, H = 8 };   /* values per weight group, per activation scale (2 lanes) */
+enum { QB = 256, QR = 16383 };   /* the K-quants: values per 16-bit activation scale, largest |qx| */
 
-/* One quantized activation matrix: rows of K int8 values, each group's dx and t. */
+/* One quantized activation matrix: rows of K int8 values, each group's dx and t (Q8_0, Q4_0,
+ * Q4_1); and rows of K int16 values, each block's dx and each group's t (the K-quants). */
 struct xq {
     int8_t *q;
     float *d, *t;
     int64_t K, groups;
+    int16_t *q16;           /* batches (AVX2): each group's value pairs 0, 2, .., 14 then 1, 3, .., 15 */
+    int8_t *xh;             /* 1-4 rows (AVX2): qx >> 8 and qx & 255, in order */
+    uint8_t *xl;
+    float *d16;
+    float *t16;
 };
 
 /* d: one scale per H values, t: one per group of G: sum over its parts of dx * S, in order (fma). */
@@ -88,6 +95,69 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *
     }
 }
 
+/* The K-quants' form: d[b] = amax / QR over block b's 256 values, qx = x * (1 / d) clamped to +-QR
+ * and rounded to nearest even, t[g] = d[b] * (the sum of group g's 32 qx). Stored as the kernels
+ * read it: q in order (plain C builds); AVX2 builds, q with each group's 16 pairs of values as
+ * pairs 0, 2, .., 14 then 1, 3, .., 15 (batches: lane l of two 16-bit multiply-adds sums values
+ * 4l .. 4l + 3), or, for 1-4 rows, hi = qx >> 8 and lo = qx & 255 (qx = 256 hi + lo) in order. */
+static void quantize_row16(const float *x, int64_t K, int16_t *q, int8_t *hi, uint8_t *lo, float *d, float *t) {
+    for (int64_t b = 0; b < K / QB; b++) {
+        const float *xb = x + b * QB;
+#ifdef Q8_AVX2
+        __m256 m = _mm256_setzero_ps();          /* a NaN is passed over, as fmaxf does */
+        for (int v = 0; v < QB; v += 8)
+            m = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(xb + v)), m);
+        m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
+        const float amax = _mm256_cvtss_f32(m);
+#else
+        float amax = 0.0f;
+        for (int v = 0; v < QB; v++) amax = fmaxf(amax, fabsf(xb[v]));
+#endif
+        const float dx = amax / (float)QR, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
+        d[b] = dx;
+        for (int g = 0; g < QB / G; g++) {
+            const float *xg = xb + g * G;
+            const int64_t at = b * QB + g * G;
+#ifdef Q8_AVX2
+            __m256i v[4];
+            for (int c = 0; c < 4; c++)
+                v[c] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + 8 * c),
+                    _mm256_set1_ps(inv)), _mm256_set1_ps(-(float)QR)), _mm256_set1_ps((float)QR)));
+            const __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xD8);   /* values 0-15 */
+            const __m256i c = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[2], v[3]), 0xD8);   /* 16-31 */
+            if (q != NULL) {
+                const __m256 ap = _mm256_castsi256_ps(a), cp = _mm256_castsi256_ps(c);
+                _mm256_storeu_si256((__m256i *)(q + at), _mm256_permute4x64_epi64(
+                    _mm256_castps_si256(_mm256_shuffle_ps(ap, cp, 0x88)), 0xD8));
+                _mm256_storeu_si256((__m256i *)(q + at + 16), _mm256_permute4x64_epi64(
+                    _mm256_castps_si256(_mm256_shuffle_ps(ap, cp, 0xDD)), 0xD8));
+            } else {
+                const __m256i byte = _mm256_set1_epi16(0xFF);
+                _mm256_storeu_si256((__m256i *)(hi + at), _mm256_permute4x64_epi64(
+                    _mm256_packs_epi16(_mm256_srai_epi16(a, 8), _mm256_srai_epi16(c, 8)), 0xD8));
+                _mm256_storeu_si256((__m256i *)(lo + at), _mm256_permute4x64_epi64(
+                    _mm256_packus_epi16(_mm256_and_si256(a, byte), _mm256_and_si256(c, byte)), 0xD8));
+            }
+            const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+            t[b * (QB / G) + g] = dx * (float)_mm_cvtsi128_si32(h);
+#else
+            (void)hi, (void)lo;
+            int32_t sum = 0;
+            for (int v = 0; v < G; v++) {
+                q[at + v] = (int16_t)nearbyintf(fminf(fmaxf(xg[v] * inv, -(float)QR), (float)QR));
+                sum += q[at + v];
+            }
+            t[b * (QB / G) + g] = dx * (float)sum;
+#endif
+        }
+    }
+}
+
 static inline float hsum8(const float *a) {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
@@ -127,22 +197,13 @@ static inline __attribute__((always_inline)) void q4_1_scales(const uint8_t *b, 
 static inline void q4_1_quants(const uint8_t *b, int s, int8_t *q) { (void)s; nibbles32(b + 4, q); }
 
 /* Q4_K: d | dmin | scales[12] | qs[128]; group s: unsigned nibbles of qs[32 (s / 2) ..], low for
- * even s, a = d * sc_s, c = -(dmin * m_s) (value d * sc * q - dmin * m, as ggml decodes it). */
-static inline __attribute__((always_inline)) void q4_k_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
-    uint8_t sc, mn;
-    scale_min_k4(s, b + 4, &sc, &mn);
-    *lo = *hi = fp16_to_fp32(b) * (float)sc;
-    *c = -(fp16_to_fp32(b + 2) * (float)mn);
-}
+ * even s. Its scales: kscales below. */
 static inline void q4_k_quants(const uint8_t *b, int s, int8_t *q) {
     const uint8_t *qs = b + 16 + 32 * (s / 2);
     for (int j = 0; j < 32; j++) q[j] = (int8_t)((s & 1) ? qs[j] >> 4 : qs[j] & 0x0F);
 }
 
 /* Q5_K: d | dmin | scales[12] | qh[32] | qs[128]: Q4_K's nibbles plus bit s of qh[j] as 16. */
-static inline __attribute__((always_inline)) void q5_k_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
-    q4_k_scales(b, s, lo, hi, c);
-}
 static inline void q5_k_quants(const uint8_t *b, int s, int8_t *q) {
     const uint8_t *qh = b + 16, *qs = b + 48 + 32 * (s / 2);
     for (int j = 0; j < 32; j++)
@@ -150,15 +211,7 @@ static inline void q5_k_quants(const uint8_t *b, int s, int8_t *q) {
 }
 
 /* Q6_K: ql[128] | qh[64] | scales[16] int8 | d fp16; group s = 4 h + k (h the 128-value half):
- * ql[64 h + 32 (k & 1) ..], high nibbles for k >= 2, bits 2k of qh[32 h ..]; signed q - 32;
- * a_lo = d * sc[8 h + 2 k], a_hi = d * sc[8 h + 2 k + 1]. */
-static inline __attribute__((always_inline)) void q6_k_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
-    const int8_t *sc = (const int8_t *)(b + 192) + 8 * (s / 4) + 2 * (s % 4);
-    const float d = fp16_to_fp32(b + 208);
-    *lo = d * (float)sc[0];
-    *hi = d * (float)sc[1];
-    *c = 0.0f;
-}
+ * ql[64 h + 32 (k & 1) ..], high nibbles for k >= 2, bits 2k of qh[32 h ..]; signed q - 32. */
 static inline void q6_k_quants(const uint8_t *b, int s, int8_t *q) {
     const int h = s / 4, k = s % 4;
     const uint8_t *ql = b + 64 * h + 32 * (k & 1), *qh = b + 128 + 32 * h;
@@ -179,23 +232,6 @@ static inline __attribute__((always_inline)) void T##_block_scales(const uint8_t
 ONE_GROUP_SCALES(q8_0)
 ONE_GROUP_SCALES(q4_0)
 ONE_GROUP_SCALES(q4_1)
-/* Q4_K, Q5_K: ls = d * sc and c = -(dmin * m) over the bytes of k4_scale_min_bytes. */
-static inline __attribute__((always_inline)) void q4_k_block_scales(const uint8_t *b, float *ls, float *c) {
-    const __m128i f = k4_scale_min_bytes(b);
-    const __m256 m = _mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(b + 2)),
-                                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(f, 8))));
-    _mm256_storeu_ps(ls, _mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(f))));
-    _mm256_storeu_ps(c, _mm256_xor_ps(m, _mm256_set1_ps(-0.0f)));     /* -(dmin * m), exactly */
-}
-#define q5_k_block_scales q4_k_block_scales
-/* Q6_K: group s's a_lo, a_hi are d * sc[2 s], d * sc[2 s + 1]: all 16 products in order. */
-static inline __attribute__((always_inline)) void q6_k_block_scales(const uint8_t *b, float *ls, float *c) {
-    (void)c;
-    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
-    const __m256 d = _mm256_set1_ps(fp16_to_fp32(b + 208));
-    _mm256_storeu_ps(ls, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
-    _mm256_storeu_ps(ls + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
-}
 
 static inline __attribute__((always_inline)) __m256i q8_0_quants8(const uint8_t *b, int s) {
     (void)s;
@@ -588,24 +624,405 @@ static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_
 Q8_TYPE(q8_0, 1, 34, 1, 0)
 Q8_TYPE(q4_0, 1, 18, 0, 0)
 Q8_TYPE(q4_1, 1, 20, 0, 0)
-Q8_TYPE(q4_k, 8, 144, 0, 0)
-Q8_TYPE(q5_k, 8, 176, 0, 0)
-Q8_TYPE(q6_k, 8, 210, 1, 1)
 
-#define INT8_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q4_1, q4_1) X(LUMEN_Q4_K, q4_k) \
-    X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k)
+/* ---- The K-quants (Q4_K, Q5_K, Q6_K): 16-bit activations, integer sums over each 256-value block.
+ * Their sub-block scales are integers (6 bits, Q6_K's 8), so a block's products add up exactly
+ * before any float operation: two 16-bit multiply-adds (16 products each) and two integer adds
+ * per 32 values of an output, where the 8-bit form above needs a multiply-add pair, a conversion,
+ * a multiply and an fma. 16-bit activations are also far finer than 8-bit ones in groups of 8.
+ *
+ * What each output is (every build computes this, so they agree bit for bit):
+ *   - activations in blocks of 256 values: dx = amax / QR (QR = 16383), qx = x * (1 / dx) clamped
+ *     to +-QR and rounded to nearest even; per group g of 32, t_g = dx * (float)(sum of its qx);
+ *   - weight block: integers w = sc * q (Q4_K, Q5_K: the group's 6-bit scale times the unsigned
+ *     quant; Q6_K: the 16 values' 8-bit scale times q - 32; |w| <= 4096), the block's float d and,
+ *     for Q4_K and Q5_K, c_g = -(dmin * m_g) per group (value d w + c_g, as ggml decodes it);
+ *   - lane l (0..7) of block b: I = sum of w * qx over values 4l .. 4l + 3 of each of its groups, an
+ *     exact int32 (32 products of at most 4096 * 16383);
+ *     A[l] = fma(d * dx, (float)I, A[l]) over the blocks in order;
+ *   - Q4_K, Q5_K: B[g mod 8] = fma(c_g, t_g, B[g mod 8]) over the groups in order;
+ *   - y = hsum8(A) + hsum8(B) (Q6_K: hsum8(A)). */
+
+/* One weight block's scales: d, the integer scale of each 16 values, and c of its 8 groups. */
+struct kblock {
+    float d;
+    float c[8];
+    int16_t sc[16];
+};
+
+static inline __attribute__((always_inline)) void q4_k_kscales(const uint8_t *b, struct kblock *kb) {
+    const float dmin = fp16_to_fp32(b + 2);
+    kb->d = fp16_to_fp32(b);
+#ifdef Q8_AVX2
+    const __m128i f = k4_scale_min_bytes(b);
+    _mm256_storeu_si256((__m256i *)kb->sc, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(f, f)));
+    const __m256 m = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(f, 8))));
+    _mm256_storeu_ps(kb->c, _mm256_xor_ps(m, _mm256_set1_ps(-0.0f)));      /* -(dmin * m), exactly */
+#else
+    for (int s = 0; s < 8; s++) {
+        uint8_t sc, mn;
+        scale_min_k4(s, b + 4, &sc, &mn);
+        kb->sc[2 * s] = kb->sc[2 * s + 1] = sc;
+        kb->c[s] = -(dmin * (float)mn);
+    }
+#endif
+}
+#define q5_k_kscales q4_k_kscales
+static inline __attribute__((always_inline)) void q6_k_kscales(const uint8_t *b, struct kblock *kb) {
+    kb->d = fp16_to_fp32(b + 208);
+#ifdef Q8_AVX2
+    _mm256_storeu_si256((__m256i *)kb->sc, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192))));
+#else
+    for (int h = 0; h < 16; h++) kb->sc[h] = ((const int8_t *)(b + 192))[h];
+#endif
+}
+
+#ifdef Q8_AVX2
+/* Group s's 32 values w for the batches, in q16's order: out[0] the value pairs 0, 2, .., 14, out[1]
+ * pairs 1, 3, .., 15 (the pairs of two registers a, c in order, shuffled within 128-bit lanes and
+ * then across them). */
+static inline __attribute__((always_inline)) void pairs_split(__m256i a, __m256i c, __m256i out[2]) {
+    const __m256 ap = _mm256_castsi256_ps(a), cp = _mm256_castsi256_ps(c);
+    out[0] = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(ap, cp, 0x88)), 0xD8);
+    out[1] = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(ap, cp, 0xDD)), 0xD8);
+}
+#define KQ_W16(T, WIDEN)                                                                                \
+static inline __attribute__((always_inline)) void T##_w16(const uint8_t *b, int s, const struct kblock *kb, \
+                                                          __m256i out[2]) {                            \
+    const __m256i q = T##_quants8(b, s);                                                               \
+    pairs_split(_mm256_mullo_epi16(WIDEN(_mm256_castsi256_si128(q)), _mm256_set1_epi16(kb->sc[2 * s])), \
+                _mm256_mullo_epi16(WIDEN(_mm256_extracti128_si256(q, 1)), _mm256_set1_epi16(kb->sc[2 * s + 1])), \
+                out);                                                                                  \
+}
+KQ_W16(q4_k, _mm256_cvtepu8_epi16)
+KQ_W16(q5_k, _mm256_cvtepu8_epi16)
+KQ_W16(q6_k, _mm256_cvtepi8_epi16)
+
+/* For 1-4 rows: a block's d, c (Q4_K, Q5_K, into c) and its scale bytes in both 128-bit lanes, from
+ * which T##_group_scale takes group s's scales as 16-bit words: the first 16 values' in the low
+ * lane, the rest's in the high one (the same integers as kscales). */
+static inline __attribute__((always_inline)) __m256i q4_k_split_scales(const uint8_t *b, float *d, float *c) {
+    const __m128i f = k4_scale_min_bytes(b);
+    const __m256 m = _mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(b + 2)),
+                                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(f, 8))));
+    _mm256_storeu_ps(c, _mm256_xor_ps(m, _mm256_set1_ps(-0.0f)));          /* -(dmin * m), exactly */
+    *d = fp16_to_fp32(b);
+    return _mm256_broadcastsi128_si256(f);
+}
+#define q5_k_split_scales q4_k_split_scales
+static inline __attribute__((always_inline)) __m256i q4_k_group_scale(__m256i bc, int s) {
+    /* byte s into the high byte of each word (256 sc, unsigned), then shifted down */
+    return _mm256_srli_epi16(_mm256_shuffle_epi8(bc, _mm256_set1_epi16((short)(0x80 | s << 8))), 8);
+}
+#define q5_k_group_scale q4_k_group_scale
+static inline __attribute__((always_inline)) __m256i q6_k_split_scales(const uint8_t *b, float *d, float *c) {
+    (void)c;
+    *d = fp16_to_fp32(b + 208);
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 192)));
+}
+static inline __attribute__((always_inline)) __m256i q6_k_group_scale(__m256i bc, int s) {
+    /* bytes 2s and 2s + 1 (signed) into the high bytes, shifted down with their sign */
+    return _mm256_srai_epi16(_mm256_shuffle_epi8(bc, _mm256_set_m128i(_mm_set1_epi16((short)(0x80 | (2 * s + 1) << 8)),
+                                                                      _mm_set1_epi16((short)(0x80 | (2 * s) << 8)))), 8);
+}
+
+enum { KMR = 4, KNR = 4 };
+#ifndef KBM
+#define KBM 4
+#define KBN 2
+#endif
+
+/* acc[i][j] += the products of group (value off) of weight rows j and activation rows m0 + i (both
+ * in q16's order, so lane l sums values 4l .. 4l + 3): a register of 16 values at a time, fewer
+ * registers live. */
+static inline __attribute__((always_inline)) void kq_products(
+        __m256i (*acc)[KNR], __m256i (*w)[2], const struct xq *xq, int64_t m0, int64_t off, const int mr,
+        const int nr) {
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < mr; i++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q16 + (m0 + i) * xq->K + off + 16 * h));
+            for (int j = 0; j < nr; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w[j][h], xv));
+        }
+}
+
+/* The same sums for 1-4 activation rows, from the weights' 8-bit quants q (in order) and qx's two
+ * bytes: w * qx = sc * (q * lo) + 256 sc * (q * hi), pairs of products from maddubs (at most 16320
+ * and 4096), then multiplied by sc (or 256 sc) and paired by madd: lane l gets values 4l .. 4l + 3.
+ * Partial sums may wrap around in int32; the total, which fits, is exact. SIGNED: q is signed (Q6_K),
+ * its sign moved onto hi for maddubs. */
+static inline __attribute__((always_inline)) void kq_split_products(
+        __m256i (*acc)[KNR], const __m256i *q, const __m256i *sc, const struct xq *xq, int64_t m0, int64_t off,
+        const int mr, const int nr, const int SIGNED) {
+    __m256i qa[KNR], sh[KNR];
+    for (int j = 0; j < nr; j++) {
+        qa[j] = SIGNED ? _mm256_abs_epi8(q[j]) : q[j];
+        sh[j] = _mm256_slli_epi16(sc[j], 8);
+    }
+    for (int i = 0; i < mr; i++) {
+        const int64_t at = (m0 + i) * xq->K + off;
+        const __m256i hi = _mm256_loadu_si256((const __m256i *)(xq->xh + at));
+        const __m256i lo = _mm256_loadu_si256((const __m256i *)(xq->xl + at));
+        for (int j = 0; j < nr; j++) {
+            const __m256i pl = _mm256_maddubs_epi16(lo, q[j]);
+            const __m256i ph = _mm256_maddubs_epi16(qa[j], SIGNED ? _mm256_sign_epi8(hi, q[j]) : hi);
+            acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_add_epi32(_mm256_madd_epi16(pl, sc[j]),
+                                                                     _mm256_madd_epi16(ph, sh[j])));
+        }
+    }
+}
+
+/* The end of block b: A = fma(d * dx, I, A) per lane, I reset. */
+static inline __attribute__((always_inline)) void kq_block_end(
+        __m256 (*A)[KNR], __m256i (*acc)[KNR], const float *d, const struct xq *xq, int64_t m0, int64_t b,
+        const int mr, const int nr) {
+    for (int i = 0; i < mr; i++) {
+        const float dx = xq->d16[(m0 + i) * (xq->K / QB) + b];
+        for (int j = 0; j < nr; j++) {
+            A[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d[j] * dx), _mm256_cvtepi32_ps(acc[i][j]), A[i][j]);
+            acc[i][j] = _mm256_setzero_si256();
+        }
+    }
+}
+
+/* y = hsum8(A) + hsum8(B), B over weight row j's c at c + j * ldc. */
+static inline __attribute__((always_inline)) void kq_finish(
+        __m256 (*A)[KNR], const float *c, int64_t ldc, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
+        const int mr, const int nr, const int MINS) {
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float a[8];
+            _mm256_storeu_ps(a, A[i][j]);
+            y[(m0 + i) * ldy + j] = MINS ? hsum8(a) + additive(c + j * ldc, xq->t16 + (m0 + i) * xq->groups, xq->groups)
+                                         : hsum8(a);
+        }
+}
+
+#define KQ_ZERO(mr, nr)                                                                                 \
+    __m256i acc[KMR][KNR];                                                                              \
+    __m256 A[KMR][KNR];                                                                                 \
+    for (int i = 0; i < mr; i++)                                                                        \
+        for (int j = 0; j < nr; j++) {                                                                  \
+            acc[i][j] = _mm256_setzero_si256();                                                         \
+            A[i][j] = _mm256_setzero_ps();                                                              \
+        }
+
+/* mr x nr outputs straight from the weight rows w .. w + nr (batches of 1-4 rows). */
+#define KQ_TILE(T, TS, MINS)                                                                            \
+static inline __attribute__((always_inline)) void T##_ktile(                                             \
+        const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y, int64_t ldy,        \
+        const int mr, const int nr) {                                                                   \
+    KQ_ZERO(mr, nr)                                                                                     \
+    float cs[MINS ? KNR : 1][MINS ? xq->groups : 1];                                                    \
+    for (int64_t b = 0; b < xq->K / QB; b++) {                                                          \
+        for (int j = 0; j < nr; j++)                                                                    \
+            for (int o = 0; o < TS; o += 64)                                                            \
+                _mm_prefetch((const char *)(w + (nr + j) * row_bytes + b * TS + o), _MM_HINT_T1);       \
+        float d[KNR];                                                                                   \
+        __m256i bc[KNR];                                                                                \
+        for (int j = 0; j < nr; j++)                                                                    \
+            bc[j] = T##_split_scales(w + j * row_bytes + b * TS, &d[j], MINS ? &cs[j][b * 8] : NULL);    \
+        _Pragma("GCC unroll 8")               /* constant s: each group's quants without branches */     \
+        for (int s = 0; s < QB / G; s++) {                                                              \
+            __m256i q[KNR], sc[KNR];                                                                    \
+            for (int j = 0; j < nr; j++) {                                                              \
+                q[j] = T##_quants8(w + j * row_bytes + b * TS, s);                                      \
+                sc[j] = T##_group_scale(bc[j], s);                                                      \
+            }                                                                                           \
+            kq_split_products(acc, q, sc, xq, m0, b * QB + s * G, mr, nr, !MINS);                      \
+        }                                                                                               \
+        kq_block_end(A, acc, d, xq, m0, b, mr, nr);                                                     \
+    }                                                                                                   \
+    kq_finish(A, &cs[0][0], MINS ? xq->groups : 0, xq, m0, y, ldy, mr, nr, MINS);                       \
+}
+
+/* Batches of more than KMR rows: TR weight rows unpacked once (16-bit values, d and c) into a
+ * per-thread buffer that every group of activation rows then reads: the same values in the same
+ * operations, so the same bits. */
+struct ktile {
+    int16_t *w;                /* [TR][K] */
+    float *d, *c;              /* [TR][K / QB], [TR][groups] */
+};
+
+static inline __attribute__((always_inline)) void kq_unpacked_tile(
+        const struct ktile *kt, int64_t j0, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
+        const int mr, const int nr, const int MINS) {
+    KQ_ZERO(mr, nr)
+    const int64_t K = xq->K, blocks = K / QB;
+    for (int64_t b = 0; b < blocks; b++) {
+        float d[KNR];
+        for (int j = 0; j < nr; j++) d[j] = kt->d[(j0 + j) * blocks + b];
+        for (int s = 0; s < QB / G; s++) {
+            __m256i wv[KNR][2];
+            for (int j = 0; j < nr; j++) {
+                const int16_t *wj = kt->w + (j0 + j) * K + b * QB + s * G;
+                wv[j][0] = _mm256_loadu_si256((const __m256i *)wj);
+                wv[j][1] = _mm256_loadu_si256((const __m256i *)(wj + 16));
+            }
+            kq_products(acc, wv, xq, m0, b * QB + s * G, mr, nr);
+        }
+        kq_block_end(A, acc, d, xq, m0, b, mr, nr);
+    }
+    kq_finish(A, kt->c + j0 * xq->groups, xq->groups, xq, m0, y, ldy, mr, nr, MINS);
+}
+
+#define KQ_CASE(MINS, mrv, nrv) \
+    case mrv * 8 + nrv: kq_unpacked_tile(&kt, j, jb->xq, m0, yj, jb->ldy, mrv, nrv, MINS); break;
+#define KQ_BATCH(T, TS, MINS)                                                                           \
+static int T##_kbatch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {                \
+    const int64_t K = jb->xq->K, blocks = K / QB, groups = jb->xq->groups;                              \
+    struct ktile kt = {malloc((size_t)(TR * K) * sizeof(int16_t)), malloc((size_t)(TR * blocks) * sizeof(float)),\
+                       malloc((size_t)(TR * groups) * sizeof(float))};                                  \
+    if (kt.w == NULL || kt.d == NULL || kt.c == NULL) {                                                 \
+        free(kt.w), free(kt.d), free(kt.c);                                                             \
+        return -1;                                                                                      \
+    }                                                                                                   \
+    for (int64_t n0 = lo; n0 < hi; n0 += TR) {                                                          \
+        const int64_t rows = hi - n0 < TR ? hi - n0 : TR;                                               \
+        for (int64_t r = 0; r < rows; r++)                                                              \
+            for (int64_t b = 0; b < blocks; b++) {                                                      \
+                const uint8_t *blk = jb->w + (n0 + r) * jb->row_bytes + b * TS;                         \
+                struct kblock kb;                                                                       \
+                T##_kscales(blk, &kb);                                                                  \
+                kt.d[r * blocks + b] = kb.d;                                                            \
+                if (MINS) memcpy(kt.c + r * groups + b * 8, kb.c, sizeof kb.c);                         \
+                for (int s = 0; s < QB / G; s++) {                                                      \
+                    __m256i wv[2];                                                                      \
+                    T##_w16(blk, s, &kb, wv);                                                           \
+                    _mm256_storeu_si256((__m256i *)(kt.w + r * K + b * QB + s * G), wv[0]);             \
+                    _mm256_storeu_si256((__m256i *)(kt.w + r * K + b * QB + s * G + 16), wv[1]);        \
+                }                                                                                       \
+            }                                                                                           \
+        for (int64_t m0 = 0; m0 < M; m0 += KBM) {                                                       \
+            const int mr = M - m0 < KBM ? (int)(M - m0) : KBM;                                          \
+            for (int64_t j = 0; j < rows;) {                                                            \
+                const int nr = rows - j >= KBN ? KBN : (int)(rows - j);                                 \
+                float *yj = jb->y + n0 + j;                                                             \
+                switch (mr * 8 + nr) {                                                                  \
+                    KQ_CASE(MINS, 4, 4) KQ_CASE(MINS, 3, 4) KQ_CASE(MINS, 2, 4) KQ_CASE(MINS, 1, 4)     \
+                    KQ_CASE(MINS, 4, 3) KQ_CASE(MINS, 3, 3) KQ_CASE(MINS, 2, 3) KQ_CASE(MINS, 1, 3)     \
+                    KQ_CASE(MINS, 4, 2) KQ_CASE(MINS, 3, 2) KQ_CASE(MINS, 2, 2) KQ_CASE(MINS, 1, 2)     \
+                    KQ_CASE(MINS, 4, 1) KQ_CASE(MINS, 3, 1) KQ_CASE(MINS, 2, 1) default: KQ_CASE(MINS, 1, 1)\
+                }                                                                                       \
+                j += nr;                                                                                \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+    free(kt.w), free(kt.d), free(kt.c);                                                                 \
+    return 0;                                                                                           \
+}
+#else
+/* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds). */
+#define KQ_TILE(T, TS, MINS)                                                                            \
+static inline void T##_ktile(const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y,\
+                             int64_t ldy, const int mr, const int nr) {                                 \
+    float cs[xq->groups];                                                                               \
+    for (int j = 0; j < nr; j++)                                                                        \
+        for (int i = 0; i < mr; i++) {                                                                  \
+            float A[8] = {0};                                                                           \
+            const int16_t *xr = xq->q16 + (m0 + i) * xq->K;                                             \
+            for (int64_t b = 0; b < xq->K / QB; b++) {                                                  \
+                const uint8_t *blk = w + j * row_bytes + b * TS;                                        \
+                struct kblock kb;                                                                       \
+                T##_kscales(blk, &kb);                                                                  \
+                if (MINS) memcpy(&cs[b * 8], kb.c, sizeof kb.c);                                        \
+                int32_t I[8] = {0};                                                                     \
+                for (int s = 0; s < QB / G; s++) {                                                      \
+                    int8_t q[G];                                                                        \
+                    T##_quants(blk, s, q);                                                              \
+                    for (int v = 0; v < G; v++)                                                         \
+                        I[v / 4] += (int32_t)(kb.sc[2 * s + v / 16] * q[v]) * xr[b * QB + s * G + v];\
+                }                                                                                       \
+                const float dx = xq->d16[(m0 + i) * (xq->K / QB) + b];                                  \
+                for (int l = 0; l < 8; l++) A[l] = fmaf(kb.d * dx, (float)I[l], A[l]);                  \
+            }                                                                                           \
+            y[(m0 + i) * ldy + j] = MINS ? hsum8(A) + additive(cs, xq->t16 + (m0 + i) * xq->groups, xq->groups)\
+                                         : hsum8(A);                                                    \
+        }                                                                                               \
+}
+#define KQ_BATCH(T, TS, MINS)
+#endif
+
+/* Output rows [lo, hi) for all M activation rows, in tiles as T##_range above. */
+#define KQ_TYPE(T, TS, MINS)                                                                            \
+KQ_TILE(T, TS, MINS)                                                                                    \
+KQ_BATCH(T, TS, MINS)                                                                                   \
+static void T##_krange(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {                     \
+    const int full = M == 1 ? 4 : 2;     /* 16-bit values: two registers a group and row */     \
+    for (int64_t n = lo; n < hi;) {                                                                     \
+        const int nr = hi - n >= full ? full : 1;                                                       \
+        const uint8_t *wn = jb->w + n * jb->row_bytes;                                                  \
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                        \
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;                                            \
+            switch (mr * 8 + nr) {                                                                      \
+                case 1 * 8 + 4: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 4); break; \
+                case 4 * 8 + 2: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 2); break; \
+                case 3 * 8 + 2: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 2); break; \
+                case 2 * 8 + 2: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 2); break; \
+                case 1 * 8 + 2: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 2); break; \
+                case 4 * 8 + 1: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 1); break; \
+                case 3 * 8 + 1: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 1); break; \
+                case 2 * 8 + 1: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 1); break; \
+                default: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 1); break;      \
+            }                                                                                           \
+        }                                                                                               \
+        n += nr;                                                                                        \
+    }                                                                                                   \
+}
+
+/* MINS: Q4_K and Q5_K, whose quants are unsigned; Q6_K's are signed (kq_split_products' SIGNED). */
+KQ_TYPE(q4_k, 144, 1)
+KQ_TYPE(q5_k, 176, 1)
+KQ_TYPE(q6_k, 210, 0)
+
+#define LEGACY_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q4_1, q4_1)
+#define K_TYPES(X) X(LUMEN_Q4_K, q4_k) X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k)
 
 int lumen_int8_type(int qtype) {
 #define HAS(id, T) if (qtype == id) return 1;
-    INT8_TYPES(HAS)
+    LEGACY_TYPES(HAS)
+    K_TYPES(HAS)
 #undef HAS
     return 0;
 }
 
-/* x's M rows quantized into xq (its buffers allocated here; xq_free releases them). */
-static int quantize(const float *x, int64_t M, int64_t ldx, int64_t K, int nthreads, struct xq *xq) {
-    *xq = (struct xq){malloc((size_t)(M * K)), malloc((size_t)(M * K / H) * sizeof(float)),
-                      malloc((size_t)(M * K / G) * sizeof(float)), K, K / G};
+static int k_type(int qtype) {
+#define HAS(id, T) if (qtype == id) return 1;
+    K_TYPES(HAS)
+#undef HAS
+    return 0;
+}
+
+/* x's M rows quantized into xq in the form qtype's kernels read, unless it is there already
+ * (buffers allocated here, xq zeroed before the first call; xq_free releases them). */
+static int quantize(int qtype, const float *x, int64_t M, int64_t ldx, int64_t K, int nthreads, struct xq *xq) {
+    const int wide = k_type(qtype);
+    if (wide ? xq->d16 != NULL : xq->q != NULL) return LUMEN_OK;
+    xq->K = K, xq->groups = K / G;
+    if (wide) {
+#ifdef Q8_AVX2
+        const int split = M <= MR;            /* the form T##_ktile reads; batches read q16 */
+#else
+        const int split = 0;
+#endif
+        if (split) {
+            xq->xh = malloc((size_t)(M * K));
+            xq->xl = malloc((size_t)(M * K));
+        } else {
+            xq->q16 = malloc((size_t)(M * K) * sizeof(int16_t));
+        }
+        xq->d16 = malloc((size_t)(M * (K / QB)) * sizeof(float));
+        xq->t16 = malloc((size_t)(M * (K / G)) * sizeof(float));
+        if ((split ? xq->xh == NULL || xq->xl == NULL : xq->q16 == NULL) || xq->d16 == NULL || xq->t16 == NULL)
+            return LUMEN_E_NOMEM;
+#pragma omp parallel for num_threads(nthreads) if (M >= 8)
+        for (int64_t m = 0; m < M; m++)
+            quantize_row16(x + m * ldx, K, split ? NULL : xq->q16 + m * K, split ? xq->xh + m * K : NULL,
+                           split ? xq->xl + m * K : NULL, xq->d16 + m * (K / QB), xq->t16 + m * xq->groups);
+        return LUMEN_OK;
+    }
+    xq->q = malloc((size_t)(M * K));
+    xq->d = malloc((size_t)(M * K / H) * sizeof(float));
+    xq->t = malloc((size_t)(M * K / G) * sizeof(float));
     if (xq->q == NULL || xq->d == NULL || xq->t == NULL) return LUMEN_E_NOMEM;
 #pragma omp parallel for num_threads(nthreads) if (M >= 8)
     for (int64_t m = 0; m < M; m++)
@@ -613,7 +1030,9 @@ static int quantize(const float *x, int64_t M, int64_t ldx, int64_t K, int nthre
     return LUMEN_OK;
 }
 
-static void xq_free(struct xq *xq) { free(xq->q), free(xq->d), free(xq->t); }
+static void xq_free(struct xq *xq) {
+    free(xq->q), free(xq->d), free(xq->t), free(xq->q16), free(xq->xh), free(xq->xl), free(xq->d16), free(xq->t16);
+}
 
 /* y = xq's M rows times W (an int8 type, rows checked by the caller). */
 static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, const struct xq *xq, int64_t M,
@@ -637,11 +1056,16 @@ static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, c
 #ifdef Q8_AVX2
 #define RUN(tid, T) if (qtype == tid && batch) mine = T##_batch_range(&jb, M, lo, hi < N ? hi : N);       \
                     if (qtype == tid && !batch) T##_range(&jb, M, lo, hi < N ? hi : N);
+#define KRUN(tid, T) if (qtype == tid && batch) mine = T##_kbatch_range(&jb, M, lo, hi < N ? hi : N);     \
+                     if (qtype == tid && !batch) T##_krange(&jb, M, lo, hi < N ? hi : N);
 #else
 #define RUN(tid, T) if (qtype == tid) T##_range(&jb, M, lo, hi < N ? hi : N);
+#define KRUN(tid, T) if (qtype == tid) T##_krange(&jb, M, lo, hi < N ? hi : N);
 #endif
-            INT8_TYPES(RUN)
+            LEGACY_TYPES(RUN)
+            K_TYPES(KRUN)
 #undef RUN
+#undef KRUN
         }
         if (mine != 0) {
 #pragma omp atomic write
@@ -660,8 +1084,8 @@ int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N
     if (rc != LUMEN_OK) return rc;
     if (N < 0 || M < 0 || ldx < K || ldy < N) return LUMEN_E_SHAPE;
     if (M == 0 || N == 0) return LUMEN_OK;
-    struct xq xq;
-    int out = quantize(x, M, ldx, K, nthreads, &xq);
+    struct xq xq = {0};
+    int out = quantize(qtype, x, M, ldx, K, nthreads, &xq);
     if (out == LUMEN_OK) out = multiply(qtype, w, row_bytes, N, &xq, M, y, ldy, nthreads);
     xq_free(&xq);
     return out;
@@ -670,16 +1094,13 @@ int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N
 int lumen_linear_int8(const struct lumen_linear *l, const float *x, int64_t rows, int64_t k, float *y, int64_t ldy,
                       int nthreads) {
     struct xq xq = {0};
-    int rc = LUMEN_OK, quantized = 0;
+    int rc = LUMEN_OK;
     int64_t col = 0;
     for (int p = 0; p < l->parts && rc == LUMEN_OK; p++) {
         if (!lumen_int8_type(l->qtype[p]))
             rc = lumen_qmatmul(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p], k, x, rows, k, y + col, ldy, nthreads);
         else if ((rc = lumen_check_rows(l->qtype[p], l->row_bytes[p], k)) == LUMEN_OK && rows > 0 && l->n[p] > 0) {
-            if (!quantized) {              /* once for every part: they share their input */
-                rc = quantize(x, rows, k, k, nthreads, &xq);
-                quantized = 1;
-            }
+            rc = quantize(l->qtype[p], x, rows, k, k, nthreads, &xq);   /* once a form: the parts share their input */
             if (rc == LUMEN_OK) rc = multiply(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p], &xq, rows, y + col, ldy,
                                               nthreads);
         }

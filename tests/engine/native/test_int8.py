@@ -1,8 +1,9 @@
 """The int8 matmul mode (q8matmul.c): what it computes, that a row's result does not depend on its
 batch, how far it is from the exact product, and that it refuses what the exact mode refuses.
 
-The mode quantizes each activation row in groups of 8 values (scale amax / 127 in float32,
-quants rounded to nearest even) and multiplies integers; tests/engine/weights/test_gguf_loader.py
+The mode quantizes each activation row and multiplies integers: for Q8_0, Q4_0 and Q4_1 to 8 bits
+in groups of 8 values (scale amax / 127 in float32), for the K-quants to 16 bits in blocks of 256
+(scale amax / 16383), quants rounded to nearest even; tests/engine/weights/test_gguf_loader.py
 and tests/engine/model/test_smollm2_reference.py check whole models against llama.cpp's error.
 """
 from __future__ import annotations
@@ -21,15 +22,18 @@ if not native.available():
     pytest.skip("no C compiler here: the C kernels cannot be built", allow_module_level=True)
 
 INT8_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
+K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
 
 
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """x as the int8 mode sees it (dequantized, float64): the same float32 steps as quantize_row."""
+def quantized_activations(x: torch.Tensor, qtype) -> torch.Tensor:
+    """x as the int8 mode sees it for qtype (dequantized, float64): the same float32 steps as
+    quantize_row (8-bit, groups of 8) or quantize_row16 (the K-quants: 16-bit, blocks of 256)."""
     m, k = x.shape
-    g = x.reshape(m, k // 8, 8)
-    dx = g.abs().amax(-1, keepdim=True) / torch.tensor(127.0)
+    size, top = (256, 16383.0) if qtype in K_TYPES else (8, 127.0)
+    g = x.reshape(m, k // size, size)
+    dx = g.abs().amax(-1, keepdim=True) / torch.tensor(top)
     inv = torch.where(dx != 0, 1.0 / dx, torch.zeros_like(dx))
-    q = torch.round(torch.clamp(g * inv, -127, 127))          # round: to nearest even, as nearbyintf
+    q = torch.round(torch.clamp(g * inv, -top, top))          # round: to nearest even, as nearbyintf
     return (q.double() * dx.double()).reshape(m, k)
 
 
@@ -50,7 +54,7 @@ def test_int8_mode_computes_the_quantized_product(qtype, rng):
     for m in (1, 2, 3, 4, 5, 9, 19):
         x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
         y = mm(qtype, w, x).double()
-        ref = quantized_activations(x) @ ref_w.T
+        ref = quantized_activations(x, qtype) @ ref_w.T
         scale = x.double().abs() @ ref_w.abs().T          # 0 where a random row's scales are all 0
         bad = (y - ref).abs() > 1e-5 * scale
         assert not bad.any(), f"m={m}: {int(bad.sum())} outputs differ from the quantized product"
