@@ -1,13 +1,17 @@
-/* x @ W^T with 8-bit activations and integer dot products: the int8 matmul mode.
+/* x @ W^T with quantized activations and integer dot products: the int8 matmul mode.
  *
  * The exact mode (qmatmul.c) widens every weight to float32 and multiplies in float32. This mode
- * does what llama.cpp does on CPUs: each activation row is quantized to 8 bits, one float32 scale
- * per 8 values (finer than llama.cpp's 32-value Q8_0 and Q8_1 with fp16 scales and its 256-value
- * Q8_K), and each 32-value weight group is multiplied as small integers, 32 products at a time (AVX2's maddubs and
- * madd), with one float multiply-add per 8 partial sums.
+ * does what llama.cpp does on CPUs, quantizing each activation row and multiplying integers, with
+ * finer activations than llama.cpp's (32-value Q8_0 and Q8_1 with fp16 scales, 256-value Q8_K):
+ *   - Q8_0, Q4_0, Q4_1 (below): 8 bits, one float32 scale per 8 values; each 32-value weight group
+ *     multiplied 32 products at a time (AVX2's maddubs and madd), one float multiply-add per 8
+ *     partial sums;
+ *   - Q4_K, Q5_K, Q6_K (the K-quant section further down): 16 bits, one scale per 256 values; a
+ *     block's products summed as integers with its integer sub-block scales, one float
+ *     multiply-add per block.
  *
- * What each output is, exactly (every build computes this, so the scalar, AVX2 and AVX-512 builds
- * agree bit for bit):
+ * What each Q8_0, Q4_0 or Q4_1 output is, exactly (every build computes this, so the scalar, AVX2
+ * and AVX-512 builds agree bit for bit):
  *   - activations in parts of 8 values: dx = amax / 127 (amax = the largest |x| of the 8),
  *     qx = x * (1 / dx) clamped to +-127 and rounded to nearest even; per group of 32 (4 parts,
  *     S_p the sum of part p's qx), t = dx_0 * S_0, then t = fma(dx_p, S_p, t) for p = 1, 2, 3;
@@ -640,8 +644,8 @@ Q8_TYPE(q4_1, 1, 20, 0, 0)
  *   - lane l (0..7) of block b: I = sum of w * qx over values 4l .. 4l + 3 of each of its groups, an
  *     exact int32 (32 products of at most 4096 * 16383);
  *     A[l] = fma(d * dx, (float)I, A[l]) over the blocks in order;
- *   - Q4_K, Q5_K: B[g mod 8] = fma(c_g, t_g, B[g mod 8]) over the groups in order;
- *   - y = hsum8(A) + hsum8(B) (Q6_K: hsum8(A)). */
+ *   - Q4_K, Q5_K: B[g mod 8] = fma(c_g, t_g, B[g mod 8]) over the groups in order (Q6_K: B = 0);
+ *   - y = hsum8(A + B), lane by lane (one horizontal sum an output). */
 
 /* One weight block's scales: d, the integer scale of each 16 values, and c of its 8 groups. */
 struct kblock {
@@ -727,10 +731,7 @@ static inline __attribute__((always_inline)) __m256i q6_k_group_scale(__m256i bc
 }
 
 enum { KMR = 4, KNR = 4 };
-#ifndef KBM
-#define KBM 4
-#define KBN 2
-#endif
+enum { KBM = 4, KBN = 2 };   /* batch tiles: 4 x 2 (3 x 3, 3 x 2, 4 x 3 measured no faster) */
 
 /* acc[i][j] += the products of group (value off) of weight rows j and activation rows m0 + i (both
  * in q16's order, so lane l sums values 4l .. 4l + 3): a register of 16 values at a time, fewer
@@ -784,16 +785,24 @@ static inline __attribute__((always_inline)) void kq_block_end(
     }
 }
 
-/* y = hsum8(A) + hsum8(B), B over weight row j's c at c + j * ldc. */
+/* y = hsum8(A + B) (Q6_K: hsum8(A)), B = fma(c_g, t_g, B) over the groups g in order, lane g mod 8;
+ * weight row j's c at c + j * ldc. */
 static inline __attribute__((always_inline)) void kq_finish(
         __m256 (*A)[KNR], const float *c, int64_t ldc, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
         const int mr, const int nr, const int MINS) {
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) {
+            __m256 v = A[i][j];
+            if (MINS) {
+                const float *cj = c + j * ldc, *ti = xq->t16 + (m0 + i) * xq->groups;
+                __m256 B = _mm256_setzero_ps();
+                for (int64_t g = 0; g < xq->groups; g += 8)
+                    B = _mm256_fmadd_ps(_mm256_loadu_ps(cj + g), _mm256_loadu_ps(ti + g), B);
+                v = _mm256_add_ps(v, B);
+            }
             float a[8];
-            _mm256_storeu_ps(a, A[i][j]);
-            y[(m0 + i) * ldy + j] = MINS ? hsum8(a) + additive(c + j * ldc, xq->t16 + (m0 + i) * xq->groups, xq->groups)
-                                         : hsum8(a);
+            _mm256_storeu_ps(a, v);
+            y[(m0 + i) * ldy + j] = hsum8(a);
         }
 }
 
@@ -898,8 +907,6 @@ static int T##_kbatch_range(const struct q8job *jb, int64_t M, int64_t lo, int64
                 const int nr = rows - j >= KBN ? KBN : (int)(rows - j);                                 \
                 float *yj = jb->y + n0 + j;                                                             \
                 switch (mr * 8 + nr) {                                                                  \
-                    KQ_CASE(MINS, 4, 4) KQ_CASE(MINS, 3, 4) KQ_CASE(MINS, 2, 4) KQ_CASE(MINS, 1, 4)     \
-                    KQ_CASE(MINS, 4, 3) KQ_CASE(MINS, 3, 3) KQ_CASE(MINS, 2, 3) KQ_CASE(MINS, 1, 3)     \
                     KQ_CASE(MINS, 4, 2) KQ_CASE(MINS, 3, 2) KQ_CASE(MINS, 2, 2) KQ_CASE(MINS, 1, 2)     \
                     KQ_CASE(MINS, 4, 1) KQ_CASE(MINS, 3, 1) KQ_CASE(MINS, 2, 1) default: KQ_CASE(MINS, 1, 1)\
                 }                                                                                       \
@@ -918,7 +925,7 @@ static inline void T##_ktile(const uint8_t *w, int64_t row_bytes, const struct x
     float cs[xq->groups];                                                                               \
     for (int j = 0; j < nr; j++)                                                                        \
         for (int i = 0; i < mr; i++) {                                                                  \
-            float A[8] = {0};                                                                           \
+            float A[8] = {0}, B[8] = {0};                                                               \
             const int16_t *xr = xq->q16 + (m0 + i) * xq->K;                                             \
             for (int64_t b = 0; b < xq->K / QB; b++) {                                                  \
                 const uint8_t *blk = w + j * row_bytes + b * TS;                                        \
@@ -935,8 +942,12 @@ static inline void T##_ktile(const uint8_t *w, int64_t row_bytes, const struct x
                 const float dx = xq->d16[(m0 + i) * (xq->K / QB) + b];                                  \
                 for (int l = 0; l < 8; l++) A[l] = fmaf(kb.d * dx, (float)I[l], A[l]);                  \
             }                                                                                           \
-            y[(m0 + i) * ldy + j] = MINS ? hsum8(A) + additive(cs, xq->t16 + (m0 + i) * xq->groups, xq->groups)\
-                                         : hsum8(A);                                                    \
+            if (MINS) {                                                                                 \
+                for (int64_t g = 0; g < xq->groups; g++)                                                \
+                    B[g % 8] = fmaf(cs[g], xq->t16[(m0 + i) * xq->groups + g], B[g % 8]);               \
+                for (int l = 0; l < 8; l++) A[l] += B[l];                                               \
+            }                                                                                           \
+            y[(m0 + i) * ldy + j] = hsum8(A);                                                           \
         }                                                                                               \
 }
 #define KQ_BATCH(T, TS, MINS)
