@@ -704,7 +704,7 @@ KQ_W16(q6_k, _mm256_cvtepi8_epi16)
 
 /* For 1-4 rows: a block's d, c (Q4_K, Q5_K, into c) and its scale bytes in both 128-bit lanes, from
  * which T##_group_scale takes group s's scales as 16-bit words: the first 16 values' in the low
- * lane, the rest's in the high one (the same integers as kscales). */
+ * lane, the rest's in the high one, times 256 (the same integers as kscales). */
 static inline __attribute__((always_inline)) __m256i q4_k_split_scales(const uint8_t *b, float *d, float *c) {
     const __m128i f = k4_scale_min_bytes(b);
     const __m256 m = _mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(b + 2)),
@@ -715,8 +715,8 @@ static inline __attribute__((always_inline)) __m256i q4_k_split_scales(const uin
 }
 #define q5_k_split_scales q4_k_split_scales
 static inline __attribute__((always_inline)) __m256i q4_k_group_scale(__m256i bc, int s) {
-    /* byte s into the high byte of each word (256 sc, unsigned), then shifted down */
-    return _mm256_srli_epi16(_mm256_shuffle_epi8(bc, _mm256_set1_epi16((short)(0x80 | s << 8))), 8);
+    /* byte s into the high byte of each word: 256 sc */
+    return _mm256_shuffle_epi8(bc, _mm256_set1_epi16((short)(0x80 | s << 8)));
 }
 #define q5_k_group_scale q4_k_group_scale
 static inline __attribute__((always_inline)) __m256i q6_k_split_scales(const uint8_t *b, float *d, float *c) {
@@ -725,9 +725,9 @@ static inline __attribute__((always_inline)) __m256i q6_k_split_scales(const uin
     return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 192)));
 }
 static inline __attribute__((always_inline)) __m256i q6_k_group_scale(__m256i bc, int s) {
-    /* bytes 2s and 2s + 1 (signed) into the high bytes, shifted down with their sign */
-    return _mm256_srai_epi16(_mm256_shuffle_epi8(bc, _mm256_set_m128i(_mm_set1_epi16((short)(0x80 | (2 * s + 1) << 8)),
-                                                                      _mm_set1_epi16((short)(0x80 | (2 * s) << 8)))), 8);
+    /* bytes 2s and 2s + 1 (signed) into the high bytes: 256 sc */
+    return _mm256_shuffle_epi8(bc, _mm256_set_m128i(_mm_set1_epi16((short)(0x80 | (2 * s + 1) << 8)),
+                                                    _mm_set1_epi16((short)(0x80 | (2 * s) << 8))));
 }
 
 enum { KMR = 4, KNR = 4 };
@@ -752,12 +752,12 @@ static inline __attribute__((always_inline)) void kq_products(
  * Partial sums may wrap around in int32; the total, which fits, is exact. SIGNED: q is signed (Q6_K),
  * its sign moved onto hi for maddubs. */
 static inline __attribute__((always_inline)) void kq_split_products(
-        __m256i (*acc)[KNR], const __m256i *q, const __m256i *sc, const struct xq *xq, int64_t m0, int64_t off,
+        __m256i (*acc)[KNR], const __m256i *q, const __m256i *sh, const struct xq *xq, int64_t m0, int64_t off,
         const int mr, const int nr, const int SIGNED) {
-    __m256i qa[KNR], sh[KNR];
+    __m256i qa[KNR], sc[KNR];
     for (int j = 0; j < nr; j++) {
         qa[j] = SIGNED ? _mm256_abs_epi8(q[j]) : q[j];
-        sh[j] = _mm256_slli_epi16(sc[j], 8);
+        sc[j] = SIGNED ? _mm256_srai_epi16(sh[j], 8) : _mm256_srli_epi16(sh[j], 8);
     }
     for (int i = 0; i < mr; i++) {
         const int64_t at = (m0 + i) * xq->K + off;
@@ -832,12 +832,12 @@ static inline __attribute__((always_inline)) void T##_ktile(                    
             bc[j] = T##_split_scales(w + j * row_bytes + b * TS, &d[j], MINS ? &cs[j][b * 8] : NULL);    \
         _Pragma("GCC unroll 8")               /* constant s: each group's quants without branches */     \
         for (int s = 0; s < QB / G; s++) {                                                              \
-            __m256i q[KNR], sc[KNR];                                                                    \
+            __m256i q[KNR], sh[KNR];                                                                    \
             for (int j = 0; j < nr; j++) {                                                              \
                 q[j] = T##_quants8(w + j * row_bytes + b * TS, s);                                      \
-                sc[j] = T##_group_scale(bc[j], s);                                                      \
+                sh[j] = T##_group_scale(bc[j], s);                                                      \
             }                                                                                           \
-            kq_split_products(acc, q, sc, xq, m0, b * QB + s * G, mr, nr, !MINS);                      \
+            kq_split_products(acc, q, sh, xq, m0, b * QB + s * G, mr, nr, !MINS);                      \
         }                                                                                               \
         kq_block_end(A, acc, d, xq, m0, b, mr, nr);                                                     \
     }                                                                                                   \
