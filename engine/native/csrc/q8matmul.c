@@ -397,33 +397,36 @@ struct q8job {
 };
 
 /* Output rows [lo, hi) for all M activation rows, in tiles of up to MR activation rows by 4 weight
- * rows (one activation row) or 2 (more: at most 8 ymm accumulators). */
-#define Q8_TYPE(T, SUBS, TS, SIGNED, HALVES)                                                                \
-Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                                 \
-Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                             \
-static void T##_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {                   \
-    const int full = M <= 2 ? 4 : 2;                                                                 \
+ * rows (up to WIDE_M activation rows) or 2 (more: at most 8 ymm accumulators). */
+#define TILE_RANGE(NAME, TILE, WIDE_M)                                                               \
+static void NAME(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {                        \
+    const int full = M <= WIDE_M ? 4 : 2;                                                            \
     for (int64_t n = lo; n < hi;) {                                                                  \
         const int nr = hi - n >= full ? full : 1;                                                    \
         const uint8_t *wn = jb->w + n * jb->row_bytes;                                               \
         for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                     \
             const int mr = M - m0 < MR ? (int)(M - m0) : MR;                                         \
             switch (mr * 8 + nr) {                                                                   \
-                case 1 * 8 + 4: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 4); break; \
-                case 4 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 2); break; \
-                case 2 * 8 + 4: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 4); break; \
-                case 4 * 8 + 1: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 1); break; \
-                case 3 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 2); break; \
-                case 3 * 8 + 1: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 1); break; \
-                case 2 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 2); break; \
-                case 2 * 8 + 1: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 1); break; \
-                case 1 * 8 + 2: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 2); break; \
-                default: T##_tile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 1); break;    \
+                case 1 * 8 + 4: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 4); break; \
+                case 4 * 8 + 2: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 2); break; \
+                case 2 * 8 + 4: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 4); break; \
+                case 4 * 8 + 1: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 1); break; \
+                case 3 * 8 + 2: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 2); break; \
+                case 3 * 8 + 1: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 1); break; \
+                case 2 * 8 + 2: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 2); break; \
+                case 2 * 8 + 1: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 1); break; \
+                case 1 * 8 + 2: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 2); break; \
+                default: TILE(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 1); break;    \
             }                                                                                        \
         }                                                                                            \
         n += nr;                                                                                     \
     }                                                                                                \
 }
+
+#define Q8_TYPE(T, SUBS, TS, SIGNED, HALVES)                                                                \
+Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                                 \
+Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                             \
+TILE_RANGE(T##_range, T##_tile, 2)
 
 #ifdef Q8_AVX2
 /* Batches of more than MR rows: TR weight rows are unpacked once (their quants, lane scales and
@@ -953,32 +956,12 @@ static inline void T##_ktile(const uint8_t *w, int64_t row_bytes, const struct x
 #define KQ_BATCH(T, TS, MINS)
 #endif
 
-/* Output rows [lo, hi) for all M activation rows, in tiles as T##_range above. */
+/* Output rows [lo, hi) for all M activation rows, in tiles as T##_range above (4 weight rows for
+ * one activation row only). */
 #define KQ_TYPE(T, TS, MINS)                                                                            \
 KQ_TILE(T, TS, MINS)                                                                                    \
 KQ_BATCH(T, TS, MINS)                                                                                   \
-static void T##_krange(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {                     \
-    const int full = M == 1 ? 4 : 2;     /* 16-bit values: two registers a group and row */     \
-    for (int64_t n = lo; n < hi;) {                                                                     \
-        const int nr = hi - n >= full ? full : 1;                                                       \
-        const uint8_t *wn = jb->w + n * jb->row_bytes;                                                  \
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                        \
-            const int mr = M - m0 < MR ? (int)(M - m0) : MR;                                            \
-            switch (mr * 8 + nr) {                                                                      \
-                case 1 * 8 + 4: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 4); break; \
-                case 4 * 8 + 2: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 2); break; \
-                case 3 * 8 + 2: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 2); break; \
-                case 2 * 8 + 2: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 2); break; \
-                case 1 * 8 + 2: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 2); break; \
-                case 4 * 8 + 1: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 4, 1); break; \
-                case 3 * 8 + 1: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 3, 1); break; \
-                case 2 * 8 + 1: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 2, 1); break; \
-                default: T##_ktile(wn, jb->row_bytes, jb->xq, m0, jb->y + n, jb->ldy, 1, 1); break;      \
-            }                                                                                           \
-        }                                                                                               \
-        n += nr;                                                                                        \
-    }                                                                                                   \
-}
+TILE_RANGE(T##_krange, T##_ktile, 1)   /* 16-bit values: two registers a group and row */
 
 /* MINS: Q4_K and Q5_K, whose quants are unsigned; Q6_K's are signed (kq_split_products' SIGNED). */
 KQ_TYPE(q4_k, 144, 1)
