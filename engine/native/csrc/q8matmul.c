@@ -745,7 +745,11 @@ static inline __attribute__((always_inline)) void kq_products(
     for (int h = 0; h < 2; h++)
         for (int i = 0; i < mr; i++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q16 + (m0 + i) * xq->K + off + 16 * h));
-            for (int j = 0; j < nr; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w[j][h], xv));
+            for (int j = 0; j < nr; j++) {
+                acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w[j][h], xv));
+                __asm__("" : "+x"(acc[i][j]));   /* as it comes: GCC otherwise pairs the products first, and
+                                                    runs out of registers (kernel_ab 1.05-1.08x at 16-128 rows) */
+            }
         }
 }
 
