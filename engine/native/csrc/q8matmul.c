@@ -15,11 +15,10 @@
  *   - activations in parts of 8 values: dx = amax / 127 (amax = the largest |x| of the 8),
  *     qx = x * (1 / dx) clamped to +-127 and rounded to nearest even; per group of 32 (4 parts,
  *     S_p the sum of part p's qx), t = dx_0 * S_0, then t = fma(dx_p, S_p, t) for p = 1, 2, 3;
- *   - weight group g of row n: quants q (signed, or unsigned with an additive term), a lane scale
- *     a (a_lo for the first 16 values, a_hi for the rest) and an additive term c (value = a * q + c);
+ *   - weight group g of row n: quants q (signed, or unsigned with an additive term), a scale a
+ *     and an additive term c (value = a * q + c);
  *   - lane l (0..7) of group g: L = sum of q * qx over values 4l .. 4l + 3 (an exact integer);
- *     A[l] = fma(a_l * dx_l, (float)L, A[l]) over the groups in order (a_l: a_lo for lanes 0-3,
- *     a_hi for 4-7; dx_l: the dx of part l / 2);
+ *     A[l] = fma(a * dx_l, (float)L, A[l]) over the groups in order (dx_l: the dx of part l / 2);
  *   - B[g mod 8] = fma(c, t, B[g mod 8]) over the groups in order;
  *   - y = hsum8(A) + hsum8(B), hsum8(v) = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
  * Each output depends on its own activation row and weight row only: a row's result is the same
@@ -58,6 +57,23 @@ struct xq {
     float *t16;
 };
 
+#ifdef Q8_AVX2
+/* The largest of 8 lanes, none of them NaN. */
+static inline __attribute__((always_inline)) float hmax8_ps(__m256 m) {
+    m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
+    return _mm256_cvtss_f32(m);
+}
+/* The sum of 8 int32 lanes. */
+static inline __attribute__((always_inline)) int hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
 /* d: one scale per H values, t: one per group of G: sum over its parts of dx * S, in order (fma). */
 static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *t) {
     for (int64_t h = 0; h < K / H; h++) {
@@ -67,21 +83,14 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *
          * fmaxf does; cvtps rounds to nearest even, as nearbyintf): the same bits. nearbyintf was a
          * libm call a value, most of a small matmul's fixed cost. */
         const __m256 xv = _mm256_loadu_ps(xh);
-        __m256 m = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), xv), _mm256_setzero_ps());
-        m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
-        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
-        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
-        const float amax = _mm256_cvtss_f32(m);
+        const float amax = hmax8_ps(_mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), xv), _mm256_setzero_ps()));
         const float dx = amax / 127.0f, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
         const __m256 c = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(xv, _mm256_set1_ps(inv)), _mm256_set1_ps(-127.0f)),
                                        _mm256_set1_ps(127.0f));
         const __m256i v = _mm256_cvtps_epi32(c);
         const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         _mm_storel_epi64((__m128i *)(q + h * H), _mm_packs_epi16(v16, v16));
-        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-        const int sum = _mm_cvtsi128_si32(s);
+        const int sum = hsum8_epi32(v);
 #else
         float amax = 0.0f;
         for (int j = 0; j < H; j++) amax = fmaxf(amax, fabsf(xh[j]));
@@ -111,10 +120,7 @@ static void quantize_row16(const float *x, int64_t K, int16_t *q, int8_t *hi, ui
         __m256 m = _mm256_setzero_ps();          /* a NaN is passed over, as fmaxf does */
         for (int v = 0; v < QB; v += 8)
             m = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(xb + v)), m);
-        m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
-        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
-        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
-        const float amax = _mm256_cvtss_f32(m);
+        const float amax = hmax8_ps(m);
 #else
         float amax = 0.0f;
         for (int v = 0; v < QB; v++) amax = fmaxf(amax, fabsf(xb[v]));
@@ -145,10 +151,7 @@ static void quantize_row16(const float *x, int64_t K, int16_t *q, int8_t *hi, ui
                     _mm256_packus_epi16(_mm256_and_si256(a, byte), _mm256_and_si256(c, byte)), 0xD8));
             }
             const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
-            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
-            t[b * (QB / G) + g] = dx * (float)_mm_cvtsi128_si32(h);
+            t[b * (QB / G) + g] = dx * (float)hsum8_epi32(sum);
 #else
             (void)hi, (void)lo;
             int32_t sum = 0;
@@ -167,21 +170,20 @@ static inline float hsum8(const float *a) {
 }
 
 /* ---- Weight groups, per type: scales (shared by every build) and quants (scalar and AVX2). ----
- * T_scales(block, s, &a_lo, &a_hi, &c) for group s of the block; T_quants(block, s, q[32]). */
+ * Q8_0, Q4_0, Q4_1 (a group a block): T_scales(block, &a, &c). Every type: T_quants(block, s, q[32])
+ * for group s of the block. */
 
 /* Q8_0: d fp16 | qs[32]: signed, a = d. */
-static inline __attribute__((always_inline)) void q8_0_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
-    (void)s;
-    *lo = *hi = fp16_to_fp32(b);
+static inline __attribute__((always_inline)) void q8_0_scales(const uint8_t *b, float *a, float *c) {
+    *a = fp16_to_fp32(b);
     *c = 0.0f;
 }
 static inline void q8_0_quants(const uint8_t *b, int s, int8_t *q) { (void)s; memcpy(q, b + 2, 32); }
 
 /* Q4_0: d fp16 | qs[16]: unsigned q, a = d, c = -8 d (value d q - 8 d = d (q - 8), exactly). */
-static inline __attribute__((always_inline)) void q4_0_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
-    (void)s;
-    *lo = *hi = fp16_to_fp32(b);
-    *c = -8.0f * *lo;
+static inline __attribute__((always_inline)) void q4_0_scales(const uint8_t *b, float *a, float *c) {
+    *a = fp16_to_fp32(b);
+    *c = -8.0f * *a;
 }
 /* 16 bytes' low nibbles (values 0-15), then their high nibbles (16-31). */
 static inline void nibbles32(const uint8_t *qs, int8_t *q) {
@@ -193,9 +195,8 @@ static inline void nibbles32(const uint8_t *qs, int8_t *q) {
 static inline void q4_0_quants(const uint8_t *b, int s, int8_t *q) { (void)s; nibbles32(b + 2, q); }
 
 /* Q4_1: d fp16 | m fp16 | qs[16]: unsigned q, a = d, c = m. */
-static inline __attribute__((always_inline)) void q4_1_scales(const uint8_t *b, int s, float *lo, float *hi, float *c) {
-    (void)s;
-    *lo = *hi = fp16_to_fp32(b);
+static inline __attribute__((always_inline)) void q4_1_scales(const uint8_t *b, float *a, float *c) {
+    *a = fp16_to_fp32(b);
     *c = fp16_to_fp32(b + 2);
 }
 static inline void q4_1_quants(const uint8_t *b, int s, int8_t *q) { (void)s; nibbles32(b + 4, q); }
@@ -224,19 +225,6 @@ static inline void q6_k_quants(const uint8_t *b, int s, int8_t *q) {
 }
 
 #ifdef Q8_AVX2
-/* A block's SUBS groups' scales at once, for the 1-4 row kernels, which otherwise unpacked them
- * group by group for every weight row: ls[s] = a (or with halves, ls[2 s] = a_lo and ls[2 s + 1]
- * = a_hi) and c[s] of T_scales(block, s), the same values (the K-quants' products computed with
- * SIMD, each rounded once as in T_scales). Types of one group a block take T_scales as it is. */
-#define ONE_GROUP_SCALES(T)                                                                            \
-static inline __attribute__((always_inline)) void T##_block_scales(const uint8_t *b, float *ls, float *c) { \
-    float hi;                                                                                          \
-    T##_scales(b, 0, &ls[0], &hi, &c[0]);                                                              \
-}
-ONE_GROUP_SCALES(q8_0)
-ONE_GROUP_SCALES(q4_0)
-ONE_GROUP_SCALES(q4_1)
-
 static inline __attribute__((always_inline)) __m256i q8_0_quants8(const uint8_t *b, int s) {
     (void)s;
     return _mm256_loadu_si256((const __m256i *)(b + 2));
@@ -272,21 +260,26 @@ static inline __attribute__((always_inline)) __m256i q6_k_quants8(const uint8_t 
 
 enum { MR = 4, NR = 4 };
 
-/* hsum8 of B: sum over the groups g of c[g] * t[g], lane g mod 8. */
-static inline __attribute__((always_inline)) float additive(const float *c, const float *t, int64_t groups) {
-    float b[8] = {0};
+/* B: lane g mod 8 sums c[g] * t[g] over the groups g in order (fma); additive is hsum8(B). */
+static inline __attribute__((always_inline)) void additive_lanes(const float *c, const float *t, int64_t groups,
+                                                                  float *b) {
     int64_t g = 0;
+    for (int l = 0; l < 8; l++) b[l] = 0.0f;
 #ifdef Q8_AVX2
     __m256 v = _mm256_setzero_ps();
     for (; g + 8 <= groups; g += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(c + g), _mm256_loadu_ps(t + g), v);
     _mm256_storeu_ps(b, v);
 #endif
     for (; g < groups; g++) b[g % 8] = fmaf(c[g], t[g], b[g % 8]);
+}
+static inline __attribute__((always_inline)) float additive(const float *c, const float *t, int64_t groups) {
+    float b[8];
+    additive_lanes(c, t, groups, b);
     return hsum8(b);
 }
 
 #ifdef Q8_AVX2
-/* One group g for mr x nr outputs: nr weight groups' quants wq and lane scales sc, times
+/* One group g for mr x nr outputs: nr weight groups' quants wq and scales sc, times
  * activation rows m0 .. m0 + mr of xq. */
 static inline __attribute__((always_inline)) void group_products(
         __m256 (*acc)[NR], const __m256i *wq, const __m256 *sc, const struct xq *xq, int64_t m0, int64_t g,
@@ -324,43 +317,38 @@ static inline __attribute__((always_inline)) void finish(
 #endif
 
 /* mr x nr outputs: activation rows m0 .. m0 + mr of xq, weight rows w .. w + nr rows. T's blocks
- * hold SUBS groups of 32 values in TS bytes; SIGNED: its quants are signed and c is 0; HALVES:
- * its lane scales differ between a group's halves (else a_lo = a_hi). */
+ * are one group of 32 values in TS bytes; SIGNED: its quants are signed and c is 0. */
 #ifdef Q8_AVX2
-#define Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                        \
+#define Q8_TILE(T, TS, SIGNED)                                                                       \
 static inline __attribute__((always_inline)) void T##_tile(                                          \
-        const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y, int64_t ldy,     \
+        const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y, int64_t ldy, \
         const int mr, const int nr) {                                                                \
     __m256 acc[MR][NR];                                                                              \
     float cs[SIGNED ? 1 : NR][SIGNED ? 1 : xq->groups];                                              \
     for (int i = 0; i < mr; i++)                                                                     \
         for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();                                \
-    for (int64_t b = 0; b < xq->groups / SUBS; b++) {                                                \
-        /* into L2 ahead of use: the same block of the next rows (batches of 1-4 rows come here) */ \
+    for (int64_t g = 0; g < xq->groups; g++) {                                                       \
+        /* into L2 ahead of use: the same block of the next rows (batches of 1-4 rows come here) */  \
         for (int j = 0; j < nr; j++)                                                                 \
             for (int o = 0; o < TS; o += 64)                                                         \
-                _mm_prefetch((const char *)(w + (nr + j) * row_bytes + b * TS + o), _MM_HINT_T1);    \
-        float ls[NR][2 * SUBS], bc[NR][SUBS];                                                        \
-        for (int j = 0; j < nr; j++) T##_block_scales(w + j * row_bytes + b * TS, ls[j], bc[j]);     \
-        for (int s = 0; s < SUBS; s++) {                                                             \
-            const int64_t g = b * SUBS + s;                                                          \
-            __m256i wq[NR];                                                                          \
-            __m256 sc[NR];                                                                           \
-            for (int j = 0; j < nr; j++) {                                                           \
-                const uint8_t *blk = w + j * row_bytes + b * TS;                                     \
-                sc[j] = HALVES ? _mm256_set_m128(_mm_set1_ps(ls[j][2 * s + 1]), _mm_set1_ps(ls[j][2 * s])) \
-                               : _mm256_set1_ps(ls[j][s]);                                           \
-                if (!SIGNED) cs[j][g] = bc[j][s];                                                    \
-                wq[j] = T##_quants8(blk, s);                                                         \
-            }                                                                                        \
-            group_products(acc, wq, sc, xq, m0, g, mr, nr, SIGNED);                                  \
+                _mm_prefetch((const char *)(w + (nr + j) * row_bytes + g * TS + o), _MM_HINT_T1);    \
+        __m256i wq[NR];                                                                              \
+        __m256 sc[NR];                                                                               \
+        for (int j = 0; j < nr; j++) {                                                               \
+            const uint8_t *blk = w + j * row_bytes + g * TS;                                         \
+            float a, c;                                                                              \
+            T##_scales(blk, &a, &c);                                                                 \
+            sc[j] = _mm256_set1_ps(a);                                                               \
+            if (!SIGNED) cs[j][g] = c;                                                               \
+            wq[j] = T##_quants8(blk, 0);                                                             \
         }                                                                                            \
+        group_products(acc, wq, sc, xq, m0, g, mr, nr, SIGNED);                                      \
     }                                                                                                \
     finish(acc, &cs[0][0], SIGNED ? 0 : xq->groups, xq, m0, y, ldy, mr, nr, SIGNED);                 \
 }
 #else
 /* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds). */
-#define Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                        \
+#define Q8_TILE(T, TS, SIGNED)                                                                      \
 static inline __attribute__((always_inline)) void T##_tile(                                          \
         const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y, int64_t ldy,     \
         const int mr, const int nr) {                                                                \
@@ -370,16 +358,16 @@ static inline __attribute__((always_inline)) void T##_tile(                     
             float acc[8] = {0};                                                                      \
             const int8_t *xr = xq->q + (m0 + i) * xq->K;                                             \
             for (int64_t g = 0; g < xq->groups; g++) {                                               \
-                const uint8_t *blk = w + j * row_bytes + g / SUBS * TS;                              \
+                const uint8_t *blk = w + j * row_bytes + g * TS;                                     \
                 int8_t q[G];                                                                         \
-                float lo, hi;                                                                        \
-                T##_scales(blk, (int)(g % SUBS), &lo, &hi, &cs[g]);                                  \
-                T##_quants(blk, (int)(g % SUBS), q);                                                 \
+                float a;                                                                             \
+                T##_scales(blk, &a, &cs[g]);                                                         \
+                T##_quants(blk, 0, q);                                                               \
                 const float *dh = xq->d + ((m0 + i) * xq->groups + g) * (G / H);                     \
                 for (int l = 0; l < 8; l++) {                                                        \
                     int sum = 0;                                                                     \
                     for (int p = 4 * l; p < 4 * l + 4; p++) sum += q[p] * xr[g * G + p];             \
-                    acc[l] = fmaf((l < 4 ? lo : hi) * dh[l / 2], (float)sum, acc[l]);                \
+                    acc[l] = fmaf(a * dh[l / 2], (float)sum, acc[l]);                                \
                 }                                                                                    \
             }                                                                                        \
             y[(m0 + i) * ldy + j] = hsum8(acc) + (SIGNED ? 0.0f : additive(cs, xq->t + (m0 + i) * xq->groups, \
@@ -423,13 +411,13 @@ static void NAME(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {   
     }                                                                                                \
 }
 
-#define Q8_TYPE(T, SUBS, TS, SIGNED, HALVES)                                                                \
-Q8_TILE(T, SUBS, TS, SIGNED, HALVES)                                                                 \
-Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                             \
+#define Q8_TYPE(T, TS, SIGNED)                                                                       \
+Q8_TILE(T, TS, SIGNED)                                                                               \
+Q8_UNPACKED(T, TS, SIGNED)                                                                           \
 TILE_RANGE(T##_range, T##_tile, 2)
 
 #ifdef Q8_AVX2
-/* Batches of more than MR rows: TR weight rows are unpacked once (their quants, lane scales and
+/* Batches of more than MR rows: TR weight rows are unpacked once (their quants, scales and
  * additive terms) into a per-thread buffer, which every group of MR activation rows then reads,
  * instead of unpacking each weight group again for every group of activation rows. The same
  * values enter the same operations as in T##_tile, so the same bits. */
@@ -440,7 +428,7 @@ enum { TR = 16 };
 /* AVX-512 builds: the same products for two weight rows in one 512-bit register (lanes 0-7 the
  * first row's 8 lanes, 8-15 the second's), so each instruction does the work of two AVX2 ones.
  * Unpacked weights are stored by pairs of rows: group g of rows 2p and 2p + 1 as 64 quant bytes
- * and 4 lane scales (a_lo, a_hi of each row, spread over the lanes when used); an odd last row is
+ * and 2 scales (a of each row, spread over its lanes when used); an odd last row is
  * paired with zeros and its outputs are not written. Per lane, the integer sum, the scale product and the fma are the
  * ones of the 256-bit code, in the same order, so the same bits. Signed quants: |q| times qx
  * negated where q < 0 (AVX-512 has no vpsignb), the products of the AVX2 code's sign trick. */
@@ -448,7 +436,7 @@ enum { NP = 4 };         /* pairs of weight rows per tile: MR x NP accumulators 
 
 struct wpairs {
     int8_t *q;           /* [TR / 2][groups][64] */
-    float *s;            /* [TR / 2][groups][4]: a_lo, a_hi of each row */
+    float *s;            /* [TR / 2][groups][2]: a of each row */
     float *c;            /* [TR][groups] */
 };
 
@@ -457,9 +445,9 @@ static inline __attribute__((always_inline)) void pair_tile(
         const int mr, const int np, const int SIGNED) {
     const int64_t groups = xq->groups;
     const __m512i ones = _mm512_set1_epi16(1);
-    /* lanes: the row's dx_0 dx_0 dx_1 dx_1 dx_2 dx_2 dx_3 dx_3, twice; a_lo x 4, a_hi x 4 of each row */
+    /* lanes: the row's dx_0 dx_0 dx_1 dx_1 dx_2 dx_2 dx_3 dx_3, twice; a x 8 of each row */
     const __m512i spread_d = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 3);
-    const __m512i spread_s = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i spread_s = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     __m512 acc[MR][NP];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < np; j++) acc[i][j] = _mm512_setzero_ps();
@@ -470,7 +458,8 @@ static inline __attribute__((always_inline)) void pair_tile(
         for (int j = 0; j < np; j++) {
             const int64_t at = (p0 + j) * groups + g;
             wq[j] = _mm512_loadu_si512((const void *)(wp->q + at * 64));
-            sc[j] = _mm512_permutexvar_ps(spread_s, _mm512_castps128_ps512(_mm_loadu_ps(wp->s + at * 4)));
+            sc[j] = _mm512_permutexvar_ps(spread_s, _mm512_castps128_ps512(
+                _mm_castpd_ps(_mm_load_sd((const double *)(wp->s + at * 2)))));
             if (SIGNED) {
                 neg[j] = _mm512_movepi8_mask(wq[j]);
                 wq[j] = _mm512_abs_epi8(wq[j]);
@@ -503,29 +492,28 @@ static inline __attribute__((always_inline)) void pair_tile(
 
 #define PAIR_CASE(S, MRv, NPv) \
     case MRv * 8 + NPv: pair_tile(&wp, p, rows, jb->xq, m0, yn, jb->ldy, MRv, NPv, S); break;
-#define Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                    \
+#define Q8_UNPACKED(T, TS, SIGNED)                                                                   \
 static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const struct xq *xq,       \
                        struct wpairs *wp) {                                                          \
     const int64_t groups = xq->groups;                                                               \
     for (int64_t r = 0; r < (rows + 1) / 2 * 2; r++)                                                 \
         for (int64_t g = 0; g < groups; g++) {                                                       \
             const int64_t at = (r / 2) * groups + g, h = r % 2;                                      \
-            float lo = 0.0f, hi = 0.0f, c = 0.0f;                                                    \
+            float a = 0.0f, c = 0.0f;                                                                \
             __m256i q = _mm256_setzero_si256();                                                      \
             if (r < rows) {                                                                          \
-                const uint8_t *blk = w + r * row_bytes + g / SUBS * TS;                              \
-                T##_scales(blk, (int)(g % SUBS), &lo, &hi, &c);                                      \
-                q = T##_quants8(blk, (int)(g % SUBS));                                               \
+                const uint8_t *blk = w + r * row_bytes + g * TS;                                     \
+                T##_scales(blk, &a, &c);                                                             \
+                q = T##_quants8(blk, 0);                                                             \
                 wp->c[r * groups + g] = c;                                                           \
             }                                                                                        \
             _mm256_storeu_si256((__m256i *)(wp->q + at * 64 + h * 32), q);                           \
-            wp->s[at * 4 + h * 2] = lo;                                                              \
-            wp->s[at * 4 + h * 2 + 1] = HALVES ? hi : lo;                                            \
+            wp->s[at * 2 + h] = a;                                                                   \
         }                                                                                            \
 }                                                                                                    \
 static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {              \
     const int64_t groups = jb->xq->groups;                                                           \
-    struct wpairs wp = {malloc((size_t)(TR * groups * G)), malloc((size_t)(TR * groups * 2) * sizeof(float)), \
+    struct wpairs wp = {malloc((size_t)(TR * groups * G)), malloc((size_t)(TR * groups) * sizeof(float)),     \
                         malloc((size_t)(TR * groups) * sizeof(float))};                              \
     if (wp.q == NULL || wp.s == NULL || wp.c == NULL) {                                              \
         free(wp.q), free(wp.s), free(wp.c);                                                          \
@@ -557,12 +545,12 @@ static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_
 
 struct wtile {
     int8_t *q;              /* [TR][K] */
-    float *lo, *hi, *c;     /* [TR][groups] */
+    float *a, *c;           /* [TR][groups] */
 };
 
 static inline __attribute__((always_inline)) void unpacked_tile(
         const struct wtile *wt, int64_t j0, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
-        const int mr, const int nr, const int SIGNED, const int HALVES) {
+        const int mr, const int nr, const int SIGNED) {
     __m256 acc[MR][NR];
     const int64_t groups = xq->groups;
     for (int i = 0; i < mr; i++)
@@ -572,7 +560,7 @@ static inline __attribute__((always_inline)) void unpacked_tile(
         __m256 sc[NR];
         for (int j = 0; j < nr; j++) {
             const int64_t r = (j0 + j) * groups + g;
-            sc[j] = HALVES ? _mm256_set_m128(_mm_set1_ps(wt->hi[r]), _mm_set1_ps(wt->lo[r])) : _mm256_set1_ps(wt->lo[r]);
+            sc[j] = _mm256_set1_ps(wt->a[r]);
             wq[j] = _mm256_loadu_si256((const __m256i *)(wt->q + (j0 + j) * xq->K + g * G));
         }
         group_products(acc, wq, sc, xq, m0, g, mr, nr, SIGNED);
@@ -580,23 +568,23 @@ static inline __attribute__((always_inline)) void unpacked_tile(
     finish(acc, wt->c + j0 * groups, groups, xq, m0, y, ldy, mr, nr, SIGNED);
 }
 
-#define Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)                                                    \
+#define Q8_UNPACKED(T, TS, SIGNED)                                                                   \
 static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const struct xq *xq,       \
                        struct wtile *wt) {                                                           \
     for (int64_t r = 0; r < rows; r++)                                                               \
         for (int64_t g = 0; g < xq->groups; g++) {                                                   \
-            const uint8_t *blk = w + r * row_bytes + g / SUBS * TS;                                  \
+            const uint8_t *blk = w + r * row_bytes + g * TS;                                         \
             const int64_t at = r * xq->groups + g;                                                   \
-            T##_scales(blk, (int)(g % SUBS), &wt->lo[at], &wt->hi[at], &wt->c[at]);                  \
-            _mm256_storeu_si256((__m256i *)(wt->q + r * xq->K + g * G), T##_quants8(blk, (int)(g % SUBS))); \
+            T##_scales(blk, &wt->a[at], &wt->c[at]);                                                 \
+            _mm256_storeu_si256((__m256i *)(wt->q + r * xq->K + g * G), T##_quants8(blk, 0));        \
         }                                                                                            \
 }                                                                                                    \
 static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {              \
     const int64_t K = jb->xq->K, groups = jb->xq->groups;                                            \
     struct wtile wt = {malloc((size_t)(TR * K)), malloc((size_t)(TR * groups) * sizeof(float)),      \
-                       malloc((size_t)(TR * groups) * sizeof(float)), malloc((size_t)(TR * groups) * sizeof(float))}; \
-    if (wt.q == NULL || wt.lo == NULL || wt.hi == NULL || wt.c == NULL) {                            \
-        free(wt.q), free(wt.lo), free(wt.hi), free(wt.c);                                            \
+                       malloc((size_t)(TR * groups) * sizeof(float))};                               \
+    if (wt.q == NULL || wt.a == NULL || wt.c == NULL) {                                              \
+        free(wt.q), free(wt.a), free(wt.c);                                                          \
         return -1;                                                                                   \
     }                                                                                                \
     for (int64_t n0 = lo; n0 < hi; n0 += TR) {                                                       \
@@ -608,29 +596,29 @@ static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_
                 const int nr = rows - j >= 2 ? 2 : 1;                                                \
                 float *yj = jb->y + n0 + j;                                                          \
                 switch (mr * 8 + nr) {                                                               \
-                    case 4 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 2, SIGNED, HALVES); break; \
-                    case 3 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 2, SIGNED, HALVES); break; \
-                    case 2 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 2, SIGNED, HALVES); break; \
-                    case 1 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 2, SIGNED, HALVES); break; \
-                    case 4 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 1, SIGNED, HALVES); break; \
-                    case 3 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 1, SIGNED, HALVES); break; \
-                    case 2 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 1, SIGNED, HALVES); break; \
-                    default: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 1, SIGNED, HALVES); break; \
+                    case 4 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 2, SIGNED); break; \
+                    case 3 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 2, SIGNED); break; \
+                    case 2 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 2, SIGNED); break; \
+                    case 1 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 2, SIGNED); break; \
+                    case 4 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 1, SIGNED); break; \
+                    case 3 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 1, SIGNED); break; \
+                    case 2 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 1, SIGNED); break; \
+                    default: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 1, SIGNED); break; \
                 }                                                                                    \
                 j += nr;                                                                             \
             }                                                                                        \
         }                                                                                            \
     }                                                                                                \
-    free(wt.q), free(wt.lo), free(wt.hi), free(wt.c);                                                \
+    free(wt.q), free(wt.a), free(wt.c);                                                              \
     return 0;                                                                                        \
 }
 #else
-#define Q8_UNPACKED(T, SUBS, TS, SIGNED, HALVES)
+#define Q8_UNPACKED(T, TS, SIGNED)
 #endif
 
-Q8_TYPE(q8_0, 1, 34, 1, 0)
-Q8_TYPE(q4_0, 1, 18, 0, 0)
-Q8_TYPE(q4_1, 1, 20, 0, 0)
+Q8_TYPE(q8_0, 34, 1)
+Q8_TYPE(q4_0, 18, 0)
+Q8_TYPE(q4_1, 20, 0)
 
 /* ---- The K-quants (Q4_K, Q5_K, Q6_K): 16-bit activations, integer sums over each 256-value block.
  * Their sub-block scales are integers (6 bits, Q6_K's 8), so a block's products add up exactly
@@ -801,11 +789,9 @@ static inline __attribute__((always_inline)) void kq_finish(
         for (int j = 0; j < nr; j++) {
             __m256 v = A[i][j];
             if (MINS) {
-                const float *cj = c + j * ldc, *ti = xq->t16 + (m0 + i) * xq->groups;
-                __m256 B = _mm256_setzero_ps();
-                for (int64_t g = 0; g < xq->groups; g += 8)
-                    B = _mm256_fmadd_ps(_mm256_loadu_ps(cj + g), _mm256_loadu_ps(ti + g), B);
-                v = _mm256_add_ps(v, B);
+                float b[8];
+                additive_lanes(c + j * ldc, xq->t16 + (m0 + i) * xq->groups, xq->groups, b);
+                v = _mm256_add_ps(v, _mm256_loadu_ps(b));
             }
             float a[8];
             _mm256_storeu_ps(a, v);
@@ -932,7 +918,7 @@ static inline void T##_ktile(const uint8_t *w, int64_t row_bytes, const struct x
     float cs[xq->groups];                                                                               \
     for (int j = 0; j < nr; j++)                                                                        \
         for (int i = 0; i < mr; i++) {                                                                  \
-            float A[8] = {0}, B[8] = {0};                                                               \
+            float A[8] = {0}, B[8];                                                                     \
             const int16_t *xr = xq->q16 + (m0 + i) * xq->K;                                             \
             for (int64_t b = 0; b < xq->K / QB; b++) {                                                  \
                 const uint8_t *blk = w + j * row_bytes + b * TS;                                        \
@@ -950,8 +936,7 @@ static inline void T##_ktile(const uint8_t *w, int64_t row_bytes, const struct x
                 for (int l = 0; l < 8; l++) A[l] = fmaf(kb.d * dx, (float)I[l], A[l]);                  \
             }                                                                                           \
             if (MINS) {                                                                                 \
-                for (int64_t g = 0; g < xq->groups; g++)                                                \
-                    B[g % 8] = fmaf(cs[g], xq->t16[(m0 + i) * xq->groups + g], B[g % 8]);               \
+                additive_lanes(cs, xq->t16 + (m0 + i) * xq->groups, xq->groups, B);                     \
                 for (int l = 0; l < 8; l++) A[l] += B[l];                                               \
             }                                                                                           \
             y[(m0 + i) * ldy + j] = hsum8(A);                                                           \
