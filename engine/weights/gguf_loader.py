@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType
 
 from lumen.engine.chat.template import template_from_gguf
 from lumen.engine.errors import ModelLoadError
@@ -52,7 +52,21 @@ class TruncatedFile(ValueError):
 
 class _CheckedReader(GGUFReader):
     """gguf-py's reader, which first checks that every tensor's data lies inside the file: a cut
-    file otherwise fails later with a numpy reshape error that names nothing."""
+    file otherwise fails later with a numpy reshape error that names nothing. It also checks each
+    metadata array's length against the bytes left: past the end gguf-py reads empty scalars, which
+    advance nothing, so a damaged length (up to 2**64) would loop for hours instead of failing."""
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type == GGUFValueType.ARRAY:
+            item_type, length = (int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0]))
+            left = len(self.data) - (orig_offs + 12)
+            # An element is at least its scalar's size, a string's 8-byte length or an array's 12-byte header.
+            scalar = self.gguf_scalar_to_np.get(item_type)   # IntEnum keys: a plain int finds them
+            least = np.dtype(scalar).itemsize if scalar is not None else 8 if item_type == GGUFValueType.STRING else 12
+            if length * least > left:
+                raise ValueError(f"a metadata array at byte {orig_offs:,} claims {length:,} elements, more than "
+                                 f"the {left:,} bytes left in the file can hold")
+        return super()._get_field_parts(orig_offs, raw_type)
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         needed = start_offs
@@ -203,7 +217,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, name: str | 
         raise ModelLoadError(f"{path}: {exc}") from exc
     except (ValueError, IndexError, OSError) as exc:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc}; the file has {path.stat().st_size:,} "
-                             "bytes: is it cut short?)") from exc
+                             "bytes: is it cut short or damaged?)") from exc
     try:
         tokenizer = Tokenizer.from_reader(reader)
         meta = read_metadata(reader)

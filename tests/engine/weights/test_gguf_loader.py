@@ -110,6 +110,23 @@ def test_a_truncated_file_says_so_with_the_sizes(tmp_path, vocab):
         load_gguf(tmp_path / "cut.gguf")
 
 
+@pytest.mark.parametrize("length", [12_191_744, 2**64 - 1])
+def test_a_damaged_array_length_fails_at_once_saying_so(tmp_path, vocab, length):
+    """gguf-py reads empty scalars past the end and advances nothing, so it once looped 100 s over a
+    token-type array whose length byte was flipped (seed 4092774752 of the test below)."""
+    import struct
+    source = write_tiny(tmp_path / "m.gguf", vocab)
+    field = GGUFReader(source).fields["tokenizer.ggml.token_type"]
+    data = bytearray(source.read_bytes())
+    at = int(field.offset) + 8 + len(field.name.encode()) + 4 + 4   # key length, key, value type, item type
+    assert struct.unpack_from("<Q", data, at)[0] == len(vocab.tokens)
+    struct.pack_into("<Q", data, at, length)
+    (tmp_path / "long.gguf").write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=rf"long\.gguf: .*a metadata array at byte {at - 4:,} claims {length:,} "
+                                             r"elements, more than the [0-9,]+ bytes left"):
+        load_gguf(tmp_path / "long.gguf")
+
+
 @pytest.mark.parametrize("context", [(1 << 24) + 1, 318767232])
 def test_an_impossible_context_length_is_refused_before_any_table_is_built(tmp_path, vocab, context):
     """A flipped top byte of context_length (128 -> 318767232) loads, and the model then builds RoPE
