@@ -225,7 +225,11 @@ def test_decode_graph_buffers_give_the_eager_logits(triton_placement):
     for i in range(3):
         decode = [Chunk([300 + i], len(p) + i, t, range(0, 1)) for p, t in zip(prompts, tables)]
         assert graphs.graphs.fits(build_batch(decode, 4)[0])
-        torch.testing.assert_close(step(graphs, decode), step(eager, decode), rtol=1e-5, atol=1e-5)
+        # 4 padded rows against 3: torch's float32 GEMM may block them differently (it does on a
+        # Zen 4, 1.6e-5 on logits of 15), so the bound is 1e-5 of the largest logit; a padding
+        # bug (a wrong row, block or position) moves logits by whole units.
+        padded, alone = step(graphs, decode), step(eager, decode)
+        torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5 * alone.abs().max().item())
     written = torch.tensor([t[pos // 4] * 4 + pos % 4 for p, t in zip(prompts, tables) for pos in range(len(p) + 3)])
     for ours, theirs in zip(graphs.kv.keys + graphs.kv.values, eager.kv.keys + eager.kv.values):
         torch.testing.assert_close(ours.flatten(0, 1)[written], theirs.flatten(0, 1)[written], rtol=1e-5, atol=1e-5)
