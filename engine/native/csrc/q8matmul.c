@@ -170,15 +170,15 @@ static inline float hsum8(const float *a) {
 }
 
 /* ---- Weight groups, per type: scales (shared by every build) and quants (scalar and AVX2). ----
- * Q8_0, Q4_0, Q4_1 (a group a block): T_scales(block, &a, &c). Every type: T_quants(block, s, q[32])
- * for group s of the block. */
+ * Q8_0, Q4_0, Q4_1 (a group a block): T_scales(block, &a, &c) and T_quants(block, q[32]); the K-quants:
+ * T_quants(block, s, q[32]) for group s of the block. */
 
 /* Q8_0: d fp16 | qs[32]: signed, a = d. */
 static inline __attribute__((always_inline)) void q8_0_scales(const uint8_t *b, float *a, float *c) {
     *a = fp16_to_fp32(b);
     *c = 0.0f;
 }
-static inline void q8_0_quants(const uint8_t *b, int s, int8_t *q) { (void)s; memcpy(q, b + 2, 32); }
+static inline void q8_0_quants(const uint8_t *b, int8_t *q) { memcpy(q, b + 2, 32); }
 
 /* Q4_0: d fp16 | qs[16]: unsigned q, a = d, c = -8 d (value d q - 8 d = d (q - 8), exactly). */
 static inline __attribute__((always_inline)) void q4_0_scales(const uint8_t *b, float *a, float *c) {
@@ -192,14 +192,14 @@ static inline void nibbles32(const uint8_t *qs, int8_t *q) {
         q[j + 16] = (int8_t)(qs[j] >> 4);
     }
 }
-static inline void q4_0_quants(const uint8_t *b, int s, int8_t *q) { (void)s; nibbles32(b + 2, q); }
+static inline void q4_0_quants(const uint8_t *b, int8_t *q) { nibbles32(b + 2, q); }
 
 /* Q4_1: d fp16 | m fp16 | qs[16]: unsigned q, a = d, c = m. */
 static inline __attribute__((always_inline)) void q4_1_scales(const uint8_t *b, float *a, float *c) {
     *a = fp16_to_fp32(b);
     *c = fp16_to_fp32(b + 2);
 }
-static inline void q4_1_quants(const uint8_t *b, int s, int8_t *q) { (void)s; nibbles32(b + 4, q); }
+static inline void q4_1_quants(const uint8_t *b, int8_t *q) { nibbles32(b + 4, q); }
 
 /* Q4_K: d | dmin | scales[12] | qs[128]; group s: unsigned nibbles of qs[32 (s / 2) ..], low for
  * even s. Its scales: kscales below. */
@@ -225,16 +225,13 @@ static inline void q6_k_quants(const uint8_t *b, int s, int8_t *q) {
 }
 
 #ifdef Q8_AVX2
-static inline __attribute__((always_inline)) __m256i q8_0_quants8(const uint8_t *b, int s) {
-    (void)s;
+static inline __attribute__((always_inline)) __m256i q8_0_quants8(const uint8_t *b) {
     return _mm256_loadu_si256((const __m256i *)(b + 2));
 }
-static inline __attribute__((always_inline)) __m256i q4_0_quants8(const uint8_t *b, int s) {
-    (void)s;
+static inline __attribute__((always_inline)) __m256i q4_0_quants8(const uint8_t *b) {
     return nibbles32_avx2(b + 2);
 }
-static inline __attribute__((always_inline)) __m256i q4_1_quants8(const uint8_t *b, int s) {
-    (void)s;
+static inline __attribute__((always_inline)) __m256i q4_1_quants8(const uint8_t *b) {
     return nibbles32_avx2(b + 4);
 }
 static inline __attribute__((always_inline)) __m256i q4_k_quants8(const uint8_t *b, int s) {
@@ -340,7 +337,7 @@ static inline __attribute__((always_inline)) void T##_tile(                     
             T##_scales(blk, &a, &c);                                                                 \
             sc[j] = _mm256_set1_ps(a);                                                               \
             if (!SIGNED) cs[j][g] = c;                                                               \
-            wq[j] = T##_quants8(blk, 0);                                                             \
+            wq[j] = T##_quants8(blk);                                                                \
         }                                                                                            \
         group_products(acc, wq, sc, xq, m0, g, mr, nr, SIGNED);                                      \
     }                                                                                                \
@@ -362,7 +359,7 @@ static inline __attribute__((always_inline)) void T##_tile(                     
                 int8_t q[G];                                                                         \
                 float a;                                                                             \
                 T##_scales(blk, &a, &cs[g]);                                                         \
-                T##_quants(blk, 0, q);                                                               \
+                T##_quants(blk, q);                                                                  \
                 const float *dh = xq->d + ((m0 + i) * xq->groups + g) * (G / H);                     \
                 for (int l = 0; l < 8; l++) {                                                        \
                     int sum = 0;                                                                     \
@@ -504,7 +501,7 @@ static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const 
             if (r < rows) {                                                                          \
                 const uint8_t *blk = w + r * row_bytes + g * TS;                                     \
                 T##_scales(blk, &a, &c);                                                             \
-                q = T##_quants8(blk, 0);                                                             \
+                q = T##_quants8(blk);                                                                \
                 wp->c[r * groups + g] = c;                                                           \
             }                                                                                        \
             _mm256_storeu_si256((__m256i *)(wp->q + at * 64 + h * 32), q);                           \
@@ -576,7 +573,7 @@ static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const 
             const uint8_t *blk = w + r * row_bytes + g * TS;                                         \
             const int64_t at = r * xq->groups + g;                                                   \
             T##_scales(blk, &wt->a[at], &wt->c[at]);                                                 \
-            _mm256_storeu_si256((__m256i *)(wt->q + r * xq->K + g * G), T##_quants8(blk, 0));        \
+            _mm256_storeu_si256((__m256i *)(wt->q + r * xq->K + g * G), T##_quants8(blk));           \
         }                                                                                            \
 }                                                                                                    \
 static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {              \
