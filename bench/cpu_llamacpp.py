@@ -39,7 +39,9 @@ p.add_argument("--decode", type=int, default=64)
 p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--streams", type=int, default=16)
 p.add_argument("--stream-tokens", type=int, default=32)
-p.add_argument("--modes", nargs="+", default=["exact", "int8"], choices=["exact", "int8"])
+p.add_argument("--modes", nargs="+", default=["exact", "int8"], choices=["exact", "int8", "int8-file-layout"],
+               help="int8-file-layout: the int8 mode with Q4_0 weights kept in the file's layout (the row by "
+                    "row kernels, as before the interleaved Q4_0 layout): an A/B of that layout in one run")
 ARGS = p.parse_args()
 if ARGS.variant:        # before Lumen is imported: library() reads it once
     os.environ["LUMEN_NATIVE_VARIANT"] = ARGS.variant
@@ -51,9 +53,12 @@ from common import RESULTS, SHARED, ensure_tinyllama, fresh_prompts, prompt_ids
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
 from lumen.engine.core.request import GenerationRequest
 from lumen.engine.core.scheduler import SchedulerConfig
+from lumen.engine.model.linear import NativeQuantLinear
 from lumen.engine.native import library
 from lumen.engine.sampling.sampler import SamplingParams
 from lumen.engine.weights.model_files import load_model
+
+PREPARE = NativeQuantLinear.prepare
 
 BIN = Path(os.environ.get("LLAMA_CPP_BIN", ""))
 PROMPT = 128
@@ -98,6 +103,9 @@ def llamacpp(path: Path) -> dict:
 
 def lumen(path: Path, mode: str) -> dict:
     torch.set_num_threads(ARGS.threads)
+    file_layout = mode == "int8-file-layout"
+    mode = "int8" if file_layout else mode
+    NativeQuantLinear.prepare = (lambda self: None) if file_layout else PREPARE
     loaded = load_model(path)
     engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_running=1), matmul_mode=mode))
     vocab, bos = loaded.config.vocab_size, loaded.tokenizer.bos_id or 1

@@ -89,7 +89,9 @@ def linear_on(linear, placement: Placement):
         if fused is not None:
             return _blocks_on(fused, placement)
         return ConcatLinear([linear_on(part, placement) for part in linear.parts])
-    if isinstance(linear, (NativeQuantLinear, ChunkedQuantLinear)):
+    if isinstance(linear, NativeQuantLinear):
+        return _blocks_on(linear.file_layout(), placement)
+    if isinstance(linear, ChunkedQuantLinear):
         return _blocks_on(linear.weight, placement)
     if isinstance(linear, DenseLinear):
         return DenseLinear(linear.weight.to(placement.device, placement.dtype))
@@ -119,7 +121,7 @@ def _fused_blocks(parts: list) -> GGUFWeight | None:
     gate/up as one matmul); None when types differ (Q4_K_M's attn_v is Q6_K) or one is dense."""
     if not all(isinstance(p, (NativeQuantLinear, ChunkedQuantLinear)) for p in parts):
         return None
-    weights = [p.weight for p in parts]
+    weights = [p.file_layout() if isinstance(p, NativeQuantLinear) else p.weight for p in parts]
     if len({w.qtype for w in weights}) != 1:
         return None
     raw = torch.cat([w.raw for w in weights])   # host staging, one fused tensor at a time

@@ -97,12 +97,28 @@ class _BlockLinear(ABC):
         """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
 
 
+_layout_changes = 0
+
+
+def layout_changes() -> int:
+    """How many times a NativeQuantLinear has rearranged its weight in place so far: C structs
+    that hold a weight's address and type (lumen.engine.model.llama's fused layers) are rebuilt
+    when this moves."""
+    return _layout_changes
+
+
 class NativeQuantLinear(_BlockLinear):
     """x @ W^T with W kept as GGUF blocks, by the C kernels: in the exact mode (float32 arithmetic
     on the exactly decoded weights) or, with `int8` set, the int8 mode (8-bit activations and
-    integer dot products, lumen.engine.native.kernels.MATMUL_MODES)."""
+    integer dot products, lumen.engine.native.kernels.MATMUL_MODES).
 
-    int8 = False
+    With `interleave` also set (a weight this linear alone holds: not a tied embedding), a Q4_0
+    weight is rearranged in place, at its first int8 matmul, into the layout whose kernels compute
+    8 outputs a vector register (kernels.Q4_0_X8: the same bits, no second copy), and `weight`
+    then says Q4_0_X8, so that nothing reads it as Q4_0. Leaving the int8 mode, or `file_layout()`,
+    puts the file's layout back."""
+
+    interleave = False
 
     def __init__(self, weight: GGUFWeight) -> None:
         super().__init__(weight)
@@ -110,9 +126,40 @@ class NativeQuantLinear(_BlockLinear):
         assert raw.dtype == torch.uint8 and raw.dim() == 2 and raw.stride() == (raw.shape[1], 1), \
             "GGUF rows must be contiguous uint8"
         self._raw = (raw.data_ptr(), raw.shape[1])   # checked once: every call reuses them
+        self._int8 = False
+
+    @property
+    def int8(self) -> bool:
+        return self._int8
+
+    @int8.setter
+    def int8(self, on: bool) -> None:
+        if not on:
+            self.file_layout()
+        self._int8 = bool(on)
+
+    def _relayout(self, qtype: int) -> None:
+        global _layout_changes
+        w = self.weight
+        native.interleave_q4_0(w.raw, w.in_features, qtype == native.Q4_0_X8)
+        self.weight = GGUFWeight(w.raw, qtype, w.out_features, w.in_features)
+        _layout_changes += 1
+
+    def file_layout(self) -> GGUFWeight:
+        """The weight in its file's layout (rearranged back if it was interleaved)."""
+        if self.weight.qtype == native.Q4_0_X8:
+            self._relayout(native.Q4_0)
+        return self.weight
+
+    def prepare(self) -> None:
+        """Interleave the weight now if this linear's mode and type call for it (else at its first matmul)."""
+        if self._int8 and self.interleave and self.weight.qtype == native.Q4_0 and self.out_features >= 8:
+            self._relayout(native.Q4_0_X8)
 
     def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
+        if self._int8 and self.interleave and self.weight.qtype == native.Q4_0:
+            self.prepare()
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
         if x.shape[1] != self.in_features or y.shape != (x.shape[0], self.out_features) or y.stride(1) != 1 \
@@ -121,7 +168,7 @@ class NativeQuantLinear(_BlockLinear):
                              f"[{self.out_features}, {self.in_features}]")
         if x.shape[0]:
             native.qmatmul_checked_weight(self.weight.qtype, *self._raw, self.out_features, self.in_features, x, y,
-                                          self.int8)
+                                          self._int8)
 
 
 class ChunkedQuantLinear(_BlockLinear):

@@ -29,6 +29,7 @@ from lumen.engine.model.linear import (
     NativeQuantLinear,
     OneDNNLinear,
     QuantEmbedding,
+    layout_changes,
 )
 from lumen.engine.native import kernels as native
 
@@ -67,6 +68,8 @@ class LlamaWeights:
             for part in linear.parts if isinstance(linear, ConcatLinear) else [linear]:
                 if isinstance(part, NativeQuantLinear):
                     part.int8 = mode == "int8"
+                    # the layers' weights are theirs alone; the output may be the embedding's (tied)
+                    part.interleave = linear is not self.output
 
 
 @dataclass(slots=True)
@@ -159,11 +162,16 @@ class LlamaModel:
                             and all(k.dtype == torch.float32 for k in kv.keys) and native.available())
         # When every matmul has a C kernel and attention is the C one, each layer is one C call.
         self.layer_structs = _layer_structs(weights, kv, attention) if self.native_rowwise else None
+        self._layout = layout_changes()
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, num_layers: int | None = None) -> torch.Tensor:
         """Run one step; returns fp32 logits [num_logits, vocab]. With num_layers, only the first
         layers run before the final norm and output head (the layer-skip draft)."""
+        if self.layer_structs is not None and self._layout != layout_changes():
+            # a weight was rearranged since (a matmul mode set again): the structs hold its type
+            self.layer_structs = _layer_structs(self.w, self.kv, self.attention)
+            self._layout = layout_changes()
         if self.layer_structs is not None:
             lora = None if batch.lora is None else batch.lora.native_struct(self.cfg.n_layers)
             if batch.lora is None or lora is not None:
@@ -274,6 +282,8 @@ def _native_linear(linear) -> native.LinearStruct | None:
     if len(parts) > 3 or not all(isinstance(p, NativeQuantLinear) for p in parts) \
             or len({p.int8 for p in parts}) != 1:
         return None
+    for p in parts:
+        p.prepare()                      # its layout for this mode first: the struct holds the weight's type
     return native.linear_struct([(p.weight.qtype, p.weight.raw) for p in parts], parts[0].int8)
 
 

@@ -98,15 +98,34 @@ def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torc
     qmatmul_checked_weight(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y, mode == "int8")
 
 
+# qmatmul.h's LUMEN_Q4_0_X8: a Q4_0 weight whose rows are interleaved 8 at a time (q8matmul.c), so
+# that the int8 mode's kernels compute 8 outputs a vector register. Not a GGML type: only the int8
+# mode reads it, and `interleave_q4_0` turns it back into the file's layout.
+Q4_0, Q4_0_X8 = 2, 1002
+
+
+def interleave_q4_0(raw: torch.Tensor, k: int, to_x8: bool) -> None:
+    """Rearrange a Q4_0 weight (uint8 [n, row_bytes], k values a row) in place: into the
+    interleaved layout (to_x8) or back into the file's; its last n mod 8 rows stay as they are."""
+    n, row_bytes = raw.shape
+    assert raw.dtype == torch.uint8 and raw.is_contiguous() and raw.device.type == "cpu", \
+        "raw must be contiguous uint8 rows in CPU memory"
+    rc = library().lumen_q4_0_x8(raw.data_ptr(), n, row_bytes, k, int(to_x8))
+    _check(rc, "lumen_q4_0_x8", lambda: rows_problem(Q4_0, row_bytes, k))
+
+
 def qmatmul_checked_weight(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: int, x: torch.Tensor,
                            y: torch.Tensor, int8: bool = False) -> None:
     """qmatmul_into over a weight checked once by the caller (its address and row length), for
     x and y of the right shapes: the per-call path of lumen.engine.model.linear.NativeQuantLinear."""
     lib = library()
+    if qtype == Q4_0_X8 and not int8:
+        raise NativeInputError("an interleaved Q4_0 weight (Q4_0_X8) is multiplied by the int8 mode only: "
+                               "turn it back into the file's layout (interleave_q4_0) for the exact mode")
     rc = (lib.lumen_qmatmul_int8 if int8 else lib.lumen_qmatmul)(
         qtype, raw_ptr, row_bytes, n, k, x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr(), y.stride(0),
         torch.get_num_threads())
-    _check(rc, "lumen_qmatmul", lambda: rows_problem(qtype, row_bytes, k))
+    _check(rc, "lumen_qmatmul", lambda: rows_problem(Q4_0 if qtype == Q4_0_X8 else qtype, row_bytes, k))
 
 
 def decode_rows(qtype: int, raw: torch.Tensor, k: int) -> torch.Tensor:

@@ -26,7 +26,8 @@ static int check_linear(const struct lumen_linear *l, int64_t k, int64_t width) 
     int64_t n = 0;
     if (l->parts < 1 || l->parts > 3) return LUMEN_E_SHAPE;
     for (int p = 0; p < l->parts; p++) {
-        const int rc = lumen_check_rows(l->qtype[p], l->row_bytes[p], k);
+        const int rc = l->int8 ? lumen_int8_check_rows(l->qtype[p], l->row_bytes[p], k)
+                               : lumen_check_rows(l->qtype[p], l->row_bytes[p], k);
         if (rc != LUMEN_OK) return rc;
         n += l->n[p];
     }

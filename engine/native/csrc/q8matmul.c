@@ -408,7 +408,21 @@ static void NAME(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {   
     }                                                                                                \
 }
 
+#ifdef Q8_AVX2
+/* Row r's group g of a weight stored row by row: its scales and quants (the batches' unpacking). */
+#define Q8_GET(T, TS)                                                                                \
+static inline __attribute__((always_inline)) __m256i T##_get(const uint8_t *w, int64_t row_bytes, int64_t r, \
+                                                             int64_t g, float *a, float *c) {        \
+    const uint8_t *blk = w + r * row_bytes + g * TS;                                                 \
+    T##_scales(blk, a, c);                                                                           \
+    return T##_quants8(blk);                                                                         \
+}
+#else
+#define Q8_GET(T, TS)
+#endif
+
 #define Q8_TYPE(T, TS, SIGNED)                                                                       \
+Q8_GET(T, TS)                                                                                        \
 Q8_TILE(T, TS, SIGNED)                                                                               \
 Q8_UNPACKED(T, TS, SIGNED)                                                                           \
 TILE_RANGE(T##_range, T##_tile, 2)
@@ -499,9 +513,7 @@ static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const 
             float a = 0.0f, c = 0.0f;                                                                \
             __m256i q = _mm256_setzero_si256();                                                      \
             if (r < rows) {                                                                          \
-                const uint8_t *blk = w + r * row_bytes + g * TS;                                     \
-                T##_scales(blk, &a, &c);                                                             \
-                q = T##_quants8(blk);                                                                \
+                q = T##_get(w, row_bytes, r, g, &a, &c);                                             \
                 wp->c[r * groups + g] = c;                                                           \
             }                                                                                        \
             _mm256_storeu_si256((__m256i *)(wp->q + at * 64 + h * 32), q);                           \
@@ -570,10 +582,9 @@ static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const 
                        struct wtile *wt) {                                                           \
     for (int64_t r = 0; r < rows; r++)                                                               \
         for (int64_t g = 0; g < xq->groups; g++) {                                                   \
-            const uint8_t *blk = w + r * row_bytes + g * TS;                                         \
             const int64_t at = r * xq->groups + g;                                                   \
-            T##_scales(blk, &wt->a[at], &wt->c[at]);                                                 \
-            _mm256_storeu_si256((__m256i *)(wt->q + r * xq->K + g * G), T##_quants8(blk));           \
+            _mm256_storeu_si256((__m256i *)(wt->q + r * xq->K + g * G),                              \
+                                T##_get(w, row_bytes, r, g, &wt->a[at], &wt->c[at]));                \
         }                                                                                            \
 }                                                                                                    \
 static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {              \
@@ -616,6 +627,145 @@ static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_
 Q8_TYPE(q8_0, 34, 1)
 Q8_TYPE(q4_0, 18, 0)
 Q8_TYPE(q4_1, 20, 0)
+
+/* ---- Q4_0 with 8 weight rows interleaved (LUMEN_Q4_0_X8): the arithmetic above, 8 outputs a register.
+ * lumen_q4_0_x8 rearranges a Q4_0 weight in place, 8 rows at a time (the last N mod 8 rows stay
+ * as they are): group g of rows 8c .. 8c + 7 becomes XB bytes at 144 g from the chunk's start, the
+ * 8 rows' fp16 d in row order, then 4 vectors of 32 bytes, vector v holding bytes 4v .. 4v + 3 of
+ * each row's qs in row order. Its low nibbles are then each row's values 4v .. 4v + 3 and its high
+ * nibbles values 16 + 4v .. 16 + 4v + 3, so one maddubs and madd give lane l = v (or 4 + v) of 8
+ * outputs, and one conversion and one fma serve 8 outputs, where the row by row tiles above
+ * spend them on one (llama.cpp repacks Q4_0 into 8-row blocks for the same reason). Each output's
+ * operations are the ones defined at the top of this file, in the same order: the same bits as
+ * the Q4_0 kernels, in every build. */
+enum { XR = 8, XB = XR * 18 };
+
+/* Row r's group g of an interleaved weight w (r counted from w, whose first row starts a chunk). */
+static inline __attribute__((always_inline)) const uint8_t *x8_group(const uint8_t *w, int64_t row_bytes, int64_t r,
+                                                                     int64_t g) {
+    return w + r / XR * XR * row_bytes + g * XB;
+}
+/* Its 16 qs bytes, as the Q4_0 block holds them. */
+static inline __attribute__((always_inline)) void x8_qs(const uint8_t *grp, int i, uint8_t qs[16]) {
+    for (int v = 0; v < 4; v++) memcpy(qs + 4 * v, grp + 16 + 32 * v + 4 * i, 4);
+}
+
+int lumen_q4_0_x8(uint8_t *w, int64_t N, int64_t row_bytes, int64_t K, int to_x8) {
+    const int rc = lumen_check_rows(LUMEN_Q4_0, row_bytes, K);
+    if (rc != LUMEN_OK) return rc;
+    if (N < 0) return LUMEN_E_SHAPE;
+    uint8_t *tmp = malloc((size_t)(XR * row_bytes));
+    if (tmp == NULL) return LUMEN_E_NOMEM;
+    for (int64_t c = 0; c < N / XR; c++) {
+        uint8_t *chunk = w + c * XR * row_bytes;
+        memcpy(tmp, chunk, (size_t)(XR * row_bytes));
+        for (int64_t g = 0; g < K / G; g++)
+            for (int i = 0; i < XR; i++) {
+                uint8_t *row = (to_x8 ? tmp : chunk) + i * row_bytes + g * 18;
+                uint8_t *grp = (to_x8 ? chunk : tmp) + g * XB;
+                if (to_x8) {
+                    memcpy(grp + 2 * i, row, 2);
+                    for (int v = 0; v < 4; v++) memcpy(grp + 16 + 32 * v + 4 * i, row + 2 + 4 * v, 4);
+                } else {
+                    memcpy(row, grp + 2 * i, 2);
+                    x8_qs(grp, i, row + 2);
+                }
+            }
+    }
+    free(tmp);
+    return LUMEN_OK;
+}
+
+#ifdef Q8_AVX2
+static inline __attribute__((always_inline)) __m256i q4_0x8_get(const uint8_t *w, int64_t row_bytes, int64_t r,
+                                                                 int64_t g, float *a, float *c) {
+    const uint8_t *grp = x8_group(w, row_bytes, r, g);
+    uint8_t qs[16];
+    x8_qs(grp, (int)(r % XR), qs);
+    q4_0_scales(grp + 2 * (r % XR), a, c);
+    return nibbles32_avx2(qs);
+}
+Q8_UNPACKED(q4_0x8, 18, 0)
+
+/* The 8 outputs of activation row m and the chunk of weight rows at ch, into y[0 .. 7]; each
+ * group's 8 scales a are stored into as (store) or read from it (the chunk's later rows). */
+static inline __attribute__((always_inline)) void q4_0x8_row(const uint8_t *ch, const struct xq *xq, int64_t m,
+                                                             float *as, const int store, float *y) {
+    const int64_t groups = xq->groups;
+    const int8_t *x = xq->q + m * xq->K;
+    const float *dx = xq->d + m * groups * (G / H), *t = xq->t + m * groups;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 A[8], B[8];
+    for (int l = 0; l < 8; l++) A[l] = B[l] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *grp = ch + g * XB;
+        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp));   /* exact, as fp16_to_fp32 */
+        if (store) _mm256_storeu_ps(as + 8 * g, a);
+        __m256 s[4];
+        for (int p = 0; p < 4; p++) s[p] = _mm256_mul_ps(a, _mm256_broadcast_ss(dx + g * (G / H) + p));
+        for (int v = 0; v < 4; v++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(grp + 16 + 32 * v));
+            int32_t xa, xb;
+            memcpy(&xa, x + g * G + 4 * v, 4);
+            memcpy(&xb, x + g * G + 16 + 4 * v, 4);
+            const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+            const __m256i la = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xa)), ones);
+            const __m256i lb = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb)), ones);
+            A[v] = _mm256_fmadd_ps(s[v / 2], _mm256_cvtepi32_ps(la), A[v]);
+            A[4 + v] = _mm256_fmadd_ps(s[2 + v / 2], _mm256_cvtepi32_ps(lb), A[4 + v]);
+        }
+    }
+    /* y = hsum8(A) + hsum8(B), lane by lane over the 8 outputs; B[g mod 8] = fma(c_g, t_g, ..), c = -8 a */
+    const __m256 ya = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[4]), _mm256_add_ps(A[2], A[6])),
+                                    _mm256_add_ps(_mm256_add_ps(A[1], A[5]), _mm256_add_ps(A[3], A[7])));
+    const __m256 minus8 = _mm256_set1_ps(-8.0f);
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8)
+        for (int l = 0; l < 8; l++)
+            B[l] = _mm256_fmadd_ps(_mm256_mul_ps(minus8, _mm256_loadu_ps(as + 8 * (g + l))), _mm256_set1_ps(t[g + l]), B[l]);
+    for (int l = 0; g + l < groups; l++)
+        B[l] = _mm256_fmadd_ps(_mm256_mul_ps(minus8, _mm256_loadu_ps(as + 8 * (g + l))), _mm256_set1_ps(t[g + l]), B[l]);
+    const __m256 yb = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(B[0], B[4]), _mm256_add_ps(B[2], B[6])),
+                                    _mm256_add_ps(_mm256_add_ps(B[1], B[5]), _mm256_add_ps(B[3], B[7])));
+    _mm256_storeu_ps(y, _mm256_add_ps(ya, yb));
+}
+
+/* Output rows [lo, hi) (whole chunks) for 1-4 activation rows. */
+static void q4_0x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {
+    float as[XR * jb->xq->groups];
+    for (int64_t n = lo; n < hi; n += XR) {
+        const uint8_t *ch = jb->w + n * jb->row_bytes;
+        for (int64_t m = 0; m < M; m++) q4_0x8_row(ch, jb->xq, m, as, m == 0, jb->y + m * jb->ldy + n);
+    }
+}
+#else
+/* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds). */
+static void q4_0x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {
+    const struct xq *xq = jb->xq;
+    float cs[xq->groups];
+    for (int64_t r = lo; r < hi; r++)
+        for (int64_t m = 0; m < M; m++) {
+            float acc[8] = {0};
+            const int8_t *xr = xq->q + m * xq->K;
+            for (int64_t g = 0; g < xq->groups; g++) {
+                const uint8_t *grp = x8_group(jb->w, jb->row_bytes, r, g);
+                uint8_t qs[16];
+                int8_t q[G];
+                float a;
+                x8_qs(grp, (int)(r % XR), qs);
+                nibbles32(qs, q);
+                q4_0_scales(grp + 2 * (r % XR), &a, &cs[g]);
+                const float *dh = xq->d + (m * xq->groups + g) * (G / H);
+                for (int l = 0; l < 8; l++) {
+                    int sum = 0;
+                    for (int p = 4 * l; p < 4 * l + 4; p++) sum += q[p] * xr[g * G + p];
+                    acc[l] = fmaf(a * dh[l / 2], (float)sum, acc[l]);
+                }
+            }
+            jb->y[m * jb->ldy + r] = hsum8(acc) + additive(cs, xq->t + m * xq->groups, xq->groups);
+        }
+}
+#endif
 
 /* ---- The K-quants (Q4_K, Q5_K, Q6_K): 16-bit activations, integer sums over each 256-value block.
  * Their sub-block scales are integers (6 bits, Q6_K's 8), so a block's products add up exactly
@@ -960,6 +1110,7 @@ KQ_TYPE(q6_k, 210, 0)
 int lumen_int8_type(int qtype) {
 #define HAS(id, T) if (qtype == id) return 1;
     LEGACY_TYPES(HAS)
+    HAS(LUMEN_Q4_0_X8, q4_0x8)
     K_TYPES(HAS)
 #undef HAS
     return 0;
@@ -1020,10 +1171,10 @@ static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, c
     const struct q8job jb = {w, row_bytes, N, xq, y, ldy};
 #ifdef Q8_AVX2
     const int batch = M > MR;
-    const int64_t align = M <= 2 ? 4 : batch ? TR : 2;
+    const int64_t align = batch ? TR : qtype == LUMEN_Q4_0_X8 ? XR : M <= 2 ? 4 : 2;
 #else
     const int batch = 0;
-    const int64_t align = M <= 2 ? 4 : 2;
+    const int64_t align = qtype == LUMEN_Q4_0_X8 ? XR : M <= 2 ? 4 : 2;
 #endif
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -1043,6 +1194,7 @@ static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, c
 #define KRUN(tid, T) if (qtype == tid) T##_krange(&jb, M, lo, hi < N ? hi : N);
 #endif
             LEGACY_TYPES(RUN)
+            RUN(LUMEN_Q4_0_X8, q4_0x8)
             K_TYPES(KRUN)
 #undef RUN
 #undef KRUN
@@ -1056,17 +1208,33 @@ static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, c
     return failed ? LUMEN_E_NOMEM : LUMEN_OK;
 }
 
+/* The same over every row of an int8 type's weight: an interleaved Q4_0 weight's last N mod 8 rows
+ * are plain Q4_0 rows. */
+static int multiply_weight(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, const struct xq *xq,
+                           int64_t M, float *y, int64_t ldy, int nthreads) {
+    if (qtype != LUMEN_Q4_0_X8) return multiply(qtype, w, row_bytes, N, xq, M, y, ldy, nthreads);
+    const int64_t n8 = N / XR * XR;
+    int rc = n8 > 0 ? multiply(qtype, w, row_bytes, n8, xq, M, y, ldy, nthreads) : LUMEN_OK;
+    if (rc == LUMEN_OK && N > n8)
+        rc = multiply(LUMEN_Q4_0, w + n8 * row_bytes, row_bytes, N - n8, xq, M, y + n8, ldy, nthreads);
+    return rc;
+}
+
+int lumen_int8_check_rows(int qtype, int64_t row_bytes, int64_t k) {
+    return lumen_check_rows(qtype == LUMEN_Q4_0_X8 ? LUMEN_Q4_0 : qtype, row_bytes, k);
+}
+
 int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,
                        const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy, int nthreads) {
     if (!lumen_int8_type(qtype))
         return lumen_qmatmul(qtype, w, row_bytes, N, K, x, M, ldx, y, ldy, nthreads);
-    const int rc = lumen_check_rows(qtype, row_bytes, K);
+    const int rc = lumen_int8_check_rows(qtype, row_bytes, K);
     if (rc != LUMEN_OK) return rc;
     if (N < 0 || M < 0 || ldx < K || ldy < N) return LUMEN_E_SHAPE;
     if (M == 0 || N == 0) return LUMEN_OK;
     struct xq xq = {0};
     int out = quantize(qtype, x, M, ldx, K, nthreads, &xq);
-    if (out == LUMEN_OK) out = multiply(qtype, w, row_bytes, N, &xq, M, y, ldy, nthreads);
+    if (out == LUMEN_OK) out = multiply_weight(qtype, w, row_bytes, N, &xq, M, y, ldy, nthreads);
     xq_free(&xq);
     return out;
 }
@@ -1079,9 +1247,9 @@ int lumen_linear_int8(const struct lumen_linear *l, const float *x, int64_t rows
     for (int p = 0; p < l->parts && rc == LUMEN_OK; p++) {
         if (!lumen_int8_type(l->qtype[p]))
             rc = lumen_qmatmul(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p], k, x, rows, k, y + col, ldy, nthreads);
-        else if ((rc = lumen_check_rows(l->qtype[p], l->row_bytes[p], k)) == LUMEN_OK && rows > 0 && l->n[p] > 0) {
+        else if ((rc = lumen_int8_check_rows(l->qtype[p], l->row_bytes[p], k)) == LUMEN_OK && rows > 0 && l->n[p] > 0) {
             rc = quantize(l->qtype[p], x, rows, k, k, nthreads, &xq);   /* once a form: the parts share their input */
-            if (rc == LUMEN_OK) rc = multiply(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p], &xq, rows, y + col, ldy,
+            if (rc == LUMEN_OK) rc = multiply_weight(l->qtype[p], l->w[p], l->row_bytes[p], l->n[p], &xq, rows, y + col, ldy,
                                               nthreads);
         }
         col += l->n[p];

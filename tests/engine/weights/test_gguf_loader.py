@@ -53,6 +53,51 @@ def test_quantized_logits_match_exact_reference(name, mode):
     assert_as_close_as_llama_cpp(engine_logits(model, QUANT_PROMPT), ref, LLAMA_CPP_ERROR[name], mode)
 
 
+@pytest.mark.parametrize("model", ["stories260K", "tiny"])
+def test_int8_mode_interleaves_q4_0_weights_in_place_with_the_same_logits(model, tmp_path, vocab):
+    """The int8 mode rearranges the layers' Q4_0 weights in place at their first matmul
+    (kernels.Q4_0_X8: 8 outputs a vector register, no second copy). The logits are those of the
+    row by row kernels bit for bit, for a prompt, one row (decode) and three; the exact mode puts
+    the file's layout back, and a model built before that rebuilds its layers' C structs (tiny's
+    layers each run as one C call; stories260K's, whose ffn_down has no C kernel, do not)."""
+    from lumen.engine.model.linear import NativeQuantLinear
+    from lumen.engine.native import kernels as native
+    from tests.engine.model.test_llama_reference import paged_model, step
+    if not native.available():
+        pytest.skip("no C kernels here: the int8 mode is theirs")
+    path = (shared_file("quant", "stories260K-Q4_0.gguf") if model == "stories260K"
+            else write_tiny(tmp_path / "m.gguf", vocab, GGMLQuantizationType.Q4_0))
+    loaded = load_gguf(path)
+    assert (paged_model(loaded).layer_structs is not None) == (model == "tiny")
+    weights = loaded.weights
+    parts = [p for layer in weights.layers for linear in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+             for p in getattr(linear, "parts", [linear]) if isinstance(p, NativeQuantLinear)]
+    qtypes = lambda: {p.weight.qtype for p in parts}  # noqa: E731
+    assert parts and qtypes() == {native.Q4_0}
+    n = len(QUANT_PROMPT)
+
+    def run(model) -> torch.Tensor:
+        table = [3, 1, 2, 0]
+        return torch.cat([step(model, QUANT_PROMPT[:n - 4], 0, table), step(model, QUANT_PROMPT[n - 4:n - 3], n - 4, table),
+                          step(model, QUANT_PROMPT[n - 3:], n - 3, table)])
+
+    weights.set_matmul_mode("int8")
+    for p in parts:
+        p.interleave = False
+    plain = run(paged_model(loaded))
+    assert qtypes() == {native.Q4_0}
+    weights.set_matmul_mode("int8")
+    model = paged_model(loaded)
+    got = run(model)
+    assert qtypes() == {native.Q4_0_X8}
+    assert weights.output.weight.qtype != native.Q4_0_X8   # it may be the embedding's (tied): never rearranged
+    assert torch.equal(got, plain)
+    weights.set_matmul_mode("exact")
+    assert qtypes() == {native.Q4_0}
+    exact = run(model)
+    assert torch.equal(exact, run(paged_model(loaded))) and not torch.equal(exact, got)
+
+
 @pytest.mark.parametrize("qtype", [GGMLQuantizationType.F32, GGMLQuantizationType.F16,
                                    GGMLQuantizationType.BF16, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0])
 def test_supported_types_load(tmp_path, vocab, qtype):
