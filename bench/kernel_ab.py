@@ -46,7 +46,8 @@ from lumen.engine.native import kernels as native  # noqa: E402
 from lumen.engine.native import library  # noqa: E402
 
 TYPES = {"Q8_0": (8, 0), "Q4_0": (2, 0), "Q4_1": (3, 0, 2), "Q4_K": (12, 0, 2), "Q6_K": (14, 208), "Q5_K": (13, 0, 2),
-         "Q3_K": (11, 108), "Q2_K": (10, 80, 82), "F16": (1,), "BF16": (30,), "F32": (0,)}   # GGML type id, fp16 scale offsets
+         "Q3_K": (11, 108), "Q2_K": (10, 80, 82), "F16": (1,), "BF16": (30,), "F32": (0,),
+         "Q4_0_X8": (native.Q4_0_X8, 0)}   # GGML type id (Q4_0_X8: Lumen's interleaved Q4_0), fp16 scale offsets
 N, K = 5632, 2048
 FLOATS = {1: lambda v: v.astype(np.float16).view(np.uint8), 0: lambda v: v.view(np.uint8),
           30: lambda v: (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)}   # F16, F32, BF16 bytes
@@ -75,7 +76,7 @@ def base_sources(rev: str, dest: Path) -> Path:
 
 def weights(type_name: str, mib: int, rng: np.random.Generator) -> tuple[int, list[torch.Tensor]]:
     qtype, *fp16 = TYPES[type_name]
-    block_size, type_size = native.block_layout(qtype)
+    block_size, type_size = native.block_layout(native.Q4_0 if qtype == native.Q4_0_X8 else qtype)
     row_bytes = K // block_size * type_size
     copies = max(1, mib * 2**20 // (N * row_bytes))
     out = []
@@ -87,6 +88,8 @@ def weights(type_name: str, mib: int, rng: np.random.Generator) -> tuple[int, li
             for off in fp16:
                 raw[:, :, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
         out.append(torch.from_numpy(raw.reshape(N, row_bytes)))
+        if qtype == native.Q4_0_X8:                  # the int8 mode's layout of Q4_0 (8 rows interleaved)
+            native.interleave_q4_0(out[-1], K, True)
     return qtype, out
 
 
@@ -121,6 +124,7 @@ def compare(libs: dict[str, ctypes.CDLL], qtype: int, ws: list[torch.Tensor], ro
 
 
 def main() -> None:
+    global N, K
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="HEAD", help="git revision whose C sources are the baseline")
     p.add_argument("--types", nargs="+", default=["Q8_0", "Q4_0", "Q4_K", "Q6_K"], choices=sorted(TYPES))
@@ -128,6 +132,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--mib", type=int, default=512, help="weight bytes per type, spread over copies")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shape", type=int, nargs=2, default=[N, K], metavar=("N", "K"),
+                   help="weight rows and columns (default: TinyLlama's FFN up matrix, 5632 x 2048)")
     p.add_argument("--new-arithmetic", action="store_true",
                    help="the new build defines the mode's arithmetic anew: do not require the same bits")
     p.add_argument("--variant", default=None, help="the kernel variant whose flags both builds use "
@@ -136,6 +142,7 @@ def main() -> None:
     p.add_argument("--new-mode", choices=("exact", "int8"), default="exact", help="the new build's matmul mode")
     p.add_argument("--base-mode", choices=("exact", "int8"), default="exact", help="the base build's matmul mode")
     args = p.parse_args()
+    N, K = args.shape
     variant = library.build.variant(args.variant) if args.variant else library.selected()
     new_flags = library.flags(variant)
     base_flags = new_flags
