@@ -47,7 +47,8 @@ from lumen.engine.native import library  # noqa: E402
 
 TYPES = {"Q8_0": (8, 0), "Q4_0": (2, 0), "Q4_1": (3, 0, 2), "Q4_K": (12, 0, 2), "Q6_K": (14, 208), "Q5_K": (13, 0, 2),
          "Q3_K": (11, 108), "Q2_K": (10, 80, 82), "F16": (1,), "BF16": (30,), "F32": (0,),
-         "Q4_0_X8": (native.Q4_0_X8, 0)}   # GGML type id (Q4_0_X8: Lumen's interleaved Q4_0), fp16 scale offsets
+         "Q8_0_X8": (native.X8[8], 0), "Q4_0_X8": (native.X8[2], 0), "Q4_1_X8": (native.X8[3], 0, 2)}
+# GGML type id (the _X8 types: Lumen's interleaved layouts, kernels.X8), fp16 scale offsets
 N, K = 5632, 2048
 FLOATS = {1: lambda v: v.astype(np.float16).view(np.uint8), 0: lambda v: v.view(np.uint8),
           30: lambda v: (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)}   # F16, F32, BF16 bytes
@@ -76,7 +77,7 @@ def base_sources(rev: str, dest: Path) -> Path:
 
 def weights(type_name: str, mib: int, rng: np.random.Generator) -> tuple[int, list[torch.Tensor]]:
     qtype, *fp16 = TYPES[type_name]
-    block_size, type_size = native.block_layout(native.Q4_0 if qtype == native.Q4_0_X8 else qtype)
+    block_size, type_size = native.block_layout(native.X8_BASE.get(qtype, qtype))
     row_bytes = K // block_size * type_size
     copies = max(1, mib * 2**20 // (N * row_bytes))
     out = []
@@ -88,8 +89,8 @@ def weights(type_name: str, mib: int, rng: np.random.Generator) -> tuple[int, li
             for off in fp16:
                 raw[:, :, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
         out.append(torch.from_numpy(raw.reshape(N, row_bytes)))
-        if qtype == native.Q4_0_X8:                  # the int8 mode's layout of Q4_0 (8 rows interleaved)
-            native.interleave_q4_0(out[-1], K, True)
+        if qtype in native.X8_BASE:                  # the int8 mode's layout (8 rows interleaved)
+            native.interleave(out[-1], native.X8_BASE[qtype], K, True)
     return qtype, out
 
 

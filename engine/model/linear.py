@@ -112,11 +112,11 @@ class NativeQuantLinear(_BlockLinear):
     on the exactly decoded weights) or, with `int8` set, the int8 mode (8-bit activations and
     integer dot products, lumen.engine.native.kernels.MATMUL_MODES).
 
-    With `interleave` also set (a weight this linear alone holds: not a tied embedding), a Q4_0
-    weight is rearranged in place, at its first int8 matmul, into the layout whose kernels compute
-    8 outputs a vector register (kernels.Q4_0_X8: the same bits, no second copy), and `weight`
-    then says Q4_0_X8, so that nothing reads it as Q4_0. Leaving the int8 mode, or `file_layout()`,
-    puts the file's layout back."""
+    With `interleave` also set (a weight this linear alone holds: not a tied embedding), a Q8_0,
+    Q4_0 or Q4_1 weight is rearranged in place, at its first int8 matmul, into the layout whose
+    kernels compute 8 outputs a vector register (kernels.X8: the same bits, no second copy), and
+    `weight` then has that layout's type, so that nothing reads it as the file's. Leaving the int8
+    mode, or `file_layout()`, puts the file's layout back."""
 
     interleave = False
 
@@ -138,27 +138,28 @@ class NativeQuantLinear(_BlockLinear):
             self.file_layout()
         self._int8 = bool(on)
 
-    def _relayout(self, qtype: int) -> None:
+    def _relayout(self, to_x8: bool) -> None:
         global _layout_changes
         w = self.weight
-        native.interleave_q4_0(w.raw, w.in_features, qtype == native.Q4_0_X8)
-        self.weight = GGUFWeight(w.raw, qtype, w.out_features, w.in_features)
+        base = w.qtype if to_x8 else native.X8_BASE[w.qtype]
+        native.interleave(w.raw, base, w.in_features, to_x8)
+        self.weight = GGUFWeight(w.raw, native.X8[base] if to_x8 else base, w.out_features, w.in_features)
         _layout_changes += 1
 
     def file_layout(self) -> GGUFWeight:
         """The weight in its file's layout (rearranged back if it was interleaved)."""
-        if self.weight.qtype == native.Q4_0_X8:
-            self._relayout(native.Q4_0)
+        if self.weight.qtype in native.X8_BASE:
+            self._relayout(False)
         return self.weight
 
     def prepare(self) -> None:
         """Interleave the weight now if this linear's mode and type call for it (else at its first matmul)."""
-        if self._int8 and self.interleave and self.weight.qtype == native.Q4_0 and self.out_features >= 8:
-            self._relayout(native.Q4_0_X8)
+        if self._int8 and self.interleave and self.weight.qtype in native.X8 and self.out_features >= 8:
+            self._relayout(True)
 
     def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (float32 [m, out], rows contiguous; may be a column slice) = x @ W^T."""
-        if self._int8 and self.interleave and self.weight.qtype == native.Q4_0:
+        if self._int8 and self.interleave and self.weight.qtype in native.X8:
             self.prepare()
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()

@@ -98,20 +98,24 @@ def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torc
     qmatmul_checked_weight(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y, mode == "int8")
 
 
-# qmatmul.h's LUMEN_Q4_0_X8: a Q4_0 weight whose rows are interleaved 8 at a time (q8matmul.c), so
-# that the int8 mode's kernels compute 8 outputs a vector register. Not a GGML type: only the int8
-# mode reads it, and `interleave_q4_0` turns it back into the file's layout.
-Q4_0, Q4_0_X8 = 2, 1002
+# qmatmul.h's _X8 types: Q8_0, Q4_0 and Q4_1 weights whose rows are interleaved 8 at a time
+# (q8matmul.c), so that the int8 mode's kernels compute 8 outputs a vector register. Not GGML
+# types (the GGML id plus 1000): only the int8 mode reads them, and `interleave` turns them back.
+Q8_0, Q4_0, Q4_1 = 8, 2, 3
+X8 = {Q8_0: 1008, Q4_0: 1002, Q4_1: 1003}
+X8_BASE = {v: k for k, v in X8.items()}
 
 
-def interleave_q4_0(raw: torch.Tensor, k: int, to_x8: bool) -> None:
-    """Rearrange a Q4_0 weight (uint8 [n, row_bytes], k values a row) in place: into the
-    interleaved layout (to_x8) or back into the file's; its last n mod 8 rows stay as they are."""
+def interleave(raw: torch.Tensor, qtype: int, k: int, to_x8: bool) -> None:
+    """Rearrange a Q8_0, Q4_0 or Q4_1 weight (`qtype`: its GGML type; uint8 [n, row_bytes], k
+    values a row) in place: into its _X8 layout (to_x8) or back into the file's; its last n mod 8
+    rows stay as they are."""
     n, row_bytes = raw.shape
     assert raw.dtype == torch.uint8 and raw.is_contiguous() and raw.device.type == "cpu", \
         "raw must be contiguous uint8 rows in CPU memory"
-    rc = library().lumen_q4_0_x8(raw.data_ptr(), n, row_bytes, k, int(to_x8))
-    _check(rc, "lumen_q4_0_x8", lambda: rows_problem(Q4_0, row_bytes, k))
+    rc = library().lumen_interleave(int(qtype), raw.data_ptr(), n, row_bytes, k, int(to_x8))
+    _check(rc, "lumen_interleave", lambda: rows_problem(qtype, row_bytes, k) if qtype in X8
+           else f"GGML type {qtype} has no interleaved layout (Q8_0, Q4_0 and Q4_1 do)")
 
 
 def qmatmul_checked_weight(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: int, x: torch.Tensor,
@@ -119,13 +123,13 @@ def qmatmul_checked_weight(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: 
     """qmatmul_into over a weight checked once by the caller (its address and row length), for
     x and y of the right shapes: the per-call path of lumen.engine.model.linear.NativeQuantLinear."""
     lib = library()
-    if qtype == Q4_0_X8 and not int8:
-        raise NativeInputError("an interleaved Q4_0 weight (Q4_0_X8) is multiplied by the int8 mode only: "
-                               "turn it back into the file's layout (interleave_q4_0) for the exact mode")
+    if qtype in X8_BASE and not int8:
+        raise NativeInputError(f"an interleaved weight (type {qtype}) is multiplied by the int8 mode only: "
+                               "turn it back into the file's layout (interleave) for the exact mode")
     rc = (lib.lumen_qmatmul_int8 if int8 else lib.lumen_qmatmul)(
         qtype, raw_ptr, row_bytes, n, k, x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr(), y.stride(0),
         torch.get_num_threads())
-    _check(rc, "lumen_qmatmul", lambda: rows_problem(Q4_0 if qtype == Q4_0_X8 else qtype, row_bytes, k))
+    _check(rc, "lumen_qmatmul", lambda: rows_problem(X8_BASE.get(qtype, qtype), row_bytes, k))
 
 
 def decode_rows(qtype: int, raw: torch.Tensor, k: int) -> torch.Tensor:

@@ -179,7 +179,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lumen_qmatmul_int8.restype = i32
     lib.lumen_int8_type.argtypes, lib.lumen_int8_type.restype = [i32], i32
     lib.lumen_int8_check_rows.argtypes, lib.lumen_int8_check_rows.restype = [i32, i64, i64], i32
-    lib.lumen_q4_0_x8.argtypes, lib.lumen_q4_0_x8.restype = [ptr, i64, i64, i64, i32], i32
+    lib.lumen_interleave.argtypes, lib.lumen_interleave.restype = [i32, ptr, i64, i64, i64, i32], i32
     lib.lumen_paged_attention_rows.argtypes = [ptr, i64, ptr, ptr, i32, ptr, i64, ptr, ptr, ptr, i64,
                                                i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32,
                                                i64, i64, i64, i64]

@@ -617,36 +617,52 @@ Q8_TYPE(q8_0, 34, 1)
 Q8_TYPE(q4_0, 18, 0)
 Q8_TYPE(q4_1, 20, 0)
 
-/* ---- Q4_0 with 8 weight rows interleaved (LUMEN_Q4_0_X8): the arithmetic above, 8 outputs a register.
- * lumen_q4_0_x8 rearranges a Q4_0 weight in place, 8 rows at a time (the last N mod 8 rows stay
- * as they are): group g of rows 8c .. 8c + 7 becomes XB bytes at 144 g from the chunk's start, the
- * 8 rows' fp16 d in row order, then 4 vectors of 32 bytes, vector v holding bytes 4v .. 4v + 3 of
- * each row's qs in row order. Its low nibbles are then each row's values 4v .. 4v + 3 and its high
- * nibbles values 16 + 4v .. 16 + 4v + 3, so one maddubs and madd give lane l = v (or 4 + v) of 8
- * outputs, and one conversion and one fma serve 8 outputs, where the row by row tiles above
- * spend them on one (llama.cpp repacks Q4_0 into 8-row blocks for the same reason). Each output's
- * operations are the ones defined at the top of this file, in the same order: the same bits as
- * the Q4_0 kernels, in every build. */
-enum { XR = 8, XB = XR * 18 };
-/* How far ahead the first activation row's pass prefetches the weights it streams: 3 KB (21 groups).
- * kernel_ab, one row, the AVX2 build on Zen 4: 1.47x for 2048 x 5632 weights (TinyLlama's
+/* ---- Q8_0, Q4_0 and Q4_1 with 8 weight rows interleaved (the _X8 types): the arithmetic above,
+ * 8 outputs a register.
+ * lumen_interleave rearranges such a weight in place, 8 rows at a time (the last N mod 8 rows stay
+ * as they are): group g of rows 8c .. 8c + 7 becomes 8 TS bytes at 8 TS g from the chunk's start:
+ * the 8 rows' fp16 d in row order (Q4_1: then their m), then 32-byte vectors, vector v holding
+ * bytes 4v .. 4v + 3 of each row's qs in row order. Q8_0 (8 vectors): vector v is each row's
+ * values 4v .. 4v + 3; Q4_0 and Q4_1 (4 vectors): its low nibbles are each row's values 4v .. 4v + 3
+ * and its high nibbles values 16 + 4v .. 16 + 4v + 3. So one maddubs and madd give lane l of 8
+ * outputs, one conversion and one fma serve 8 outputs where the row by row tiles above spend them
+ * on one, and the scales convert 8 at a time (llama.cpp repacks Q4_0 into 8-row blocks for the
+ * same reason). Each output's operations are the ones defined at the top of this file, in the same
+ * order: the same bits as the row by row kernels, in every build. */
+enum { XR = 8, X8_ID = 1000 };   /* an _X8 type's id: its GGML type's plus X8_ID */
+/* How far ahead the first activation row's pass prefetches the weights it streams: 3 KB.
+ * kernel_ab, Q4_0, one row, the AVX2 build on Zen 4: 1.47x for 2048 x 5632 weights (TinyLlama's
  * ffn_down: its 10 KB activation row and the 25 KB chunks do not fit in L1 together), 0.99x and
  * 1.04x for 5632 x 2048 and 2560 x 2048 (the first two, 512 bytes ahead: 1.08x, 0.90x; 1 KB: 1.29x,
  * 0.93x; 2 KB: 1.32x, 1.00x; 4 KB: 1.40x, 0.93x). */
 enum { XPF = 3072 };
 
-/* Row r's group g of an interleaved weight w (r counted from w, whose first row starts a chunk). */
-static inline __attribute__((always_inline)) const uint8_t *x8_group(const uint8_t *w, int64_t row_bytes, int64_t r,
-                                                                     int64_t g) {
-    return w + r / XR * XR * row_bytes + g * XB;
+static int x8_base(int qtype) {
+    return qtype == LUMEN_Q8_0_X8 || qtype == LUMEN_Q4_0_X8 || qtype == LUMEN_Q4_1_X8 ? qtype - X8_ID : -1;
 }
-/* Its 16 qs bytes, as the Q4_0 block holds them. */
-static inline __attribute__((always_inline)) void x8_qs(const uint8_t *grp, int i, uint8_t qs[16]) {
-    for (int v = 0; v < 4; v++) memcpy(qs + 4 * v, grp + 16 + 32 * v + 4 * i, 4);
+/* A block's bytes and its fp16 fields (d; Q4_1: d, m), which come first. */
+static int x8_layout(int base, int *ts, int *fields) {
+    *fields = base == LUMEN_Q4_1 ? 2 : 1;
+    *ts = base == LUMEN_Q8_0 ? 34 : base == LUMEN_Q4_0 ? 18 : base == LUMEN_Q4_1 ? 20 : 0;
+    return *ts != 0;
 }
 
-int lumen_q4_0_x8(uint8_t *w, int64_t N, int64_t row_bytes, int64_t K, int to_x8) {
-    const int rc = lumen_check_rows(LUMEN_Q4_0, row_bytes, K);
+/* Row i (of 8) of an interleaved group grp, back into the block layout (blk[ts]), or the reverse. */
+static inline void x8_move(uint8_t *grp, int i, uint8_t *blk, int ts, int fields, int to_x8) {
+    for (int f = 0; f < fields; f++) {
+        if (to_x8) memcpy(grp + 16 * f + 2 * i, blk + 2 * f, 2);
+        else memcpy(blk + 2 * f, grp + 16 * f + 2 * i, 2);
+    }
+    for (int v = 0; v < (ts - 2 * fields) / 4; v++) {
+        if (to_x8) memcpy(grp + 16 * fields + 32 * v + 4 * i, blk + 2 * fields + 4 * v, 4);
+        else memcpy(blk + 2 * fields + 4 * v, grp + 16 * fields + 32 * v + 4 * i, 4);
+    }
+}
+
+int lumen_interleave(int qtype, uint8_t *w, int64_t N, int64_t row_bytes, int64_t K, int to_x8) {
+    int ts, fields;
+    if (!x8_layout(qtype, &ts, &fields)) return LUMEN_E_TYPE;
+    const int rc = lumen_check_rows(qtype, row_bytes, K);
     if (rc != LUMEN_OK) return rc;
     if (N < 0) return LUMEN_E_SHAPE;
     uint8_t *tmp = malloc((size_t)(XR * row_bytes));
@@ -656,15 +672,8 @@ int lumen_q4_0_x8(uint8_t *w, int64_t N, int64_t row_bytes, int64_t K, int to_x8
         memcpy(tmp, chunk, (size_t)(XR * row_bytes));
         for (int64_t g = 0; g < K / G; g++)
             for (int i = 0; i < XR; i++) {
-                uint8_t *row = (to_x8 ? tmp : chunk) + i * row_bytes + g * 18;
-                uint8_t *grp = (to_x8 ? chunk : tmp) + g * XB;
-                if (to_x8) {
-                    memcpy(grp + 2 * i, row, 2);
-                    for (int v = 0; v < 4; v++) memcpy(grp + 16 + 32 * v + 4 * i, row + 2 + 4 * v, 4);
-                } else {
-                    memcpy(row, grp + 2 * i, 2);
-                    x8_qs(grp, i, row + 2);
-                }
+                if (to_x8) x8_move(chunk + g * XR * ts, i, tmp + i * row_bytes + g * ts, ts, fields, 1);
+                else x8_move(tmp + g * XR * ts, i, chunk + i * row_bytes + g * ts, ts, fields, 0);
             }
     }
     free(tmp);
@@ -672,92 +681,128 @@ int lumen_q4_0_x8(uint8_t *w, int64_t N, int64_t row_bytes, int64_t K, int to_x8
 }
 
 #ifdef Q8_AVX2
-
-/* The 8 outputs of activation row m and the chunk of weight rows at ch, into y[0 .. 7]; each
- * group's 8 scales a are stored into as (store) or read from it (the chunk's later rows). */
-static inline __attribute__((always_inline)) void q4_0x8_row(const uint8_t *ch, const struct xq *xq, int64_t m,
-                                                             float *as, const int store, float *y) {
+/* The 8 outputs of activation row m and the chunk of weight rows at ch (base type B), into y[0 .. 7];
+ * each group's 8 additive terms c are stored into cs (store: the first row's pass) or read from it. */
+static inline __attribute__((always_inline)) void x8_row(const uint8_t *ch, const struct xq *xq, int64_t m,
+                                                         float *cs, const int store, float *y, const int B) {
+    const int TS = B == LUMEN_Q8_0 ? 34 : B == LUMEN_Q4_0 ? 18 : 20, GB = XR * TS;
+    const int QB = B == LUMEN_Q4_1 ? 32 : 16;                 /* where the quant vectors start */
     const int64_t groups = xq->groups;
     const int8_t *x = xq->q + m * xq->K;
     const float *dx = xq->d + m * groups * (G / H), *t = xq->t + m * groups;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 A[8], B[8];
-    for (int l = 0; l < 8; l++) A[l] = B[l] = _mm256_setzero_ps();
+    __m256 A[8], Bs[8];
+    for (int l = 0; l < 8; l++) A[l] = Bs[l] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *grp = ch + g * XB;
+        const uint8_t *grp = ch + g * GB;
         if (store)
-            for (int o = 0; o < XB; o += 64) _mm_prefetch((const char *)(grp + XPF + o), _MM_HINT_T0);
+            for (int o = 0; o < GB; o += 64) _mm_prefetch((const char *)(grp + XPF + o), _MM_HINT_T0);
         const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp));   /* exact, as fp16_to_fp32 */
-        if (store) _mm256_storeu_ps(as + 8 * g, a);
+        if (store && B == LUMEN_Q4_0) _mm256_storeu_ps(cs + 8 * g, _mm256_mul_ps(_mm256_set1_ps(-8.0f), a));
+        if (store && B == LUMEN_Q4_1) _mm256_storeu_ps(cs + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16))));
         __m256 s[4];
         for (int p = 0; p < 4; p++) s[p] = _mm256_mul_ps(a, _mm256_broadcast_ss(dx + g * (G / H) + p));
-        for (int v = 0; v < 4; v++) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(grp + 16 + 32 * v));
-            int32_t xa, xb;
-            memcpy(&xa, x + g * G + 4 * v, 4);
-            memcpy(&xb, x + g * G + 16 + 4 * v, 4);
-            const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
-            const __m256i la = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xa)), ones);
-            const __m256i lb = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb)), ones);
-            A[v] = _mm256_fmadd_ps(s[v / 2], _mm256_cvtepi32_ps(la), A[v]);
-            A[4 + v] = _mm256_fmadd_ps(s[2 + v / 2], _mm256_cvtepi32_ps(lb), A[4 + v]);
+        if (B == LUMEN_Q8_0) {
+            for (int v = 0; v < 8; v++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(grp + QB + 32 * v));
+                int32_t xa;
+                memcpy(&xa, x + g * G + 4 * v, 4);
+                /* |q| (-128 as 128) times qx with q's sign: the products of the row by row kernels */
+                const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(_mm256_set1_epi32(xa), wv));
+                A[v] = _mm256_fmadd_ps(s[v / 2], _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), A[v]);
+            }
+        } else {
+            for (int v = 0; v < 4; v++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(grp + QB + 32 * v));
+                int32_t xa, xb;
+                memcpy(&xa, x + g * G + 4 * v, 4);
+                memcpy(&xb, x + g * G + 16 + 4 * v, 4);
+                const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+                const __m256i la = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xa)), ones);
+                const __m256i lb = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb)), ones);
+                A[v] = _mm256_fmadd_ps(s[v / 2], _mm256_cvtepi32_ps(la), A[v]);
+                A[4 + v] = _mm256_fmadd_ps(s[2 + v / 2], _mm256_cvtepi32_ps(lb), A[4 + v]);
+            }
         }
     }
-    /* y = hsum8(A) + hsum8(B), lane by lane over the 8 outputs; B[g mod 8] = fma(c_g, t_g, ..), c = -8 a */
+    /* y = hsum8(A) + hsum8(B), lane by lane over the 8 outputs (Q8_0: + 0), B[g mod 8] = fma(c_g, t_g, ..) */
     const __m256 ya = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[4]), _mm256_add_ps(A[2], A[6])),
                                     _mm256_add_ps(_mm256_add_ps(A[1], A[5]), _mm256_add_ps(A[3], A[7])));
-    const __m256 minus8 = _mm256_set1_ps(-8.0f);
+    if (B == LUMEN_Q8_0) {
+        _mm256_storeu_ps(y, _mm256_add_ps(ya, _mm256_setzero_ps()));
+        return;
+    }
     int64_t g = 0;
     for (; g + 8 <= groups; g += 8)
-        for (int l = 0; l < 8; l++)
-            B[l] = _mm256_fmadd_ps(_mm256_mul_ps(minus8, _mm256_loadu_ps(as + 8 * (g + l))), _mm256_set1_ps(t[g + l]), B[l]);
+        for (int l = 0; l < 8; l++) Bs[l] = _mm256_fmadd_ps(_mm256_loadu_ps(cs + 8 * (g + l)), _mm256_set1_ps(t[g + l]), Bs[l]);
     for (int l = 0; g + l < groups; l++)
-        B[l] = _mm256_fmadd_ps(_mm256_mul_ps(minus8, _mm256_loadu_ps(as + 8 * (g + l))), _mm256_set1_ps(t[g + l]), B[l]);
-    const __m256 yb = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(B[0], B[4]), _mm256_add_ps(B[2], B[6])),
-                                    _mm256_add_ps(_mm256_add_ps(B[1], B[5]), _mm256_add_ps(B[3], B[7])));
+        Bs[l] = _mm256_fmadd_ps(_mm256_loadu_ps(cs + 8 * (g + l)), _mm256_set1_ps(t[g + l]), Bs[l]);
+    const __m256 yb = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(Bs[0], Bs[4]), _mm256_add_ps(Bs[2], Bs[6])),
+                                    _mm256_add_ps(_mm256_add_ps(Bs[1], Bs[5]), _mm256_add_ps(Bs[3], Bs[7])));
     _mm256_storeu_ps(y, _mm256_add_ps(ya, yb));
 }
 
 /* Output rows [lo, hi) (whole chunks) for M activation rows, one at a time: the weights stream from
  * memory in the first row's pass and come from cache in the others'. At every batch size this was
- * faster than unpacking the weights once for tiles of rows, as the row by row Q4_0 kernels do above
- * 4 rows (x8 / Q4_0 on Zen 4, AVX2 build: 1.00x / 1.56x / 1.30x / 1.23x / 1.18x at 5 / 8 / 16 / 64 /
- * 128 rows; AVX-512 build: 1.40x and 1.23x at 16 and 128). */
-static void q4_0x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {
-    float as[XR * jb->xq->groups];
+ * faster than unpacking the weights once for tiles of rows, as the row by row kernels do above 4
+ * rows (Q4_0, x8 / row by row on Zen 4, AVX2 build: 1.00x / 1.56x / 1.30x / 1.23x / 1.18x at 5 / 8 /
+ * 16 / 64 / 128 rows; AVX-512 build: 1.40x and 1.23x at 16 and 128). */
+static inline __attribute__((always_inline)) void x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi,
+                                                           const int B) {
+    float cs[B == LUMEN_Q8_0 ? 1 : XR * jb->xq->groups];
     for (int64_t n = lo; n < hi; n += XR) {
         const uint8_t *ch = jb->w + n * jb->row_bytes;
-        for (int64_t m = 0; m < M; m++) q4_0x8_row(ch, jb->xq, m, as, m == 0, jb->y + m * jb->ldy + n);
+        for (int64_t m = 0; m < M; m++) x8_row(ch, jb->xq, m, cs, m == 0, jb->y + m * jb->ldy + n, B);
     }
 }
 #else
-/* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds). */
-static void q4_0x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {
-    const struct xq *xq = jb->xq;
-    float cs[xq->groups];
-    for (int64_t r = lo; r < hi; r++)
-        for (int64_t m = 0; m < M; m++) {
-            float acc[8] = {0};
-            const int8_t *xr = xq->q + m * xq->K;
-            for (int64_t g = 0; g < xq->groups; g++) {
-                const uint8_t *grp = x8_group(jb->w, jb->row_bytes, r, g);
-                uint8_t qs[16];
-                int8_t q[G];
-                float a;
-                x8_qs(grp, (int)(r % XR), qs);
-                nibbles32(qs, q);
-                q4_0_scales(grp + 2 * (r % XR), &a, &cs[g]);
-                const float *dh = xq->d + (m * xq->groups + g) * (G / H);
-                for (int l = 0; l < 8; l++) {
-                    int sum = 0;
-                    for (int p = 4 * l; p < 4 * l + 4; p++) sum += q[p] * xr[g * G + p];
-                    acc[l] = fmaf(a * dh[l / 2], (float)sum, acc[l]);
-                }
-            }
-            jb->y[m * jb->ldy + r] = hsum8(acc) + additive(cs, xq->t + m * xq->groups, xq->groups);
-        }
+/* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds): each block put back together
+ * and read by the row by row kernels' own functions. */
+#define X8_SCALAR(T, TS, SIGNED)                                                                     \
+static inline void T##_x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {          \
+    const struct xq *xq = jb->xq;                                                                    \
+    const int fields = TS == 20 ? 2 : 1;                                                             \
+    float cs[xq->groups];                                                                            \
+    for (int64_t r = lo; r < hi; r++)                                                                \
+        for (int64_t m = 0; m < M; m++) {                                                            \
+            float acc[8] = {0};                                                                      \
+            const int8_t *xr = xq->q + m * xq->K;                                                    \
+            for (int64_t g = 0; g < xq->groups; g++) {                                               \
+                uint8_t blk[TS];                                                                     \
+                int8_t q[G];                                                                         \
+                float a;                                                                             \
+                x8_move((uint8_t *)jb->w + r / XR * XR * jb->row_bytes + g * XR * TS, (int)(r % XR), blk, TS, \
+                        fields, 0);                                                                  \
+                T##_scales(blk, &a, &cs[g]);                                                         \
+                T##_quants(blk, q);                                                                  \
+                const float *dh = xq->d + (m * xq->groups + g) * (G / H);                            \
+                for (int l = 0; l < 8; l++) {                                                        \
+                    int sum = 0;                                                                     \
+                    for (int p = 4 * l; p < 4 * l + 4; p++) sum += q[p] * xr[g * G + p];             \
+                    acc[l] = fmaf(a * dh[l / 2], (float)sum, acc[l]);                                \
+                }                                                                                    \
+            }                                                                                        \
+            jb->y[m * jb->ldy + r] = hsum8(acc) + (SIGNED ? 0.0f : additive(cs, xq->t + m * xq->groups, \
+                                                                           xq->groups));             \
+        }                                                                                            \
 }
+X8_SCALAR(q8_0, 34, 1)
+X8_SCALAR(q4_0, 18, 0)
+X8_SCALAR(q4_1, 20, 0)
 #endif
+
+/* The row range of an _X8 weight: its kernel. */
+static void x8_any_range(int qtype, const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {
+#ifdef Q8_AVX2
+    if (qtype == LUMEN_Q8_0_X8) x8_range(jb, M, lo, hi, LUMEN_Q8_0);
+    if (qtype == LUMEN_Q4_0_X8) x8_range(jb, M, lo, hi, LUMEN_Q4_0);
+    if (qtype == LUMEN_Q4_1_X8) x8_range(jb, M, lo, hi, LUMEN_Q4_1);
+#else
+    if (qtype == LUMEN_Q8_0_X8) q8_0_x8_range(jb, M, lo, hi);
+    if (qtype == LUMEN_Q4_0_X8) q4_0_x8_range(jb, M, lo, hi);
+    if (qtype == LUMEN_Q4_1_X8) q4_1_x8_range(jb, M, lo, hi);
+#endif
+}
 
 /* ---- The K-quants (Q4_K, Q5_K, Q6_K): 16-bit activations, integer sums over each 256-value block.
  * Their sub-block scales are integers (6 bits, Q6_K's 8), so a block's products add up exactly
@@ -1102,7 +1147,7 @@ KQ_TYPE(q6_k, 210, 0)
 int lumen_int8_type(int qtype) {
 #define HAS(id, T) if (qtype == id) return 1;
     LEGACY_TYPES(HAS)
-    HAS(LUMEN_Q4_0_X8, q4_0x8)
+    if (x8_base(qtype) >= 0) return 1;
     K_TYPES(HAS)
 #undef HAS
     return 0;
@@ -1162,11 +1207,11 @@ static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, c
                     float *y, int64_t ldy, int nthreads) {
     const struct q8job jb = {w, row_bytes, N, xq, y, ldy};
 #ifdef Q8_AVX2
-    const int batch = M > MR && qtype != LUMEN_Q4_0_X8;   /* its 8-output kernel: every batch size */
-    const int64_t align = qtype == LUMEN_Q4_0_X8 ? XR : batch ? TR : M <= 2 ? 4 : 2;
+    const int batch = M > MR && x8_base(qtype) < 0;   /* the _X8 types' kernel: every batch size */
+    const int64_t align = x8_base(qtype) >= 0 ? XR : batch ? TR : M <= 2 ? 4 : 2;
 #else
     const int batch = 0;
-    const int64_t align = qtype == LUMEN_Q4_0_X8 ? XR : M <= 2 ? 4 : 2;
+    const int64_t align = x8_base(qtype) >= 0 ? XR : M <= 2 ? 4 : 2;
 #endif
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -1186,7 +1231,7 @@ static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, c
 #define KRUN(tid, T) if (qtype == tid) T##_krange(&jb, M, lo, hi < N ? hi : N);
 #endif
             LEGACY_TYPES(RUN)
-            if (qtype == LUMEN_Q4_0_X8) q4_0x8_range(&jb, M, lo, hi < N ? hi : N);
+            if (x8_base(qtype) >= 0) x8_any_range(qtype, &jb, M, lo, hi < N ? hi : N);
             K_TYPES(KRUN)
 #undef RUN
 #undef KRUN
@@ -1200,20 +1245,20 @@ static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, c
     return failed ? LUMEN_E_NOMEM : LUMEN_OK;
 }
 
-/* The same over every row of an int8 type's weight: an interleaved Q4_0 weight's last N mod 8 rows
- * are plain Q4_0 rows. */
+/* The same over every row of an int8 type's weight: an _X8 weight's last N mod 8 rows are rows of
+ * its GGML type. */
 static int multiply_weight(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, const struct xq *xq,
                            int64_t M, float *y, int64_t ldy, int nthreads) {
-    if (qtype != LUMEN_Q4_0_X8) return multiply(qtype, w, row_bytes, N, xq, M, y, ldy, nthreads);
+    if (x8_base(qtype) < 0) return multiply(qtype, w, row_bytes, N, xq, M, y, ldy, nthreads);
     const int64_t n8 = N / XR * XR;
     int rc = n8 > 0 ? multiply(qtype, w, row_bytes, n8, xq, M, y, ldy, nthreads) : LUMEN_OK;
     if (rc == LUMEN_OK && N > n8)
-        rc = multiply(LUMEN_Q4_0, w + n8 * row_bytes, row_bytes, N - n8, xq, M, y + n8, ldy, nthreads);
+        rc = multiply(x8_base(qtype), w + n8 * row_bytes, row_bytes, N - n8, xq, M, y + n8, ldy, nthreads);
     return rc;
 }
 
 int lumen_int8_check_rows(int qtype, int64_t row_bytes, int64_t k) {
-    return lumen_check_rows(qtype == LUMEN_Q4_0_X8 ? LUMEN_Q4_0 : qtype, row_bytes, k);
+    return lumen_check_rows(x8_base(qtype) >= 0 ? x8_base(qtype) : qtype, row_bytes, k);
 }
 
 int lumen_qmatmul_int8(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K,

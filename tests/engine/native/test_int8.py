@@ -117,38 +117,41 @@ def test_int8_mode_refuses_what_the_exact_mode_refuses():
 
 
 @pytest.mark.parametrize("n", [37, 8, 16, 5, 64])
-def test_interleaved_q4_0_gives_the_q4_0_bits(n, rng):
-    """kernels.Q4_0_X8 (8 rows interleaved, 8 outputs a register) computes each output with the
-    Q4_0 kernels' operations: the same bits at every batch size (1-4 rows: its own kernel;
-    more: the unpacked batches), with the last n mod 8 rows left as Q4_0 rows; and turning it
-    back restores every byte."""
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+def test_interleaved_weights_give_the_row_by_row_bits(qtype, n, rng):
+    """The _X8 layouts (8 rows interleaved, 8 outputs a register) compute each output with the row
+    by row kernels' operations: the same bits at every batch size, with the last n mod 8 rows left
+    as rows of their type; and turning a weight back restores every byte."""
     k = 320                                              # 10 groups: not a multiple of 8 groups
-    w = random_weight(T.Q4_0, rng, n, k)
+    w = random_weight(qtype, rng, n, k)
     raw = w.raw.clone()
-    native.interleave_q4_0(raw, k, True)
+    native.interleave(raw, qtype, k, True)
     assert torch.equal(raw[n // 8 * 8:], w.raw[n // 8 * 8:])
     assert n < 8 or not torch.equal(raw, w.raw)
     for m in (1, 2, 3, 4, 5, 9, 19):
         x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
         x[0, 32:64] = 0.0                                # a zero group
-        want = mm(T.Q4_0, w, x)
+        want = mm(qtype, w, x)
         got = torch.full((m, n), float("nan"))
-        native.qmatmul_into(native.Q4_0_X8, raw, k, x, got, mode="int8")
+        native.qmatmul_into(native.X8[qtype], raw, k, x, got, mode="int8")
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), f"m={m}"
-    native.interleave_q4_0(raw, k, False)
+    native.interleave(raw, qtype, k, False)
     assert torch.equal(raw, w.raw)
 
 
 def test_an_interleaved_weight_is_refused_outside_the_int8_mode(rng):
     w = random_weight(T.Q4_0, rng, 16, 64)
     raw = w.raw.clone()
-    native.interleave_q4_0(raw, 64, True)
+    native.interleave(raw, T.Q4_0, 64, True)
     x, y = torch.ones(2, 64), torch.empty(2, 16)
+    x8 = native.X8[T.Q4_0]
     with pytest.raises(NativeInputError, match="int8 mode only"):
-        native.qmatmul_into(native.Q4_0_X8, raw, 64, x, y)
-    assert native.library().lumen_qmatmul(native.Q4_0_X8, raw.data_ptr(), 18 * 2, 16, 64, x.data_ptr(), 2, 64,
+        native.qmatmul_into(x8, raw, 64, x, y)
+    assert native.library().lumen_qmatmul(x8, raw.data_ptr(), 18 * 2, 16, 64, x.data_ptr(), 2, 64,
                                           y.data_ptr(), 16, 1) == native.E_TYPE
     with pytest.raises(NativeInputError, match="takes 36 bytes, the rows given have 34"):
-        native.interleave_q4_0(torch.zeros(16, 34, dtype=torch.uint8), 64, True)
+        native.interleave(torch.zeros(16, 34, dtype=torch.uint8), T.Q4_0, 64, True)
     with pytest.raises(NativeInputError, match="takes 36 bytes, the rows given have 34"):
-        native.qmatmul_into(native.Q4_0_X8, torch.zeros(16, 34, dtype=torch.uint8), 64, x, y, mode="int8")
+        native.qmatmul_into(x8, torch.zeros(16, 34, dtype=torch.uint8), 64, x, y, mode="int8")
+    with pytest.raises(NativeInputError, match="GGML type 12 has no interleaved layout"):
+        native.interleave(torch.zeros(16, 144, dtype=torch.uint8), T.Q4_K, 256, True)
