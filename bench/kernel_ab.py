@@ -4,6 +4,7 @@
                                                  [--rows 1 4 8 16 64] [--rounds 15] [--mib 512]
                                                  [--variant x86-64-v3] [--base-march native]
                                                  [--new-mode int8] [--base-mode int8] [--new-arithmetic]
+                                                 [--interleave] [--shape N K]
 
 Both builds use the flags of one of the installed kernel variants (lumen.engine.native.build),
 by default the one this CPU gets; --variant x86-64-v3 (AVX2 + FMA + F16C without AVX-512, which
@@ -27,6 +28,11 @@ a mode's arithmetic anew.
 exact mode; `--base worktree` takes the base from the working tree too (exact against int8 on
 the same sources). Their bits differ, so that comparison does not check them. --base-mode int8
 times the base's int8 mode instead (an A/B of the int8 kernels themselves).
+
+--interleave (with --base worktree --base-mode int8 --new-mode int8 and Q4_0 or Q4_1): the
+int8 mode on the file's layout (base) against the same weights interleaved 8 rows at a time
+(new: kernels.X8, the layout the int8 mode gives a model's weights), same bits required.
+--shape N K times N x K weights instead of 5632 x 2048.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from lumen.engine.native import library  # noqa: E402
 
 TYPES = {"Q8_0": (8, 0), "Q4_0": (2, 0), "Q4_1": (3, 0, 2), "Q4_K": (12, 0, 2), "Q6_K": (14, 208), "Q5_K": (13, 0, 2),
          "Q3_K": (11, 108), "Q2_K": (10, 80, 82), "F16": (1,), "BF16": (30,), "F32": (0,),
-         "Q8_0_X8": (native.X8[8], 0), "Q4_0_X8": (native.X8[2], 0), "Q4_1_X8": (native.X8[3], 0, 2)}
+         "Q4_0_X8": (native.X8[2], 0), "Q4_1_X8": (native.X8[3], 0, 2)}
 # GGML type id (the _X8 types: Lumen's interleaved layouts, kernels.X8), fp16 scale offsets
 N, K = 5632, 2048
 FLOATS = {1: lambda v: v.astype(np.float16).view(np.uint8), 0: lambda v: v.view(np.uint8),
@@ -94,6 +100,14 @@ def weights(type_name: str, mib: int, rng: np.random.Generator) -> tuple[int, li
     return qtype, out
 
 
+def interleaved(qtype: int, ws: list[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+    """Copies of a Q4_0 or Q4_1 weight's copies in the int8 mode's interleaved layout (kernels.X8)."""
+    out = [w.clone() for w in ws]
+    for w in out:
+        native.interleave(w, qtype, K, True)
+    return native.X8[qtype], out
+
+
 def one_pass(lib: ctypes.CDLL, qtype: int, ws: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              mode: str = "exact") -> float:
     threads = torch.get_num_threads()
@@ -107,18 +121,20 @@ def one_pass(lib: ctypes.CDLL, qtype: int, ws: list[torch.Tensor], x: torch.Tens
 
 
 def compare(libs: dict[str, ctypes.CDLL], qtype: int, ws: list[torch.Tensor], rows: int, rounds: int,
-            modes: dict[str, str], same_bits: bool = True) -> dict:
+            modes: dict[str, str], same_bits: bool = True, new_weights: tuple[int, list] | None = None) -> dict:
+    """new_weights: the new build's (type, copies) when they differ from the base's (an interleaved layout)."""
     x = torch.randn(rows, K)
     ys = {name: torch.empty(rows, N) for name in libs}
     times: dict[str, list[float]] = {name: [] for name in libs}
+    weights_of = {"base": (qtype, ws), "new": new_weights or (qtype, ws)}
     for name, lib in libs.items():                   # warm-up, and the two builds must agree exactly
-        one_pass(lib, qtype, ws[:1], x, ys[name], modes[name])
+        one_pass(lib, weights_of[name][0], weights_of[name][1][:1], x, ys[name], modes[name])
     if modes["base"] == modes["new"] and same_bits:
         assert torch.equal(ys["base"], ys["new"]), "the two builds give different bits"
     for r in range(rounds):
         order = ("base", "new") if r % 2 == 0 else ("new", "base")
         for name in order:
-            times[name].append(one_pass(libs[name], qtype, ws, x, ys[name], modes[name]))
+            times[name].append(one_pass(libs[name], *weights_of[name], x, ys[name], modes[name]))
     ratios = sorted(b / n for b, n in zip(times["base"], times["new"]))
     return {"base_ms": 1e3 * statistics.median(times["base"]), "new_ms": 1e3 * statistics.median(times["new"]),
             "ratio": statistics.median(ratios), "low": ratios[0], "high": ratios[-1]}
@@ -133,6 +149,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--mib", type=int, default=512, help="weight bytes per type, spread over copies")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--interleave", action="store_true",
+                   help="the new build multiplies the same Q4_0 or Q4_1 weights interleaved (kernels.X8, "
+                        "the int8 mode's layout of them) and the base the file's layout: same bits required")
     p.add_argument("--shape", type=int, nargs=2, default=[N, K], metavar=("N", "K"),
                    help="weight rows and columns (default: TinyLlama's FFN up matrix, 5632 x 2048)")
     p.add_argument("--new-arithmetic", action="store_true",
@@ -165,9 +184,10 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for type_name in args.types:
             qtype, ws = weights(type_name, args.mib, rng)
+            new_weights = interleaved(qtype, ws) if args.interleave else None
             for rows in args.rows:
                 r = compare(libs, qtype, ws, rows, args.rounds, {"base": args.base_mode, "new": args.new_mode},
-                        not args.new_arithmetic)
+                            not args.new_arithmetic, new_weights)
                 print(f"| {type_name} | {rows} | {r['base_ms']:.3f} | {r['new_ms']:.3f} | {r['ratio']:.2f}x | "
                       f"{r['low']:.2f}-{r['high']:.2f} |", flush=True)
 

@@ -112,8 +112,8 @@ class NativeQuantLinear(_BlockLinear):
     on the exactly decoded weights) or, with `int8` set, the int8 mode (8-bit activations and
     integer dot products, lumen.engine.native.kernels.MATMUL_MODES).
 
-    With `interleave` also set (a weight this linear alone holds: not a tied embedding), a Q8_0,
-    Q4_0 or Q4_1 weight is rearranged in place, at its first int8 matmul, into the layout whose
+    With `interleave` also set (a weight this linear alone holds: not a tied embedding), a Q4_0
+    or Q4_1 weight is rearranged in place, at its first int8 matmul, into the layout whose
     kernels compute 8 outputs a vector register (kernels.X8: the same bits, no second copy), and
     `weight` then has that layout's type, so that nothing reads it as the file's. Leaving the int8
     mode, or `file_layout()`, puts the file's layout back."""

@@ -98,16 +98,16 @@ def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torc
     qmatmul_checked_weight(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y, mode == "int8")
 
 
-# qmatmul.h's _X8 types: Q8_0, Q4_0 and Q4_1 weights whose rows are interleaved 8 at a time
+# qmatmul.h's _X8 types: Q4_0 and Q4_1 weights whose rows are interleaved 8 at a time
 # (q8matmul.c), so that the int8 mode's kernels compute 8 outputs a vector register. Not GGML
 # types (the GGML id plus 1000): only the int8 mode reads them, and `interleave` turns them back.
-Q8_0, Q4_0, Q4_1 = 8, 2, 3
-X8 = {Q8_0: 1008, Q4_0: 1002, Q4_1: 1003}
+Q4_0, Q4_1 = 2, 3
+X8 = {Q4_0: 1002, Q4_1: 1003}
 X8_BASE = {v: k for k, v in X8.items()}
 
 
 def interleave(raw: torch.Tensor, qtype: int, k: int, to_x8: bool) -> None:
-    """Rearrange a Q8_0, Q4_0 or Q4_1 weight (`qtype`: its GGML type; uint8 [n, row_bytes], k
+    """Rearrange a Q4_0 or Q4_1 weight (`qtype`: its GGML type; uint8 [n, row_bytes], k
     values a row) in place: into its _X8 layout (to_x8) or back into the file's; its last n mod 8
     rows stay as they are."""
     n, row_bytes = raw.shape
@@ -115,7 +115,7 @@ def interleave(raw: torch.Tensor, qtype: int, k: int, to_x8: bool) -> None:
         "raw must be contiguous uint8 rows in CPU memory"
     rc = library().lumen_interleave(int(qtype), raw.data_ptr(), n, row_bytes, k, int(to_x8))
     _check(rc, "lumen_interleave", lambda: rows_problem(qtype, row_bytes, k) if qtype in X8
-           else f"GGML type {qtype} has no interleaved layout (Q8_0, Q4_0 and Q4_1 do)")
+           else f"GGML type {qtype} has no interleaved layout (Q4_0 and Q4_1 do)")
 
 
 def qmatmul_checked_weight(qtype: int, raw_ptr: int, row_bytes: int, n: int, k: int, x: torch.Tensor,

@@ -617,18 +617,20 @@ Q8_TYPE(q8_0, 34, 1)
 Q8_TYPE(q4_0, 18, 0)
 Q8_TYPE(q4_1, 20, 0)
 
-/* ---- Q8_0, Q4_0 and Q4_1 with 8 weight rows interleaved (the _X8 types): the arithmetic above,
- * 8 outputs a register.
+/* ---- Q4_0 and Q4_1 with 8 weight rows interleaved (the _X8 types): the arithmetic above, 8 outputs
+ * a register.
  * lumen_interleave rearranges such a weight in place, 8 rows at a time (the last N mod 8 rows stay
  * as they are): group g of rows 8c .. 8c + 7 becomes 8 TS bytes at 8 TS g from the chunk's start:
- * the 8 rows' fp16 d in row order (Q4_1: then their m), then 32-byte vectors, vector v holding
- * bytes 4v .. 4v + 3 of each row's qs in row order. Q8_0 (8 vectors): vector v is each row's
- * values 4v .. 4v + 3; Q4_0 and Q4_1 (4 vectors): its low nibbles are each row's values 4v .. 4v + 3
- * and its high nibbles values 16 + 4v .. 16 + 4v + 3. So one maddubs and madd give lane l of 8
- * outputs, one conversion and one fma serve 8 outputs where the row by row tiles above spend them
- * on one, and the scales convert 8 at a time (llama.cpp repacks Q4_0 into 8-row blocks for the
- * same reason). Each output's operations are the ones defined at the top of this file, in the same
- * order: the same bits as the row by row kernels, in every build. */
+ * the 8 rows' fp16 d in row order (Q4_1: then their m), then 4 vectors of 32 bytes, vector v
+ * holding bytes 4v .. 4v + 3 of each row's qs in row order. Its low nibbles are each row's values
+ * 4v .. 4v + 3 and its high nibbles values 16 + 4v .. 16 + 4v + 3. So one maddubs and madd give
+ * lane l of 8 outputs, one conversion and one fma serve 8 outputs where the row by row tiles above
+ * spend them on one, and the scales convert 8 at a time (llama.cpp repacks Q4_0 into 8-row blocks
+ * for the same reason). Each output's operations are the ones defined at the top of this file, in
+ * the same order: the same bits as the row by row kernels, in every build. Q8_0 is not
+ * interleaved: its row by row kernels stream it at memory speed already for one row, and this
+ * layout's passes measured slower at 1-4 rows (kernel_ab --interleave, Zen 4, AVX2 build, before
+ * its removal: 0.83-0.98x at one row, 0.67-0.79x at two, 1.12x at 16). */
 enum { XR = 8, X8_ID = 1000 };   /* an _X8 type's id: its GGML type's plus X8_ID */
 /* How far ahead the first activation row's pass prefetches the weights it streams: 3 KB.
  * kernel_ab, Q4_0, one row, the AVX2 build on Zen 4: 1.47x for 2048 x 5632 weights (TinyLlama's
@@ -638,12 +640,12 @@ enum { XR = 8, X8_ID = 1000 };   /* an _X8 type's id: its GGML type's plus X8_ID
 enum { XPF = 3072 };
 
 static int x8_base(int qtype) {
-    return qtype == LUMEN_Q8_0_X8 || qtype == LUMEN_Q4_0_X8 || qtype == LUMEN_Q4_1_X8 ? qtype - X8_ID : -1;
+    return qtype == LUMEN_Q4_0_X8 || qtype == LUMEN_Q4_1_X8 ? qtype - X8_ID : -1;
 }
 /* A block's bytes and its fp16 fields (d; Q4_1: d, m), which come first. */
 static int x8_layout(int base, int *ts, int *fields) {
     *fields = base == LUMEN_Q4_1 ? 2 : 1;
-    *ts = base == LUMEN_Q8_0 ? 34 : base == LUMEN_Q4_0 ? 18 : base == LUMEN_Q4_1 ? 20 : 0;
+    *ts = base == LUMEN_Q4_0 ? 18 : base == LUMEN_Q4_1 ? 20 : 0;
     return *ts != 0;
 }
 
@@ -681,11 +683,11 @@ int lumen_interleave(int qtype, uint8_t *w, int64_t N, int64_t row_bytes, int64_
 }
 
 #ifdef Q8_AVX2
-/* The 8 outputs of activation row m and the chunk of weight rows at ch (base type B), into y[0 .. 7];
+/* The 8 outputs of activation row m and the chunk of weight rows at ch (type B: Q4_0 or Q4_1), into y[0 .. 7];
  * each group's 8 additive terms c are stored into cs (store: the first row's pass) or read from it. */
 static inline __attribute__((always_inline)) void x8_row(const uint8_t *ch, const struct xq *xq, int64_t m,
                                                          float *cs, const int store, float *y, const int B) {
-    const int TS = B == LUMEN_Q8_0 ? 34 : B == LUMEN_Q4_0 ? 18 : 20, GB = XR * TS;
+    const int TS = B == LUMEN_Q4_0 ? 18 : 20, GB = XR * TS;
     const int QB = B == LUMEN_Q4_1 ? 32 : 16;                 /* where the quant vectors start */
     const int64_t groups = xq->groups;
     const int8_t *x = xq->q + m * xq->K;
@@ -702,36 +704,21 @@ static inline __attribute__((always_inline)) void x8_row(const uint8_t *ch, cons
         if (store && B == LUMEN_Q4_1) _mm256_storeu_ps(cs + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16))));
         __m256 s[4];
         for (int p = 0; p < 4; p++) s[p] = _mm256_mul_ps(a, _mm256_broadcast_ss(dx + g * (G / H) + p));
-        if (B == LUMEN_Q8_0) {
-            for (int v = 0; v < 8; v++) {
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(grp + QB + 32 * v));
-                int32_t xa;
-                memcpy(&xa, x + g * G + 4 * v, 4);
-                /* |q| (-128 as 128) times qx with q's sign: the products of the row by row kernels */
-                const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(_mm256_set1_epi32(xa), wv));
-                A[v] = _mm256_fmadd_ps(s[v / 2], _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), A[v]);
-            }
-        } else {
-            for (int v = 0; v < 4; v++) {
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(grp + QB + 32 * v));
-                int32_t xa, xb;
-                memcpy(&xa, x + g * G + 4 * v, 4);
-                memcpy(&xb, x + g * G + 16 + 4 * v, 4);
-                const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
-                const __m256i la = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xa)), ones);
-                const __m256i lb = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb)), ones);
-                A[v] = _mm256_fmadd_ps(s[v / 2], _mm256_cvtepi32_ps(la), A[v]);
-                A[4 + v] = _mm256_fmadd_ps(s[2 + v / 2], _mm256_cvtepi32_ps(lb), A[4 + v]);
-            }
+        for (int v = 0; v < 4; v++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(grp + QB + 32 * v));
+            int32_t xa, xb;
+            memcpy(&xa, x + g * G + 4 * v, 4);
+            memcpy(&xb, x + g * G + 16 + 4 * v, 4);
+            const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+            const __m256i la = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xa)), ones);
+            const __m256i lb = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb)), ones);
+            A[v] = _mm256_fmadd_ps(s[v / 2], _mm256_cvtepi32_ps(la), A[v]);
+            A[4 + v] = _mm256_fmadd_ps(s[2 + v / 2], _mm256_cvtepi32_ps(lb), A[4 + v]);
         }
     }
-    /* y = hsum8(A) + hsum8(B), lane by lane over the 8 outputs (Q8_0: + 0), B[g mod 8] = fma(c_g, t_g, ..) */
+    /* y = hsum8(A) + hsum8(B), lane by lane over the 8 outputs, B[g mod 8] = fma(c_g, t_g, ..) */
     const __m256 ya = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[4]), _mm256_add_ps(A[2], A[6])),
                                     _mm256_add_ps(_mm256_add_ps(A[1], A[5]), _mm256_add_ps(A[3], A[7])));
-    if (B == LUMEN_Q8_0) {
-        _mm256_storeu_ps(y, _mm256_add_ps(ya, _mm256_setzero_ps()));
-        return;
-    }
     int64_t g = 0;
     for (; g + 8 <= groups; g += 8)
         for (int l = 0; l < 8; l++) Bs[l] = _mm256_fmadd_ps(_mm256_loadu_ps(cs + 8 * (g + l)), _mm256_set1_ps(t[g + l]), Bs[l]);
@@ -749,7 +736,7 @@ static inline __attribute__((always_inline)) void x8_row(const uint8_t *ch, cons
  * 16 / 64 / 128 rows; AVX-512 build: 1.40x and 1.23x at 16 and 128). */
 static inline __attribute__((always_inline)) void x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi,
                                                            const int B) {
-    float cs[B == LUMEN_Q8_0 ? 1 : XR * jb->xq->groups];
+    float cs[XR * jb->xq->groups];
     for (int64_t n = lo; n < hi; n += XR) {
         const uint8_t *ch = jb->w + n * jb->row_bytes;
         for (int64_t m = 0; m < M; m++) x8_row(ch, jb->xq, m, cs, m == 0, jb->y + m * jb->ldy + n, B);
@@ -758,7 +745,7 @@ static inline __attribute__((always_inline)) void x8_range(const struct q8job *j
 #else
 /* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds): each block put back together
  * and read by the row by row kernels' own functions. */
-#define X8_SCALAR(T, TS, SIGNED)                                                                     \
+#define X8_SCALAR(T, TS)                                                                             \
 static inline void T##_x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {          \
     const struct xq *xq = jb->xq;                                                                    \
     const int fields = TS == 20 ? 2 : 1;                                                             \
@@ -782,23 +769,19 @@ static inline void T##_x8_range(const struct q8job *jb, int64_t M, int64_t lo, i
                     acc[l] = fmaf(a * dh[l / 2], (float)sum, acc[l]);                                \
                 }                                                                                    \
             }                                                                                        \
-            jb->y[m * jb->ldy + r] = hsum8(acc) + (SIGNED ? 0.0f : additive(cs, xq->t + m * xq->groups, \
-                                                                           xq->groups));             \
+            jb->y[m * jb->ldy + r] = hsum8(acc) + additive(cs, xq->t + m * xq->groups, xq->groups);    \
         }                                                                                            \
 }
-X8_SCALAR(q8_0, 34, 1)
-X8_SCALAR(q4_0, 18, 0)
-X8_SCALAR(q4_1, 20, 0)
+X8_SCALAR(q4_0, 18)
+X8_SCALAR(q4_1, 20)
 #endif
 
 /* The row range of an _X8 weight: its kernel. */
 static void x8_any_range(int qtype, const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {
 #ifdef Q8_AVX2
-    if (qtype == LUMEN_Q8_0_X8) x8_range(jb, M, lo, hi, LUMEN_Q8_0);
     if (qtype == LUMEN_Q4_0_X8) x8_range(jb, M, lo, hi, LUMEN_Q4_0);
     if (qtype == LUMEN_Q4_1_X8) x8_range(jb, M, lo, hi, LUMEN_Q4_1);
 #else
-    if (qtype == LUMEN_Q8_0_X8) q8_0_x8_range(jb, M, lo, hi);
     if (qtype == LUMEN_Q4_0_X8) q4_0_x8_range(jb, M, lo, hi);
     if (qtype == LUMEN_Q4_1_X8) q4_1_x8_range(jb, M, lo, hi);
 #endif

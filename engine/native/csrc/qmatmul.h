@@ -8,9 +8,9 @@ enum {
     LUMEN_F32 = 0, LUMEN_F16 = 1, LUMEN_Q4_0 = 2, LUMEN_Q4_1 = 3, LUMEN_Q5_0 = 6, LUMEN_Q5_1 = 7,
     LUMEN_Q8_0 = 8, LUMEN_Q2_K = 10, LUMEN_Q3_K = 11, LUMEN_Q4_K = 12, LUMEN_Q5_K = 13, LUMEN_Q6_K = 14,
     LUMEN_BF16 = 30,
-    /* Not GGML types: Q8_0, Q4_0 and Q4_1 weights rearranged by lumen_interleave, 8 rows interleaved
-     * (the int8 mode only): the GGML type's id plus 1000. */
-    LUMEN_Q8_0_X8 = 1008, LUMEN_Q4_0_X8 = 1002, LUMEN_Q4_1_X8 = 1003,
+    /* Not GGML types: Q4_0 and Q4_1 weights rearranged by lumen_interleave, 8 rows interleaved (the
+     * int8 mode only): the GGML type's id plus 1000. */
+    LUMEN_Q4_0_X8 = 1002, LUMEN_Q4_1_X8 = 1003,
 };
 
 /* What every entry point returns. Each checks what it is given (types, row lengths, indices)
@@ -56,7 +56,7 @@ int lumen_int8_type(int qtype);
 /* lumen_check_rows for lumen_qmatmul_int8's types: an _X8 type's rows hold what its GGML type's do. */
 int lumen_int8_check_rows(int qtype, int64_t row_bytes, int64_t k);
 
-/* Rearranges a Q8_0, Q4_0 or Q4_1 weight (qtype: its GGML type; N rows of row_bytes bytes, k values
+/* Rearranges a Q4_0 or Q4_1 weight (qtype: its GGML type; N rows of row_bytes bytes, k values
  * each) in place, from the file's layout into its _X8 type's (to_x8 1) or back (to_x8 0): each 8
  * rows' groups interleaved, so that the int8 kernels compute 8 outputs a vector register
  * (q8matmul.c); the last N mod 8 rows stay as they are. Both directions restore every byte. Only
