@@ -344,6 +344,15 @@ static inline __attribute__((always_inline)) void T##_tile(                     
     finish(acc, &cs[0][0], SIGNED ? 0 : xq->groups, xq, m0, y, ldy, mr, nr, SIGNED);                 \
 }
 #else
+/* One group's products into an output's 8 lanes, as defined at the top (plain C). */
+static inline void group_lanes(float acc[8], float a, const int8_t *q, const int8_t *x, const float *dh) {
+    for (int l = 0; l < 8; l++) {
+        int sum = 0;
+        for (int p = 4 * l; p < 4 * l + 4; p++) sum += q[p] * x[p];
+        acc[l] = fmaf(a * dh[l / 2], (float)sum, acc[l]);
+    }
+}
+
 /* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds). */
 #define Q8_TILE(T, TS, SIGNED)                                                                      \
 static inline __attribute__((always_inline)) void T##_tile(                                          \
@@ -360,12 +369,7 @@ static inline __attribute__((always_inline)) void T##_tile(                     
                 float a;                                                                             \
                 T##_scales(blk, &a, &cs[g]);                                                         \
                 T##_quants(blk, q);                                                                  \
-                const float *dh = xq->d + ((m0 + i) * xq->groups + g) * (G / H);                     \
-                for (int l = 0; l < 8; l++) {                                                        \
-                    int sum = 0;                                                                     \
-                    for (int p = 4 * l; p < 4 * l + 4; p++) sum += q[p] * xr[g * G + p];             \
-                    acc[l] = fmaf(a * dh[l / 2], (float)sum, acc[l]);                                \
-                }                                                                                    \
+                group_lanes(acc, a, q, xr + g * G, xq->d + ((m0 + i) * xq->groups + g) * (G / H));   \
             }                                                                                        \
             y[(m0 + i) * ldy + j] = hsum8(acc) + (SIGNED ? 0.0f : additive(cs, xq->t + (m0 + i) * xq->groups, \
                                                                           xq->groups));              \
@@ -762,12 +766,7 @@ static inline void T##_x8_range(const struct q8job *jb, int64_t M, int64_t lo, i
                         fields, 0);                                                                  \
                 T##_scales(blk, &a, &cs[g]);                                                         \
                 T##_quants(blk, q);                                                                  \
-                const float *dh = xq->d + (m * xq->groups + g) * (G / H);                            \
-                for (int l = 0; l < 8; l++) {                                                        \
-                    int sum = 0;                                                                     \
-                    for (int p = 4 * l; p < 4 * l + 4; p++) sum += q[p] * xr[g * G + p];             \
-                    acc[l] = fmaf(a * dh[l / 2], (float)sum, acc[l]);                                \
-                }                                                                                    \
+                group_lanes(acc, a, q, xr + g * G, xq->d + (m * xq->groups + g) * (G / H));          \
             }                                                                                        \
             jb->y[m * jb->ldy + r] = hsum8(acc) + additive(cs, xq->t + m * xq->groups, xq->groups);    \
         }                                                                                            \
