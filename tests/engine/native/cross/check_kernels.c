@@ -7,7 +7,8 @@
  * where decoded, y and y8 are what the host's library computed (bit-exact with ggml's decoders,
  * the matmul's fixed fma order, the int8 mode's defined arithmetic). Each case must give the same
  * bits here: every row decoded, the m-row matmul with 2 threads in both modes, and each row of it
- * alone (batch invariance).
+ * alone (batch invariance); for Q4_0 and Q4_1 also the int8 mode on the weights interleaved in
+ * place (lumen_interleave), whose bytes must come back unchanged.
  * Prints one line per case and exits 0 only when every case matched. */
 #include <stdint.h>
 #include <stdio.h>
@@ -62,10 +63,22 @@ int main(int argc, char **argv) {
             rc = lumen_qmatmul_int8(qtype, w, row_bytes, n, k, x + i * k, 1, k, yours + i * n, n, 1);
             bad_int8 += rc ? 1 : differing(yours + i * n, y8 + i * n, n);
         }
-        const int ok = rc == 0 && bad_decode == 0 && bad_matmul == 0 && bad_solo == 0 && bad_int8 == 0;
+        int64_t bad_x8 = 0;              /* Q4_0, Q4_1: the int8 mode's interleaved layout, the same bits */
+        if (rc == 0 && (qtype == LUMEN_Q4_0 || qtype == LUMEN_Q4_1)) {
+            uint8_t *copy = malloc((size_t)(n * row_bytes));
+            memcpy(copy, w, (size_t)(n * row_bytes));
+            rc = lumen_interleave(qtype, w, n, row_bytes, k, 1);
+            rc = rc ? rc : lumen_qmatmul_int8(qtype + 1000, w, row_bytes, n, k, x, m, k, yours, n, 2);
+            bad_x8 = rc ? -1 : differing(yours, y8, m * n);
+            rc = rc ? rc : lumen_interleave(qtype, w, n, row_bytes, k, 0);
+            bad_x8 += rc == 0 && memcmp(copy, w, (size_t)(n * row_bytes)) != 0;
+            free(copy);
+        }
+        const int ok = rc == 0 && bad_decode == 0 && bad_matmul == 0 && bad_solo == 0 && bad_int8 == 0 && bad_x8 == 0;
         printf("%s type %d n=%lld k=%lld m=%lld: rc %d, decode %lld differ, matmul %lld differ, solo rows %lld differ, "
-               "int8 mode %lld differ\n", ok ? "ok" : "FAIL", qtype, (long long)n, (long long)k, (long long)m, rc,
-               (long long)bad_decode, (long long)bad_matmul, (long long)bad_solo, (long long)bad_int8);
+               "int8 mode %lld differ, interleaved %lld differ\n", ok ? "ok" : "FAIL", qtype, (long long)n, (long long)k,
+               (long long)m, rc, (long long)bad_decode, (long long)bad_matmul, (long long)bad_solo, (long long)bad_int8,
+               (long long)bad_x8);
         failed += !ok;
         cases++;
         free(w); free(decoded); free(x); free(y); free(y8); free(ours); free(yours);
