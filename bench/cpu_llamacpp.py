@@ -40,8 +40,8 @@ p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--streams", type=int, default=16)
 p.add_argument("--stream-tokens", type=int, default=32)
 p.add_argument("--modes", nargs="+", default=["exact", "int8"], choices=["exact", "int8", "int8-file-layout"],
-               help="int8-file-layout: the int8 mode with Q4_0 weights kept in the file's layout (the row by "
-                    "row kernels, as before the interleaved Q4_0 layout): an A/B of that layout in one run")
+               help="int8-file-layout: the int8 mode with Q4_0 and Q4_1 weights kept in the file's layout (the "
+                    "row by row kernels, as before the interleaved layout): an A/B of that layout in one run")
 ARGS = p.parse_args()
 if ARGS.variant:        # before Lumen is imported: library() reads it once
     os.environ["LUMEN_NATIVE_VARIANT"] = ARGS.variant

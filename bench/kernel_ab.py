@@ -95,8 +95,8 @@ def weights(type_name: str, mib: int, rng: np.random.Generator) -> tuple[int, li
             for off in fp16:
                 raw[:, :, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
         out.append(torch.from_numpy(raw.reshape(N, row_bytes)))
-        if qtype in native.X8_BASE:                  # the int8 mode's layout (8 rows interleaved)
-            native.interleave(out[-1], native.X8_BASE[qtype], K, True)
+    if qtype in native.X8_BASE:                      # the int8 mode's layout (8 rows interleaved)
+        return interleaved(native.X8_BASE[qtype], out)
     return qtype, out
 
 

@@ -646,28 +646,24 @@ enum { XPF = 3072 };
 static int x8_base(int qtype) {
     return qtype == LUMEN_Q4_0_X8 || qtype == LUMEN_Q4_1_X8 ? qtype - X8_ID : -1;
 }
-/* A block's bytes and its fp16 fields (d; Q4_1: d, m), which come first. */
-static int x8_layout(int base, int *ts, int *fields) {
-    *fields = base == LUMEN_Q4_1 ? 2 : 1;
-    *ts = base == LUMEN_Q4_0 ? 18 : base == LUMEN_Q4_1 ? 20 : 0;
-    return *ts != 0;
-}
+/* The fp16 fields that start a block (d; Q4_1: d, m); the 16 qs bytes follow them. */
+static inline int x8_fields(int base) { return base == LUMEN_Q4_1 ? 2 : 1; }
 
-/* Row i (of 8) of an interleaved group grp, back into the block layout (blk[ts]), or the reverse. */
-static inline void x8_move(uint8_t *grp, int i, uint8_t *blk, int ts, int fields, int to_x8) {
-    for (int f = 0; f < fields; f++) {
-        if (to_x8) memcpy(grp + 16 * f + 2 * i, blk + 2 * f, 2);
-        else memcpy(blk + 2 * f, grp + 16 * f + 2 * i, 2);
-    }
-    for (int v = 0; v < (ts - 2 * fields) / 4; v++) {
-        if (to_x8) memcpy(grp + 16 * fields + 32 * v + 4 * i, blk + 2 * fields + 4 * v, 4);
-        else memcpy(blk + 2 * fields + 4 * v, grp + 16 * fields + 32 * v + 4 * i, 4);
-    }
+static inline void copy_to(int to_x8, uint8_t *x8, uint8_t *blk, size_t n) {
+    if (to_x8) memcpy(x8, blk, n);
+    else memcpy(blk, x8, n);
+}
+/* Row i (of 8) of an interleaved group grp into the block layout (blk), or the reverse. */
+static inline void x8_move(uint8_t *grp, int i, uint8_t *blk, int fields, int to_x8) {
+    for (int f = 0; f < fields; f++) copy_to(to_x8, grp + 16 * f + 2 * i, blk + 2 * f, 2);
+    for (int v = 0; v < 4; v++) copy_to(to_x8, grp + 16 * fields + 32 * v + 4 * i, blk + 2 * fields + 4 * v, 4);
 }
 
 int lumen_interleave(int qtype, uint8_t *w, int64_t N, int64_t row_bytes, int64_t K, int to_x8) {
-    int ts, fields;
-    if (!x8_layout(qtype, &ts, &fields)) return LUMEN_E_TYPE;
+    int bs, ts;
+    if ((qtype != LUMEN_Q4_0 && qtype != LUMEN_Q4_1) || lumen_block_layout(qtype, &bs, &ts) != LUMEN_OK)
+        return LUMEN_E_TYPE;
+    const int fields = x8_fields(qtype);
     const int rc = lumen_check_rows(qtype, row_bytes, K);
     if (rc != LUMEN_OK) return rc;
     if (N < 0) return LUMEN_E_SHAPE;
@@ -678,8 +674,8 @@ int lumen_interleave(int qtype, uint8_t *w, int64_t N, int64_t row_bytes, int64_
         memcpy(tmp, chunk, (size_t)(XR * row_bytes));
         for (int64_t g = 0; g < K / G; g++)
             for (int i = 0; i < XR; i++) {
-                if (to_x8) x8_move(chunk + g * XR * ts, i, tmp + i * row_bytes + g * ts, ts, fields, 1);
-                else x8_move(tmp + g * XR * ts, i, chunk + i * row_bytes + g * ts, ts, fields, 0);
+                if (to_x8) x8_move(chunk + g * XR * ts, i, tmp + i * row_bytes + g * ts, fields, 1);
+                else x8_move(tmp + g * XR * ts, i, chunk + i * row_bytes + g * ts, fields, 0);
             }
     }
     free(tmp);
@@ -692,7 +688,7 @@ int lumen_interleave(int qtype, uint8_t *w, int64_t N, int64_t row_bytes, int64_
 static inline __attribute__((always_inline)) void x8_row(const uint8_t *ch, const struct xq *xq, int64_t m,
                                                          float *cs, const int store, float *y, const int B) {
     const int TS = B == LUMEN_Q4_0 ? 18 : 20, GB = XR * TS;
-    const int QB = B == LUMEN_Q4_1 ? 32 : 16;                 /* where the quant vectors start */
+    const int QB = 16 * x8_fields(B);                         /* where the quant vectors start */
     const int64_t groups = xq->groups;
     const int8_t *x = xq->q + m * xq->K;
     const float *dx = xq->d + m * groups * (G / H), *t = xq->t + m * groups;
@@ -749,10 +745,9 @@ static inline __attribute__((always_inline)) void x8_range(const struct q8job *j
 #else
 /* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds): each block put back together
  * and read by the row by row kernels' own functions. */
-#define X8_SCALAR(T, TS)                                                                             \
+#define X8_SCALAR(T, TS, BASE)                                                                       \
 static inline void T##_x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {          \
     const struct xq *xq = jb->xq;                                                                    \
-    const int fields = TS == 20 ? 2 : 1;                                                             \
     float cs[xq->groups];                                                                            \
     for (int64_t r = lo; r < hi; r++)                                                                \
         for (int64_t m = 0; m < M; m++) {                                                            \
@@ -762,8 +757,8 @@ static inline void T##_x8_range(const struct q8job *jb, int64_t M, int64_t lo, i
                 uint8_t blk[TS];                                                                     \
                 int8_t q[G];                                                                         \
                 float a;                                                                             \
-                x8_move((uint8_t *)jb->w + r / XR * XR * jb->row_bytes + g * XR * TS, (int)(r % XR), blk, TS, \
-                        fields, 0);                                                                  \
+                x8_move((uint8_t *)jb->w + r / XR * XR * jb->row_bytes + g * XR * TS, (int)(r % XR), blk, \
+                        x8_fields(BASE), 0);                                                         \
                 T##_scales(blk, &a, &cs[g]);                                                         \
                 T##_quants(blk, q);                                                                  \
                 group_lanes(acc, a, q, xr + g * G, xq->d + (m * xq->groups + g) * (G / H));          \
@@ -771,8 +766,8 @@ static inline void T##_x8_range(const struct q8job *jb, int64_t M, int64_t lo, i
             jb->y[m * jb->ldy + r] = hsum8(acc) + additive(cs, xq->t + m * xq->groups, xq->groups);    \
         }                                                                                            \
 }
-X8_SCALAR(q4_0, 18)
-X8_SCALAR(q4_1, 20)
+X8_SCALAR(q4_0, 18, LUMEN_Q4_0)
+X8_SCALAR(q4_1, 20, LUMEN_Q4_1)
 #endif
 
 /* The row range of an _X8 weight: its kernel. */
