@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 from lumen.engine.errors import ModelLoadError
 
-
 MAX_CONTEXT = 1 << 24
 
 

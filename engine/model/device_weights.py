@@ -24,6 +24,7 @@ from lumen.engine.model.linear import (
     GGUFWeight,
     NativeQuantLinear,
     OneDNNLinear,
+    PaddedFloatLinear,
     QuantEmbedding,
 )
 from lumen.engine.model.llama import LayerWeights, LlamaWeights
@@ -91,6 +92,8 @@ def linear_on(linear, placement: Placement):
         return ConcatLinear([linear_on(part, placement) for part in linear.parts])
     if isinstance(linear, NativeQuantLinear):
         return _blocks_on(linear.file_layout(), placement)
+    if isinstance(linear, PaddedFloatLinear):
+        return DenseLinear(linear.dense().to(placement.device, placement.dtype))
     if isinstance(linear, ChunkedQuantLinear):
         return _blocks_on(linear.weight, placement)
     if isinstance(linear, DenseLinear):

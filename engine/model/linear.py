@@ -1,9 +1,11 @@
 """Linear layers as objects the model calls: how a weight is stored decides how it is multiplied.
 
-`DenseLinear` is plain `F.linear`. `OneDNNLinear` keeps a float32 weight prepacked
-for oneDNN once at load: on CPU its GEMM stays efficient for the small batches of
-decode steps (against MKL's: BENCHMARKS.md), which is what makes
-batching pay off in float32.
+`DenseLinear` is plain `F.linear` (device weights, and CPU weights in other dtypes). Float32
+matrices on the CPU run in the C kernels as GGUF F32 rows (`float32_linear`; `PaddedFloatLinear`
+for row lengths that are not whole 32-value blocks), which keeps them batch invariant as torch's
+GEMMs are not. `OneDNNLinear`, a float32 weight prepacked for oneDNN, is their path where there
+are no C kernels: its GEMM stays efficient for the small batches of decode steps (against MKL's:
+BENCHMARKS.md).
 
 GGUF weights stay in their file's blocks (`GGUFWeight`: the file's bytes, read once into
 huge-page memory by `weights.resident`; never a float copy). `NativeQuantLinear` multiplies
@@ -236,6 +238,7 @@ def make_quant_linear(weight: GGUFWeight) -> NativeQuantLinear | ChunkedQuantLin
 
 
 _HALF_QTYPES = {torch.float16: 1, torch.bfloat16: 30}   # GGML F16 and BF16
+_F32_QTYPE = 0
 
 
 def half_weight(t: torch.Tensor) -> GGUFWeight:
@@ -260,7 +263,13 @@ def stored_embedding(weight: torch.Tensor, dtype: torch.dtype) -> tuple[DenseEmb
         w = half_weight(weight)
         return QuantEmbedding(w, dtype), make_quant_linear(w)
     dense = weight.to(dtype)
-    return DenseEmbedding(dense), DenseLinear(dense)
+    return DenseEmbedding(dense), tied_linear(dense)
+
+
+def tied_linear(embedding: torch.Tensor):
+    """The output linear over a dense embedding matrix itself (never a packed second copy)."""
+    native_linear = float32_linear(embedding) if _cpu_float32(embedding) else None
+    return DenseLinear(embedding) if native_linear is None else native_linear
 
 
 _WARNED: set[str] = set()
@@ -294,9 +303,59 @@ def plain_weights():
         _PREPACK.reset(token)
 
 
-def make_linear(weight: torch.Tensor) -> DenseLinear | OneDNNLinear:
-    """The fastest correct kind for this weight's dtype and device."""
-    if (_PREPACK.get() and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= PACK_MIN_WEIGHTS
-            and onednn_usable()):
+def make_linear(weight: torch.Tensor):
+    """The kind for this weight's dtype and device: float32 on the CPU runs in the C kernels, whose
+    fixed order per output keeps a request's logits the same alone or in any batch (torch's GEMMs,
+    MKL's and oneDNN's, round a row differently with the batch's size, so seeded sampling parted
+    at near-ties); oneDNN's prepacked GEMM where there are no C kernels."""
+    if not _cpu_float32(weight):
+        return DenseLinear(weight)
+    native_linear = float32_linear(weight)
+    if native_linear is not None:
+        return native_linear
+    if weight.numel() >= PACK_MIN_WEIGHTS and onednn_usable():
         return OneDNNLinear(weight.contiguous())
     return DenseLinear(weight)
+
+
+def _cpu_float32(weight: torch.Tensor) -> bool:
+    """A float32 weight loaded for the CPU (not inside plain_weights())."""
+    return _PREPACK.get() and weight.dtype == torch.float32 and weight.device.type == "cpu"
+
+
+def float32_linear(weight: torch.Tensor) -> NativeQuantLinear | PaddedFloatLinear | None:
+    """A float32 CPU matrix as GGUF F32 rows for the C kernels (a view, no copy; a zero-padded copy
+    when its rows are not whole 32-value blocks), or None when there are no C kernels here."""
+    block = _native_layout(_F32_QTYPE)
+    if block is None:
+        return None
+    n, k = weight.shape
+    if k % block[0]:
+        return PaddedFloatLinear(weight, block[0])
+    weight = weight.contiguous()
+    return NativeQuantLinear(GGUFWeight(weight.view(torch.uint8).reshape(n, 4 * k), _F32_QTYPE, n, k))
+
+
+class PaddedFloatLinear(_BlockLinear):
+    """A float32 matrix whose row length is not a whole number of the C kernels' 32-value blocks
+    (stories260K's ffn_down: 172): its rows and each input row are zero-padded to the next block.
+    The padding's products are +0, so each output is the unpadded rows' sum, in one fixed order."""
+
+    def __init__(self, weight: torch.Tensor, block: int) -> None:
+        n, k = weight.shape
+        padded = torch.zeros((n, -(-k // block) * block), dtype=torch.float32)
+        padded[:, :k] = weight
+        self.inner = NativeQuantLinear(GGUFWeight(padded.view(torch.uint8), _F32_QTYPE, n, padded.shape[1]))
+        super().__init__(self.inner.weight)
+        self.in_features = k
+
+    def dense(self) -> torch.Tensor:
+        """The float32 matrix [out, in] (a view of the padded copy)."""
+        return self.weight.raw.view(torch.float32)[:, :self.in_features]
+
+    def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"matmul of {tuple(x.shape)} over [{self.out_features}, {self.in_features}]")
+        xp = torch.zeros((x.shape[0], self.inner.in_features), dtype=torch.float32)
+        xp[:, :self.in_features] = x
+        self.inner.matmul_into(xp, y)

@@ -28,6 +28,7 @@ from lumen.engine.model.linear import (
     DenseLinear,
     NativeQuantLinear,
     OneDNNLinear,
+    PaddedFloatLinear,
     QuantEmbedding,
     layout_changes,
 )
@@ -36,7 +37,7 @@ from lumen.engine.native import kernels as native
 if TYPE_CHECKING:
     from lumen.engine.lora.weights import AdapterWeights, LoraStep
 
-Linear = DenseLinear | OneDNNLinear | NativeQuantLinear | ChunkedQuantLinear | ConcatLinear
+Linear = DenseLinear | OneDNNLinear | NativeQuantLinear | PaddedFloatLinear | ChunkedQuantLinear | ConcatLinear
 Embedding = DenseEmbedding | QuantEmbedding
 
 

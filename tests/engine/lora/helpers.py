@@ -9,7 +9,7 @@ import torch
 
 from lumen.engine.lora.adapter import TARGETS, LoraAdapter, target_shapes
 from lumen.engine.lora.weights import GROUPS
-from lumen.engine.model.linear import DenseLinear
+from lumen.engine.model.linear import DenseLinear, NativeQuantLinear, PaddedFloatLinear, make_linear
 from lumen.engine.model.llama import Chunk, LayerWeights, build_batch
 
 LINEARS = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}
@@ -25,6 +25,16 @@ def random_adapter(cfg, rank: int, seed: int, targets=tuple(TARGETS), size: floa
     return LoraAdapter(Path(f"random-{seed}"), "test", rank, float(rank), tensors)
 
 
+def dense_weight(linear) -> torch.Tensor:
+    """The float32 matrix of a linear over float weights (dense, or F32 rows in the C kernels)."""
+    if isinstance(linear, DenseLinear):
+        return linear.weight
+    if isinstance(linear, PaddedFloatLinear):
+        return linear.dense()
+    assert isinstance(linear, NativeQuantLinear) and linear.weight.qtype == 0, "merging needs float32 weights"
+    return linear.weight.raw.view(torch.float32)
+
+
 def merged_model(loaded, adapter: LoraAdapter, scale: float = 1.0):
     """`loaded` (dense float weights) with the adapter merged into its weights, in float64 then float32."""
     shapes = target_shapes(loaded.config)
@@ -33,15 +43,14 @@ def merged_model(loaded, adapter: LoraAdapter, scale: float = 1.0):
         merged = {}
         for group, name in LINEARS.items():
             linear = getattr(layer, name)
-            assert isinstance(linear, DenseLinear), "merging needs dense weights"
-            w = linear.weight.double().clone()
+            w = dense_weight(linear).double().clone()
             row = 0
             for t in GROUPS[group]:
                 if (index, t) in adapter.tensors:
                     a, b = adapter.tensors[(index, t)]
                     w[row:row + shapes[t][0]] += scale * (b.double() @ a.double())
                 row += shapes[t][0]
-            merged[name] = DenseLinear(w.to(linear.weight.dtype))
+            merged[name] = make_linear(w.to(torch.float32))
         layers.append(LayerWeights(layer.attn_norm, merged["wqkv"], merged["wo"], layer.ffn_norm,
                                    merged["w_gate_up"], merged["w_down"]))
     return replace(loaded, weights=replace(loaded.weights, layers=layers))

@@ -12,9 +12,17 @@ import torch
 
 from lumen.engine.core.llm_engine import EngineConfig, LLMEngine
 from lumen.engine.core.request import GenerationRequest
+from lumen.engine.model import linear as linear_module
 from lumen.engine.model.attention import AttentionMetadata
 from lumen.engine.model.device_weights import DeviceChunkedLinear, TritonQuantLinear
-from lumen.engine.model.linear import ConcatLinear, OneDNNLinear, make_linear, plain_weights
+from lumen.engine.model.linear import (
+    ConcatLinear,
+    DenseLinear,
+    NativeQuantLinear,
+    OneDNNLinear,
+    make_linear,
+    plain_weights,
+)
 from lumen.engine.model.llama import ForwardBatch
 from lumen.engine.model.placement import resolve_placement
 from lumen.engine.model.runner import KVSizing, ModelRunner
@@ -104,11 +112,17 @@ def test_weights_stay_in_their_stored_form(triton_placement):
     assert any(isinstance(layer.w_down, DeviceChunkedLinear) for layer in iq.model.w.layers)
 
 
-def test_plain_weights_are_not_prepacked():
+def test_plain_weights_are_not_prepacked(monkeypatch):
     weight = torch.randn(1024, 1024)
+    cpu = make_linear(weight)
+    assert isinstance(cpu, NativeQuantLinear) and cpu.weight.raw.data_ptr() == weight.data_ptr()   # a view
+    with plain_weights():
+        assert isinstance(make_linear(weight), DenseLinear)
+    # Without the C kernels, float32 is oneDNN's prepacked GEMM (outside plain_weights).
+    monkeypatch.setattr(linear_module, "_native_layout", lambda qtype: None)
     assert isinstance(make_linear(weight), OneDNNLinear) or not torch.backends.mkldnn.is_available()
     with plain_weights():
-        assert not isinstance(make_linear(weight), OneDNNLinear)
+        assert isinstance(make_linear(weight), DenseLinear)
 
 
 def run(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list]:
