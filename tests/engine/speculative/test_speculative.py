@@ -125,21 +125,23 @@ def mixed_requests(vocab: int, seed: int, sampled: bool) -> list[GenerationReque
 
 
 def test_16_concurrent_mixed_greedy_requests_equal_solo(stories_model, draft_model):
-    reqs = mixed_requests(512, random.randrange(2**32), sampled=False)
+    seed = random.randrange(2**32)
+    reqs = mixed_requests(512, seed, sampled=False)
     solo = {}
     for r in reqs:
         plain = request(r.request_id, r.prompt_ids, r.max_new_tokens, SpecMethod.NONE)
         solo.update(run_all(LLMEngine(stories_model), [plain])[0])
     batched, finals = run_all(spec_engine(stories_model, draft_model, max_tokens_per_step=64), reqs)
-    assert batched == solo
+    assert batched == solo, f"mixed_requests seed {seed}"
     assert sum(f.draft_tokens for f in finals.values()) > 0
 
 
 def test_seeded_speculative_sampling_is_reproducible_in_a_batch(stories_model, draft_model):
-    reqs = mixed_requests(512, random.randrange(2**32), sampled=True)
+    seed = random.randrange(2**32)
+    reqs = mixed_requests(512, seed, sampled=True)
     first, _ = run_all(spec_engine(stories_model, draft_model), reqs)
     again, _ = run_all(spec_engine(stories_model, draft_model), reqs)
-    assert first == again
+    assert first == again, f"mixed_requests seed {seed}"
 
 
 # --- the target's distribution ---------------------------------------------------------------
