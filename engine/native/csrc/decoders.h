@@ -23,6 +23,13 @@ static inline __attribute__((always_inline)) __m256i nibbles32_avx2(const uint8_
     const __m128i q = _mm_loadu_si128((const __m128i *)qs), low = _mm_set1_epi8(0x0F);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
 }
+/* Bits 2k and 2k + 1 of each of 32 bytes (a Q6_K half's qh) moved to bits 4 and 5, the rest 0:
+ * one shift by 4 - 2k (none for k = 2) and a mask (a 16-bit shift moves bits across bytes only
+ * into places the mask clears). */
+static inline __attribute__((always_inline)) __m256i q6_high_bits(__m256i qh, const int k) {
+    const __m256i at = k < 2 ? _mm256_slli_epi16(qh, 4 - 2 * k) : k == 3 ? _mm256_srli_epi16(qh, 2) : qh;
+    return _mm256_and_si256(at, _mm256_set1_epi8(0x30));
+}
 /* Q4_K / Q5_K block b's 8 six-bit scales (bytes 0-7) and 8 mins (bytes 8-15), the fields of
  * scale_min_k4, unpacked from the 12 bytes u0 u1 u2 at b + 4 as ggml's SIMD kernels do: sc_0..7
  * are u0 & k1, (u2 & k2) | (u0 >> 6 & k3) << 4 and m_0..7 are u1 & k1, (u2 >> 4 & k2) | (u1 >> 6 & k3) << 4.
@@ -335,15 +342,15 @@ DECODER dec_q6_k(const uint8_t *b, float *y) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *sc = (const int8_t *)(b + 192);
     const float d = fp16_to_fp32(b + 208);
-    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    const __m256i low = _mm256_set1_epi8(0x0F), bias = _mm256_set1_epi8(32);
     for (int n = 0; n < 256; n += 128) {
         const __m256i l0 = load_bytes32(ql), l1 = load_bytes32(ql + 32), h = load_bytes32(qh);
-#define Q6_HIGH(shift) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, shift), two), 4)
-        const __m256i q1 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l0, low), Q6_HIGH(0)), bias);
-        const __m256i q2 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l1, low), Q6_HIGH(2)), bias);
-        const __m256i q3 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low), Q6_HIGH(4)), bias);
-        const __m256i q4 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low), Q6_HIGH(6)), bias);
-#undef Q6_HIGH
+        const __m256i q1 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l0, low), q6_high_bits(h, 0)), bias);
+        const __m256i q2 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l1, low), q6_high_bits(h, 1)), bias);
+        const __m256i q3 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                                                           q6_high_bits(h, 2)), bias);
+        const __m256i q4 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                                                           q6_high_bits(h, 3)), bias);
         scaled32(y, q1, d * (float)sc[0], d * (float)sc[1]);
         scaled32(y + 32, q2, d * (float)sc[2], d * (float)sc[3]);
         scaled32(y + 64, q3, d * (float)sc[4], d * (float)sc[5]);

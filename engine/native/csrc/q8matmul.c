@@ -250,8 +250,7 @@ static inline __attribute__((always_inline)) __m256i q6_k_quants8(const uint8_t 
     const __m256i l = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (k & 1)));
     const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
     const __m256i low = _mm256_and_si256(k >= 2 ? _mm256_srli_epi16(l, 4) : l, _mm256_set1_epi8(0x0F));
-    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), _mm256_set1_epi8(3)), 4);
-    return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
+    return _mm256_sub_epi8(_mm256_or_si256(low, q6_high_bits(qh, k)), _mm256_set1_epi8(32));
 }
 #endif
 
