@@ -908,7 +908,7 @@ static inline __attribute__((always_inline)) void kq_products(
  * its sign moved onto hi for maddubs. */
 static inline __attribute__((always_inline)) void kq_split_products(
         __m256i (*acc)[KNR], const __m256i *q, const __m256i *sh, const struct xq *xq, int64_t m0, int64_t off,
-        const int mr, const int nr, const int SIGNED) {
+        const int mr, const int j0, const int nr, const int SIGNED) {
     __m256i qa[KNR], sc[KNR];
     for (int j = 0; j < nr; j++) {
         qa[j] = SIGNED ? _mm256_abs_epi8(q[j]) : q[j];
@@ -921,8 +921,8 @@ static inline __attribute__((always_inline)) void kq_split_products(
         for (int j = 0; j < nr; j++) {
             const __m256i pl = _mm256_maddubs_epi16(lo, q[j]);
             const __m256i ph = _mm256_maddubs_epi16(qa[j], SIGNED ? _mm256_sign_epi8(hi, q[j]) : hi);
-            acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_add_epi32(_mm256_madd_epi16(pl, sc[j]),
-                                                                     _mm256_madd_epi16(ph, sh[j])));
+            acc[i][j0 + j] = _mm256_add_epi32(acc[i][j0 + j], _mm256_add_epi32(_mm256_madd_epi16(pl, sc[j]),
+                                                                               _mm256_madd_epi16(ph, sh[j])));
         }
     }
 }
@@ -986,11 +986,19 @@ static inline __attribute__((always_inline)) void T##_ktile(                    
         _Pragma("GCC unroll 8")               /* constant s: each group's quants without branches */     \
         for (int s = 0; s < QB / G; s++) {                                                              \
             __m256i q[KNR], sh[KNR];                                                                    \
-            for (int j = 0; j < nr; j++) {                                                              \
-                q[j] = T##_quants8(w + j * row_bytes + b * TS, s);                                      \
-                sh[j] = T##_group_scale(bc[j], s);                                                      \
+            if (!MINS && mr == 1)   /* Q6_K, one row: a weight row at a time, fewer registers live */   \
+                for (int j = 0; j < nr; j++) {                                                          \
+                    q[j] = T##_quants8(w + j * row_bytes + b * TS, s);                                  \
+                    sh[j] = T##_group_scale(bc[j], s);                                                  \
+                    kq_split_products(acc, &q[j], &sh[j], xq, m0, b * QB + s * G, mr, j, 1, 1);         \
+                }                                                                                       \
+            else {                                                                                      \
+                for (int j = 0; j < nr; j++) {                                                          \
+                    q[j] = T##_quants8(w + j * row_bytes + b * TS, s);                                  \
+                    sh[j] = T##_group_scale(bc[j], s);                                                  \
+                }                                                                                       \
+                kq_split_products(acc, q, sh, xq, m0, b * QB + s * G, mr, 0, nr, !MINS);               \
             }                                                                                           \
-            kq_split_products(acc, q, sh, xq, m0, b * QB + s * G, mr, nr, !MINS);                      \
         }                                                                                               \
         kq_block_end(A, acc, d, xq, m0, b, mr, nr);                                                     \
     }                                                                                                   \
