@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lumen.engine.model.linear import (
+    FLOAT_QTYPES,
     ChunkedQuantLinear,
     ConcatLinear,
     DenseEmbedding,
@@ -30,7 +31,7 @@ from lumen.engine.model.linear import (
 from lumen.engine.model.llama import LayerWeights, LlamaWeights
 from lumen.engine.model.placement import Placement
 
-_FLOAT_QTYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}   # GGML F32, F16, BF16
+_FLOAT_QTYPES = {qtype: dtype for dtype, qtype in FLOAT_QTYPES.items()}   # GGML F32, F16, BF16
 
 
 class TritonQuantLinear:

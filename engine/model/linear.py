@@ -237,39 +237,33 @@ def make_quant_linear(weight: GGUFWeight) -> NativeQuantLinear | ChunkedQuantLin
     return ChunkedQuantLinear(weight)
 
 
-_HALF_QTYPES = {torch.float16: 1, torch.bfloat16: 30}   # GGML F16 and BF16
-_F32_QTYPE = 0
+FLOAT_QTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}   # GGML F32, F16, BF16
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def half_weight(t: torch.Tensor) -> GGUFWeight:
-    """A 16-bit float matrix viewed as GGUF F16/BF16 rows (no copy)."""
+def float_weight(t: torch.Tensor) -> GGUFWeight:
+    """A float32, float16 or bfloat16 matrix viewed as GGUF F32/F16/BF16 rows (no copy)."""
     t = t.contiguous()
     n, k = t.shape
-    return GGUFWeight(t.view(torch.uint8).reshape(n, 2 * k), _HALF_QTYPES[t.dtype], n, k)
+    return GGUFWeight(t.view(torch.uint8).reshape(n, t.element_size() * k), FLOAT_QTYPES[t.dtype], n, k)
 
 
 def stored_linear(parts: list[torch.Tensor], dtype: torch.dtype):
     """One linear over `parts` stacked by rows, computing in `dtype`. 16-bit weights served in
     float32 stay 16-bit (the C kernels widen them as they go) rather than doubling in size."""
-    if dtype == torch.float32 and all(p.dtype in _HALF_QTYPES for p in parts):
-        linears = [make_quant_linear(half_weight(p)) for p in parts]
+    if dtype == torch.float32 and all(p.dtype in _HALF for p in parts):
+        linears = [make_quant_linear(float_weight(p)) for p in parts]
         return linears[0] if len(linears) == 1 else ConcatLinear(linears)
     return make_linear((parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype))
 
 
 def stored_embedding(weight: torch.Tensor, dtype: torch.dtype) -> tuple[DenseEmbedding | QuantEmbedding, object]:
     """(embedding, its tied output linear) for a [vocab, dim] matrix, kept 16-bit as stored_linear does."""
-    if dtype == torch.float32 and weight.dtype in _HALF_QTYPES:
-        w = half_weight(weight)
+    if dtype == torch.float32 and weight.dtype in _HALF:
+        w = float_weight(weight)
         return QuantEmbedding(w, dtype), make_quant_linear(w)
     dense = weight.to(dtype)
-    return DenseEmbedding(dense), tied_linear(dense)
-
-
-def tied_linear(embedding: torch.Tensor):
-    """The output linear over a dense embedding matrix itself (never a packed second copy)."""
-    native_linear = float32_linear(embedding) if _cpu_float32(embedding) else None
-    return DenseLinear(embedding) if native_linear is None else native_linear
+    return DenseEmbedding(dense), make_linear(dense, pack=False)
 
 
 _WARNED: set[str] = set()
@@ -303,37 +297,31 @@ def plain_weights():
         _PREPACK.reset(token)
 
 
-def make_linear(weight: torch.Tensor):
+def make_linear(weight: torch.Tensor, pack: bool = True):
     """The kind for this weight's dtype and device: float32 on the CPU runs in the C kernels, whose
     fixed order per output keeps a request's logits the same alone or in any batch (torch's GEMMs,
     MKL's and oneDNN's, round a row differently with the batch's size, so seeded sampling parted
-    at near-ties); oneDNN's prepacked GEMM where there are no C kernels."""
-    if not _cpu_float32(weight):
+    at near-ties); oneDNN's prepacked GEMM where there are no C kernels, unless `pack` is False
+    (a tied embedding's output matmul: never a packed second copy)."""
+    if not (_PREPACK.get() and weight.dtype == torch.float32 and weight.device.type == "cpu"):
         return DenseLinear(weight)
     native_linear = float32_linear(weight)
     if native_linear is not None:
         return native_linear
-    if weight.numel() >= PACK_MIN_WEIGHTS and onednn_usable():
+    if pack and weight.numel() >= PACK_MIN_WEIGHTS and onednn_usable():
         return OneDNNLinear(weight.contiguous())
     return DenseLinear(weight)
 
 
-def _cpu_float32(weight: torch.Tensor) -> bool:
-    """A float32 weight loaded for the CPU (not inside plain_weights())."""
-    return _PREPACK.get() and weight.dtype == torch.float32 and weight.device.type == "cpu"
-
-
 def float32_linear(weight: torch.Tensor) -> NativeQuantLinear | PaddedFloatLinear | None:
     """A float32 CPU matrix as GGUF F32 rows for the C kernels (a view, no copy; a zero-padded copy
-    when its rows are not whole 32-value blocks), or None when there are no C kernels here."""
-    block = _native_layout(_F32_QTYPE)
-    if block is None:
+    when its rows are not whole blocks), or None when there are no C kernels here."""
+    layout = _native_layout(FLOAT_QTYPES[torch.float32])
+    if layout is None:
         return None
-    n, k = weight.shape
-    if k % block[0]:
-        return PaddedFloatLinear(weight, block[0])
-    weight = weight.contiguous()
-    return NativeQuantLinear(GGUFWeight(weight.view(torch.uint8).reshape(n, 4 * k), _F32_QTYPE, n, k))
+    if weight.shape[1] % layout[0]:
+        return PaddedFloatLinear(weight, layout[0])
+    return NativeQuantLinear(float_weight(weight))
 
 
 class PaddedFloatLinear(_BlockLinear):
@@ -345,7 +333,7 @@ class PaddedFloatLinear(_BlockLinear):
         n, k = weight.shape
         padded = torch.zeros((n, -(-k // block) * block), dtype=torch.float32)
         padded[:, :k] = weight
-        self.inner = NativeQuantLinear(GGUFWeight(padded.view(torch.uint8), _F32_QTYPE, n, padded.shape[1]))
+        self.inner = NativeQuantLinear(float_weight(padded))
         super().__init__(self.inner.weight)
         self.in_features = k
 
@@ -356,6 +344,7 @@ class PaddedFloatLinear(_BlockLinear):
     def matmul_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if x.shape[1] != self.in_features:
             raise ValueError(f"matmul of {tuple(x.shape)} over [{self.out_features}, {self.in_features}]")
-        xp = torch.zeros((x.shape[0], self.inner.in_features), dtype=torch.float32)
+        xp = torch.empty((x.shape[0], self.inner.in_features), dtype=torch.float32)
         xp[:, :self.in_features] = x
+        xp[:, self.in_features:] = 0.0
         self.inner.matmul_into(xp, y)

@@ -30,7 +30,6 @@ from lumen.engine.model.linear import (
     QuantEmbedding,
     make_linear,
     make_quant_linear,
-    tied_linear,
 )
 from lumen.engine.model.llama import LayerWeights, LlamaWeights
 from lumen.engine.tokenizer.tokenizer import Tokenizer
@@ -193,7 +192,7 @@ def _load_weights(src: _TensorSource, cfg: ModelConfig, progress: Callable[[int]
     embed_shape = (cfg.vocab_size, dim)
     if src.qtype("token_embd.weight", embed_shape) == F32:
         dense_embed = src.dense("token_embd.weight", embed_shape)
-        embed, tied = DenseEmbedding(dense_embed), tied_linear(dense_embed)
+        embed, tied = DenseEmbedding(dense_embed), make_linear(dense_embed, pack=False)
     else:
         embed_weight = src.weight("token_embd.weight", embed_shape)
         embed, tied = QuantEmbedding(embed_weight, src.dtype), make_quant_linear(embed_weight)

@@ -985,20 +985,15 @@ static inline __attribute__((always_inline)) void T##_ktile(                    
             bc[j] = T##_split_scales(w + j * row_bytes + b * TS, &d[j], MINS ? &cs[j][b * 8] : NULL);    \
         _Pragma("GCC unroll 8")               /* constant s: each group's quants without branches */     \
         for (int s = 0; s < QB / G; s++) {                                                              \
+            /* Q6_K, one row: each weight row's products right after its quants, fewer registers live */\
+            const int row_at_a_time = !MINS && mr == 1;                                                 \
             __m256i q[KNR], sh[KNR];                                                                    \
-            if (!MINS && mr == 1)   /* Q6_K, one row: a weight row at a time, fewer registers live */   \
-                for (int j = 0; j < nr; j++) {                                                          \
-                    q[j] = T##_quants8(w + j * row_bytes + b * TS, s);                                  \
-                    sh[j] = T##_group_scale(bc[j], s);                                                  \
-                    kq_split_products(acc, &q[j], &sh[j], xq, m0, b * QB + s * G, mr, j, 1, 1);         \
-                }                                                                                       \
-            else {                                                                                      \
-                for (int j = 0; j < nr; j++) {                                                          \
-                    q[j] = T##_quants8(w + j * row_bytes + b * TS, s);                                  \
-                    sh[j] = T##_group_scale(bc[j], s);                                                  \
-                }                                                                                       \
-                kq_split_products(acc, q, sh, xq, m0, b * QB + s * G, mr, 0, nr, !MINS);               \
+            for (int j = 0; j < nr; j++) {                                                              \
+                q[j] = T##_quants8(w + j * row_bytes + b * TS, s);                                      \
+                sh[j] = T##_group_scale(bc[j], s);                                                      \
+                if (row_at_a_time) kq_split_products(acc, &q[j], &sh[j], xq, m0, b * QB + s * G, mr, j, 1, 1);\
             }                                                                                           \
+            if (!row_at_a_time) kq_split_products(acc, q, sh, xq, m0, b * QB + s * G, mr, 0, nr, !MINS); \
         }                                                                                               \
         kq_block_end(A, acc, d, xq, m0, b, mr, nr);                                                     \
     }                                                                                                   \
