@@ -55,8 +55,9 @@ def block_layout(qtype: int) -> tuple[int, int] | None:
 
 # The matmul modes (qmatmul.h): "exact" widens the weights to float32 and multiplies in float32;
 # "int8" quantizes each activation row and multiplies integers (q8matmul.c), for the types
-# int8_type() names: to 8 bits with a scale per 8 values for Q8_0, Q4_0 and Q4_1, to 16 bits with
-# a scale per 256 values for the K-quants; other types compute as in "exact".
+# int8_type() names: to 8 bits with a scale per 8 values for Q8_0, Q4_0 and Q4_1, for the K-quants
+# to 8 bits per 16 values times an integer multiplier of a scale per 256 values; other types
+# compute as in "exact".
 MATMUL_MODES = ("exact", "int8")
 
 

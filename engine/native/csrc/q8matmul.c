@@ -42,7 +42,8 @@
 #endif
 
 enum { G = 32, H = 8 };   /* values per weight group, per activation scale (2 lanes) */
-enum { QB = 256, QR = 16383 };   /* the K-quants: values per 16-bit activation scale, largest |qx| */
+enum { QB = 256, QM = 128, QR = 127 * QM };   /* the K-quants: values per activation scale d, largest
+                                                 multiplier r, largest |qx| = |r q8| */
 
 /* One quantized activation matrix: rows of K int8 values, each group's dx and t (Q8_0, Q4_0,
  * Q4_1); and rows of K int16 values, each block's dx and each group's t (the K-quants). */
@@ -51,8 +52,8 @@ struct xq {
     float *d, *t;
     int64_t K, groups;
     int16_t *q16;           /* batches (AVX2): each group's value pairs 0, 2, .., 14 then 1, 3, .., 15 */
-    int8_t *xh;             /* 1-4 rows (AVX2): qx >> 8 and qx & 255, in order */
-    uint8_t *xl;
+    int8_t *q8k;            /* 1-4 rows (AVX2): q8 in order, each 16 values' r, the pair sums */
+    int16_t *rk, *pairs;
     float *d16;
     float *t16;
 };
@@ -108,56 +109,84 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *
     }
 }
 
-/* The K-quants' form: d[b] = amax / QR over block b's 256 values, qx = x * (1 / d) clamped to +-QR
- * and rounded to nearest even, t[g] = d[b] * (the sum of group g's 32 qx). Stored as the kernels
- * read it: q in order (plain C builds); AVX2 builds, q with each group's 16 pairs of values as
- * pairs 0, 2, .., 14 then 1, 3, .., 15 (batches: lane l of two 16-bit multiply-adds sums values
- * 4l .. 4l + 3), or, for 1-4 rows, hi = qx >> 8 and lo = qx & 255 (qx = 256 hi + lo) in order. */
-static void quantize_row16(const float *x, int64_t K, int16_t *q, int8_t *hi, uint8_t *lo, float *d, float *t) {
+/* The K-quants' form, per block b of 256 values: d[b] = amax / QR (QR = 127 QM), and per half h
+ * (16 values) of each group an integer multiplier r_h = min(QM, ceil((amax_h * (1 / d)) / 127)) (0
+ * for zeros; amax_h the half's largest |x|) and 8-bit quants q8 = x * (1 / (d * r_h)) clamped to
+ * +-127 and rounded to nearest even: qx = r_h q8; t[g] = d[b] * (float)(the sum of group g's qx).
+ * Stored as the kernels read it: qx in order (plain C builds); AVX2 builds, qx with each group's
+ * 16 pairs of values as pairs 0, 2, .., 14 then 1, 3, .., 15 (batches: lane l of two 16-bit
+ * multiply-adds sums values 4l .. 4l + 3), or, for 1-4 rows, q8 in order, r (rk: a block's 8
+ * groups' first halves, then their second halves) and 32 times each pair's q8_0 + q8_1 (for
+ * Q6_K's unsigned quants). */
+static inline int half_multiplier(float amax, float inv, float *inv_h, float d) {
+    const float rf = ceilf(amax * inv / 127.0f);
+    const int r = rf >= 1.0f ? (rf < (float)QM ? (int)rf : QM) : 0;      /* a NaN: 0 */
+    *inv_h = r != 0 ? 1.0f / (d * (float)r) : 0.0f;
+    return r;
+}
+
+enum { QH = 16 };   /* values per activation multiplier */
+
+static void quantize_row16(const float *x, int64_t K, int16_t *q16, int8_t *q8, int16_t *rk, int16_t *pairs,
+                           float *d, float *t) {
     for (int64_t b = 0; b < K / QB; b++) {
         const float *xb = x + b * QB;
+        float amax_h[QB / QH];
 #ifdef Q8_AVX2
-        __m256 m = _mm256_setzero_ps();          /* a NaN is passed over, as fmaxf does */
-        for (int v = 0; v < QB; v += 8)
-            m = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(xb + v)), m);
-        const float amax = hmax8_ps(m);
+        for (int h = 0; h < QB / QH; h++) {      /* a NaN is passed over, as fmaxf does */
+            const __m256 m = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(xb + h * QH)),
+                                           _mm256_setzero_ps());
+            amax_h[h] = hmax8_ps(_mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(xb + h * QH + 8)), m));
+        }
 #else
-        float amax = 0.0f;
-        for (int v = 0; v < QB; v++) amax = fmaxf(amax, fabsf(xb[v]));
+        for (int h = 0; h < QB / QH; h++) {
+            amax_h[h] = 0.0f;
+            for (int v = 0; v < QH; v++) amax_h[h] = fmaxf(amax_h[h], fabsf(xb[h * QH + v]));
+        }
 #endif
+        float amax = 0.0f;
+        for (int h = 0; h < QB / QH; h++) amax = fmaxf(amax, amax_h[h]);
         const float dx = amax / (float)QR, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
         d[b] = dx;
         for (int g = 0; g < QB / G; g++) {
             const float *xg = xb + g * G;
             const int64_t at = b * QB + g * G;
+            float inv0, inv1;
+            const int r0 = half_multiplier(amax_h[2 * g], inv, &inv0, dx);
+            const int r1 = half_multiplier(amax_h[2 * g + 1], inv, &inv1, dx);
 #ifdef Q8_AVX2
             __m256i v[4];
             for (int c = 0; c < 4; c++)
                 v[c] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + 8 * c),
-                    _mm256_set1_ps(inv)), _mm256_set1_ps(-(float)QR)), _mm256_set1_ps((float)QR)));
+                    _mm256_set1_ps(c < 2 ? inv0 : inv1)), _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
             const __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xD8);   /* values 0-15 */
             const __m256i c = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[2], v[3]), 0xD8);   /* 16-31 */
-            if (q != NULL) {
-                const __m256 ap = _mm256_castsi256_ps(a), cp = _mm256_castsi256_ps(c);
-                _mm256_storeu_si256((__m256i *)(q + at), _mm256_permute4x64_epi64(
+            const __m256i qa = _mm256_mullo_epi16(a, _mm256_set1_epi16((short)r0));
+            const __m256i qc = _mm256_mullo_epi16(c, _mm256_set1_epi16((short)r1));
+            if (q16 != NULL) {
+                const __m256 ap = _mm256_castsi256_ps(qa), cp = _mm256_castsi256_ps(qc);
+                _mm256_storeu_si256((__m256i *)(q16 + at), _mm256_permute4x64_epi64(
                     _mm256_castps_si256(_mm256_shuffle_ps(ap, cp, 0x88)), 0xD8));
-                _mm256_storeu_si256((__m256i *)(q + at + 16), _mm256_permute4x64_epi64(
+                _mm256_storeu_si256((__m256i *)(q16 + at + 16), _mm256_permute4x64_epi64(
                     _mm256_castps_si256(_mm256_shuffle_ps(ap, cp, 0xDD)), 0xD8));
             } else {
-                const __m256i byte = _mm256_set1_epi16(0xFF);
-                _mm256_storeu_si256((__m256i *)(hi + at), _mm256_permute4x64_epi64(
-                    _mm256_packs_epi16(_mm256_srai_epi16(a, 8), _mm256_srai_epi16(c, 8)), 0xD8));
-                _mm256_storeu_si256((__m256i *)(lo + at), _mm256_permute4x64_epi64(
-                    _mm256_packus_epi16(_mm256_and_si256(a, byte), _mm256_and_si256(c, byte)), 0xD8));
+                const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(a, c), 0xD8);
+                _mm256_storeu_si256((__m256i *)(q8 + at), bytes);
+                rk[b * (QB / QH) + g] = (int16_t)r0;
+                rk[b * (QB / QH) + QB / G + g] = (int16_t)r1;
+                _mm256_storeu_si256((__m256i *)(pairs + at / 2),
+                                    _mm256_slli_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), bytes), 5));
             }
-            const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
-            t[b * (QB / G) + g] = dx * (float)hsum8_epi32(sum);
+            const __m256i sum = _mm256_add_epi16(qa, qc);     /* |r q8| <= 16256: pairs of them fit */
+            const __m256i s32 = _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
+            t[b * (QB / G) + g] = dx * (float)hsum8_epi32(s32);
 #else
-            (void)hi, (void)lo;
+            (void)q8, (void)rk, (void)pairs;
             int32_t sum = 0;
             for (int v = 0; v < G; v++) {
-                q[at + v] = (int16_t)nearbyintf(fminf(fmaxf(xg[v] * inv, -(float)QR), (float)QR));
-                sum += q[at + v];
+                const int qv = (int)nearbyintf(fminf(fmaxf(xg[v] * (v < QH ? inv0 : inv1), -127.0f), 127.0f));
+                q16[at + v] = (int16_t)((v < QH ? r0 : r1) * qv);
+                sum += q16[at + v];
             }
             t[b * (QB / G) + g] = dx * (float)sum;
 #endif
@@ -245,12 +274,16 @@ static inline __attribute__((always_inline)) __m256i q5_k_quants8(const uint8_t 
     return _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
                                                 _mm256_set1_epi8(16)));
 }
-static inline __attribute__((always_inline)) __m256i q6_k_quants8(const uint8_t *b, int s) {
+/* Q6_K's unsigned q (0-63); q6_k_quants8 the signed q - 32. */
+static inline __attribute__((always_inline)) __m256i q6_k_uquants8(const uint8_t *b, int s) {
     const int h = s / 4, k = s % 4;
     const __m256i l = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (k & 1)));
     const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
     const __m256i low = _mm256_and_si256(k >= 2 ? _mm256_srli_epi16(l, 4) : l, _mm256_set1_epi8(0x0F));
-    return _mm256_sub_epi8(_mm256_or_si256(low, q6_high_bits(qh, k)), _mm256_set1_epi8(32));
+    return _mm256_or_si256(low, q6_high_bits(qh, k));
+}
+static inline __attribute__((always_inline)) __m256i q6_k_quants8(const uint8_t *b, int s) {
+    return _mm256_sub_epi8(q6_k_uquants8(b, s), _mm256_set1_epi8(32));
 }
 #endif
 
@@ -780,20 +813,25 @@ static void x8_any_range(int qtype, const struct q8job *jb, int64_t M, int64_t l
 #endif
 }
 
-/* ---- The K-quants (Q4_K, Q5_K, Q6_K): 16-bit activations, integer sums over each 256-value block.
- * Their sub-block scales are integers (6 bits, Q6_K's 8), so a block's products add up exactly
- * before any float operation: two 16-bit multiply-adds (16 products each) and two integer adds
- * per 32 values of an output, where the 8-bit form above needs a multiply-add pair, a conversion,
- * a multiply and an fma. 16-bit activations are also far finer than 8-bit ones in groups of 8.
+/* ---- The K-quants (Q4_K, Q5_K, Q6_K): 8-bit activations with an integer multiplier per 16
+ * values, integer sums over each 256-value block. Their sub-block scales are integers (6 bits,
+ * Q6_K's 8), and so are the activations' multipliers r, so a block's products add up exactly
+ * before any float operation. For 1-4 rows, 32 values of an output cost one 8-bit multiply-add
+ * (maddubs), one 16-bit one by sc r (madd) and an integer add, as llama.cpp's Q4_K x Q8_K kernel;
+ * batches multiply 16-bit values (w = sc q by qx = r q8: two madd and two adds per 32 values, each
+ * weight row unpacked once for every activation row). Activations are 8 bits in 16s, on a grid of
+ * the block's d: never coarser than llama.cpp's Q8_K (8 bits, one scale per 256 values), finer
+ * wherever 16 values are smaller than their block's largest.
  *
  * What each output is (every build computes this, so they agree bit for bit):
- *   - activations in blocks of 256 values: dx = amax / QR (QR = 16383), qx = x * (1 / dx) clamped
- *     to +-QR and rounded to nearest even; per group g of 32, t_g = dx * (float)(sum of its qx);
+ *   - activations in blocks of 256 values (quantize_row16): dx = amax / QR (QR = 127 * 128), per
+ *     16 values r (0-128) and q8 (+-127), qx = r q8; per group g of 32, t_g = dx * (float)(sum of
+ *     its qx);
  *   - weight block: integers w = sc * q (Q4_K, Q5_K: the group's 6-bit scale times the unsigned
  *     quant; Q6_K: the 16 values' 8-bit scale times q - 32; |w| <= 4096), the block's float d and,
  *     for Q4_K and Q5_K, c_g = -(dmin * m_g) per group (value d w + c_g, as ggml decodes it);
  *   - lane l (0..7) of block b: I = sum of w * qx over values 4l .. 4l + 3 of each of its groups, an
- *     exact int32 (32 products of at most 4096 * 16383);
+ *     exact int32 (32 products of at most 4096 * 16256);
  *     A[l] = fma(d * dx, (float)I, A[l]) over the blocks in order;
  *   - Q4_K, Q5_K: B[g mod 8] = fma(c_g, t_g, B[g mod 8]) over the groups in order (Q6_K: B = 0);
  *   - y = hsum8(A + B), lane by lane (one horizontal sum an output). */
@@ -853,33 +891,31 @@ KQ_W16(q4_k, _mm256_cvtepu8_epi16)
 KQ_W16(q5_k, _mm256_cvtepu8_epi16)
 KQ_W16(q6_k, _mm256_cvtepi8_epi16)
 
-/* For 1-4 rows: a block's d, c (Q4_K, Q5_K, into c) and its scale bytes in both 128-bit lanes, from
- * which T##_group_scale takes group s's scales as 16-bit words: the first 16 values' in the low
- * lane, the rest's in the high one, times 256 (the same integers as kscales). */
+/* For 1-4 rows: a block's d, c (Q4_K, Q5_K, into c) and its integer scales as 16-bit words, group
+ * s's at word s of both 128-bit lanes (Q4_K, Q5_K: sc_s in both; Q6_K: its first 16 values' scale in
+ * the low lane, the rest's in the high one), the same integers as kscales. */
 static inline __attribute__((always_inline)) __m256i q4_k_split_scales(const uint8_t *b, float *d, float *c) {
     const __m128i f = k4_scale_min_bytes(b);
     const __m256 m = _mm256_mul_ps(_mm256_set1_ps(fp16_to_fp32(b + 2)),
                                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(f, 8))));
     _mm256_storeu_ps(c, _mm256_xor_ps(m, _mm256_set1_ps(-0.0f)));          /* -(dmin * m), exactly */
     *d = fp16_to_fp32(b);
-    return _mm256_broadcastsi128_si256(f);
+    return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(f));
 }
 #define q5_k_split_scales q4_k_split_scales
-static inline __attribute__((always_inline)) __m256i q4_k_group_scale(__m256i bc, int s) {
-    /* byte s into the high byte of each word: 256 sc */
-    return _mm256_shuffle_epi8(bc, _mm256_set1_epi16((short)(0x80 | s << 8)));
-}
-#define q5_k_group_scale q4_k_group_scale
 static inline __attribute__((always_inline)) __m256i q6_k_split_scales(const uint8_t *b, float *d, float *c) {
     (void)c;
     *d = fp16_to_fp32(b + 208);
-    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 192)));
+    const __m128i even_odd = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(b + 192)), even_odd));
 }
-static inline __attribute__((always_inline)) __m256i q6_k_group_scale(__m256i bc, int s) {
-    /* bytes 2s and 2s + 1 (signed) into the high bytes: 256 sc */
-    return _mm256_shuffle_epi8(bc, _mm256_set_m128i(_mm_set1_epi16((short)(0x80 | (2 * s + 1) << 8)),
-                                                    _mm_set1_epi16((short)(0x80 | (2 * s) << 8))));
+/* Word s of each 128-bit lane, in every word of that lane. */
+static inline __attribute__((always_inline)) __m256i group_words(__m256i v, int s) {
+    return _mm256_shuffle_epi8(v, _mm256_set1_epi16((short)((2 * s + 1) << 8 | 2 * s)));
 }
+/* The quants as unsigned bytes, for maddubs (Q6_K's above). */
+#define q4_k_uquants8 q4_k_quants8
+#define q5_k_uquants8 q5_k_quants8
 
 enum { KMR = 4, KNR = 4 };
 enum { KBM = 4, KBN = 2 };   /* batch tiles: 4 x 2 (3 x 3, 3 x 2, 4 x 3 measured no faster) */
@@ -901,28 +937,22 @@ static inline __attribute__((always_inline)) void kq_products(
         }
 }
 
-/* The same sums for 1-4 activation rows, from the weights' 8-bit quants q (in order) and qx's two
- * bytes: w * qx = sc * (q * lo) + 256 sc * (q * hi), pairs of products from maddubs (at most 16320
- * and 4096), then multiplied by sc (or 256 sc) and paired by madd: lane l gets values 4l .. 4l + 3.
- * Partial sums may wrap around in int32; the total, which fits, is exact. SIGNED: q is signed (Q6_K),
- * its sign moved onto hi for maddubs. */
-static inline __attribute__((always_inline)) void kq_split_products(
-        __m256i (*acc)[KNR], const __m256i *q, const __m256i *sh, const struct xq *xq, int64_t m0, int64_t off,
-        const int mr, const int j0, const int nr, const int SIGNED) {
-    __m256i qa[KNR], sc[KNR];
-    for (int j = 0; j < nr; j++) {
-        qa[j] = SIGNED ? _mm256_abs_epi8(q[j]) : q[j];
-        sc[j] = SIGNED ? _mm256_srai_epi16(sh[j], 8) : _mm256_srli_epi16(sh[j], 8);
-    }
+/* The same sums for 1-4 activation rows, from the weights' unsigned 8-bit quants q and the rows'
+ * 8-bit q (both in order): w * qx = (sc r) (q * q8). maddubs pairs the products (at most
+ * 2 * 63 * 127; Q6_K, OFFSET: minus 32 times the pair's q8, so (q - 32) * q8 exactly), madd
+ * multiplies the pairs by scale[i][j] = sc r (|sc r| <= 128 * 128) and adds them: lane l gets
+ * values 4l .. 4l + 3, the exact integers the batches sum. */
+static inline __attribute__((always_inline)) void kq_byte_products(
+        __m256i (*acc)[KNR], const __m256i *q, __m256i (*scale)[KNR], const struct xq *xq, int64_t m0, int64_t off,
+        const int mr, const int nr, const int OFFSET) {
     for (int i = 0; i < mr; i++) {
         const int64_t at = (m0 + i) * xq->K + off;
-        const __m256i hi = _mm256_loadu_si256((const __m256i *)(xq->xh + at));
-        const __m256i lo = _mm256_loadu_si256((const __m256i *)(xq->xl + at));
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q8k + at));
+        const __m256i pair = OFFSET ? _mm256_loadu_si256((const __m256i *)(xq->pairs + at / 2)) : xv;
         for (int j = 0; j < nr; j++) {
-            const __m256i pl = _mm256_maddubs_epi16(lo, q[j]);
-            const __m256i ph = _mm256_maddubs_epi16(qa[j], SIGNED ? _mm256_sign_epi8(hi, q[j]) : hi);
-            acc[i][j0 + j] = _mm256_add_epi32(acc[i][j0 + j], _mm256_add_epi32(_mm256_madd_epi16(pl, sc[j]),
-                                                                               _mm256_madd_epi16(ph, sh[j])));
+            __m256i p = _mm256_maddubs_epi16(q[j], xv);
+            if (OFFSET) p = _mm256_sub_epi16(p, pair);
+            acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(p, scale[i][j]));
         }
     }
 }
@@ -968,7 +998,9 @@ static inline __attribute__((always_inline)) void kq_finish(
             A[i][j] = _mm256_setzero_ps();                                                              \
         }
 
-/* mr x nr outputs straight from the weight rows w .. w + nr (batches of 1-4 rows). */
+/* mr x nr outputs straight from the weight rows w .. w + nr (batches of 1-4 rows). One row: each
+ * weight row's sc r for the whole block at once (one multiply a block); more rows: a group's sc
+ * times each row's r. */
 #define KQ_TILE(T, TS, MINS)                                                                            \
 static inline __attribute__((always_inline)) void T##_ktile(                                             \
         const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y, int64_t ldy,        \
@@ -980,20 +1012,24 @@ static inline __attribute__((always_inline)) void T##_ktile(                    
             for (int o = 0; o < TS; o += 64)                                                            \
                 _mm_prefetch((const char *)(w + (nr + j) * row_bytes + b * TS + o), _MM_HINT_T1);       \
         float d[KNR];                                                                                   \
-        __m256i bc[KNR];                                                                                \
+        __m256i sc[KNR];                                                                                \
         for (int j = 0; j < nr; j++)                                                                    \
-            bc[j] = T##_split_scales(w + j * row_bytes + b * TS, &d[j], MINS ? &cs[j][b * 8] : NULL);    \
+            sc[j] = T##_split_scales(w + j * row_bytes + b * TS, &d[j], MINS ? &cs[j][b * 8] : NULL);    \
+        const int16_t *rk = xq->rk + m0 * (xq->K / QH) + b * (QB / QH);                                 \
+        __m256i rb[KMR];                      /* row i's r: group s's halves at word s of each lane */   \
+        for (int i = 0; i < mr; i++) rb[i] = _mm256_loadu_si256((const __m256i *)(rk + i * (xq->K / QH)));\
+        if (mr == 1)                                                                                    \
+            for (int j = 0; j < nr; j++) sc[j] = _mm256_mullo_epi16(sc[j], rb[0]);                      \
         _Pragma("GCC unroll 8")               /* constant s: each group's quants without branches */     \
         for (int s = 0; s < QB / G; s++) {                                                              \
-            /* Q6_K, one row: each weight row's products right after its quants, fewer registers live */\
-            const int row_at_a_time = !MINS && mr == 1;                                                 \
-            __m256i q[KNR], sh[KNR];                                                                    \
+            __m256i q[KNR], scale[KMR][KNR];                                                            \
             for (int j = 0; j < nr; j++) {                                                              \
-                q[j] = T##_quants8(w + j * row_bytes + b * TS, s);                                      \
-                sh[j] = T##_group_scale(bc[j], s);                                                      \
-                if (row_at_a_time) kq_split_products(acc, &q[j], &sh[j], xq, m0, b * QB + s * G, mr, j, 1, 1);\
+                q[j] = T##_uquants8(w + j * row_bytes + b * TS, s);                                     \
+                const __m256i sj = group_words(sc[j], s);                                               \
+                for (int i = 0; i < mr; i++)                                                            \
+                    scale[i][j] = mr == 1 ? sj : _mm256_mullo_epi16(sj, group_words(rb[i], s));            \
             }                                                                                           \
-            if (!row_at_a_time) kq_split_products(acc, q, sh, xq, m0, b * QB + s * G, mr, 0, nr, !MINS); \
+            kq_byte_products(acc, q, scale, xq, m0, b * QB + s * G, mr, nr, !MINS);                     \
         }                                                                                               \
         kq_block_end(A, acc, d, xq, m0, b, mr, nr);                                                     \
     }                                                                                                   \
@@ -1115,7 +1151,7 @@ KQ_TILE(T, TS, MINS)                                                            
 KQ_BATCH(T, TS, MINS)                                                                                   \
 TILE_RANGE(T##_krange, T##_ktile, 1)   /* 16-bit values: two registers a group and row */
 
-/* MINS: Q4_K and Q5_K, whose quants are unsigned; Q6_K's are signed (kq_split_products' SIGNED). */
+/* MINS: Q4_K and Q5_K, with their c_g terms; Q6_K's q - 32 (kq_byte_products' OFFSET). */
 KQ_TYPE(q4_k, 144, 1)
 KQ_TYPE(q5_k, 176, 1)
 KQ_TYPE(q6_k, 210, 0)
@@ -1151,20 +1187,24 @@ static int quantize(int qtype, const float *x, int64_t M, int64_t ldx, int64_t K
 #else
         const int split = 0;
 #endif
+        const int pairs = split;   /* Q6_K's; every K-quant's, as the parts of a linear share one form */
         if (split) {
-            xq->xh = malloc((size_t)(M * K));
-            xq->xl = malloc((size_t)(M * K));
+            xq->q8k = malloc((size_t)(M * K));
+            xq->rk = malloc((size_t)(M * (K / QH)) * sizeof(int16_t));
+            if (pairs) xq->pairs = malloc((size_t)(M * (K / 2)) * sizeof(int16_t));
         } else {
             xq->q16 = malloc((size_t)(M * K) * sizeof(int16_t));
         }
         xq->d16 = malloc((size_t)(M * (K / QB)) * sizeof(float));
         xq->t16 = malloc((size_t)(M * (K / G)) * sizeof(float));
-        if ((split ? xq->xh == NULL || xq->xl == NULL : xq->q16 == NULL) || xq->d16 == NULL || xq->t16 == NULL)
+        if ((split ? xq->q8k == NULL || xq->rk == NULL || (pairs && xq->pairs == NULL) : xq->q16 == NULL) ||
+            xq->d16 == NULL || xq->t16 == NULL)
             return LUMEN_E_NOMEM;
 #pragma omp parallel for num_threads(nthreads) if (M >= 8)
         for (int64_t m = 0; m < M; m++)
-            quantize_row16(x + m * ldx, K, split ? NULL : xq->q16 + m * K, split ? xq->xh + m * K : NULL,
-                           split ? xq->xl + m * K : NULL, xq->d16 + m * (K / QB), xq->t16 + m * xq->groups);
+            quantize_row16(x + m * ldx, K, split ? NULL : xq->q16 + m * K, split ? xq->q8k + m * K : NULL,
+                           split ? xq->rk + m * (K / QH) : NULL, pairs ? xq->pairs + m * (K / 2) : NULL,
+                           xq->d16 + m * (K / QB), xq->t16 + m * xq->groups);
         return LUMEN_OK;
     }
     xq->q = malloc((size_t)(M * K));
@@ -1178,7 +1218,7 @@ static int quantize(int qtype, const float *x, int64_t M, int64_t ldx, int64_t K
 }
 
 static void xq_free(struct xq *xq) {
-    free(xq->q), free(xq->d), free(xq->t), free(xq->q16), free(xq->xh), free(xq->xl), free(xq->d16), free(xq->t16);
+    free(xq->q), free(xq->d), free(xq->t), free(xq->q16), free(xq->q8k), free(xq->rk), free(xq->pairs), free(xq->d16), free(xq->t16);
 }
 
 /* y = xq's M rows times W (an int8 type, rows checked by the caller). */

@@ -2,8 +2,9 @@
 batch, how far it is from the exact product, and that it refuses what the exact mode refuses.
 
 The mode quantizes each activation row and multiplies integers: for Q8_0, Q4_0 and Q4_1 to 8 bits
-in groups of 8 values (scale amax / 127 in float32), for the K-quants to 16 bits in blocks of 256
-(scale amax / 16383), quants rounded to nearest even; tests/engine/weights/test_gguf_loader.py
+in groups of 8 values (scale amax / 127 in float32), for the K-quants to 8 bits in groups of 16
+times an integer multiplier (1-128) of a scale per block of 256 (amax / (127 * 128)), quants rounded
+to nearest even; tests/engine/weights/test_gguf_loader.py
 and tests/engine/model/test_smollm2_reference.py check whole models against llama.cpp's error.
 """
 from __future__ import annotations
@@ -27,14 +28,23 @@ K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
 
 def quantized_activations(x: torch.Tensor, qtype) -> torch.Tensor:
     """x as the int8 mode sees it for qtype (dequantized, float64): the same float32 steps as
-    quantize_row (8-bit, groups of 8) or quantize_row16 (the K-quants: 16-bit, blocks of 256)."""
+    quantize_row (8-bit, groups of 8) or quantize_row16 (the K-quants: a scale d per block of 256,
+    an integer multiplier r per 16 values and 8-bit quants, qx = r q)."""
     m, k = x.shape
-    size, top = (256, 16383.0) if qtype in K_TYPES else (8, 127.0)
-    g = x.reshape(m, k // size, size)
-    dx = g.abs().amax(-1, keepdim=True) / torch.tensor(top)
+    if qtype not in K_TYPES:
+        g = x.reshape(m, k // 8, 8)
+        dx = g.abs().amax(-1, keepdim=True) / torch.tensor(127.0)
+        inv = torch.where(dx != 0, 1.0 / dx, torch.zeros_like(dx))
+        q = torch.round(torch.clamp(g * inv, -127.0, 127.0))     # round: to nearest even, as nearbyintf
+        return (q.double() * dx.double()).reshape(m, k)
+    g = x.reshape(m, k // 256, 16, 16)
+    amax_h = g.abs().amax(-1, keepdim=True)                       # [m, blocks, 16, 1]
+    dx = amax_h.amax(-2, keepdim=True) / torch.tensor(127.0 * 128)
     inv = torch.where(dx != 0, 1.0 / dx, torch.zeros_like(dx))
-    q = torch.round(torch.clamp(g * inv, -top, top))          # round: to nearest even, as nearbyintf
-    return (q.double() * dx.double()).reshape(m, k)
+    r = torch.clamp(torch.ceil(amax_h * inv / torch.tensor(127.0)), 0, 128)
+    inv_h = torch.where(r != 0, 1.0 / (dx * r), torch.zeros_like(dx * r))
+    q = torch.round(torch.clamp(g * inv_h, -127.0, 127.0))
+    return (q.double() * r.double() * dx.double()).reshape(m, k)
 
 
 def mm(qtype, w, x, mode="int8"):

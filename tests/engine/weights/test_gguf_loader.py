@@ -45,7 +45,7 @@ def test_quantized_logits_match_exact_reference(name, mode):
     argmax equal where it is clear.
 
     The weights stay in their blocks and are decoded exactly inside the matmul: in float32 in the
-    exact mode, times 8-bit (16-bit for the K-quants) activations in the int8 mode."""
+    exact mode, times 8-bit activations in the int8 mode."""
     path = shared_file("quant", name)
     ref = torch.from_numpy(np.load(shared_file("quant", name + ".ref64.logits.npy")))
     model = load_gguf(path)
