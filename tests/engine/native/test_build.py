@@ -218,6 +218,9 @@ def test_every_build_computes_the_same_int8_products(monkeypatch):
         odd[2, :64], odd[2, 70:74] = 0.0, 1e-40                  # zero groups and subnormals
         odd[3] *= 1e30
         cases.append((qtype, w, odd))
+        runs = torch.from_numpy(10.0 ** -rng.integers(0, 5, (5, 48, 1))).float().expand(5, 48, 16).reshape(5, 768)
+        uneven = torch.from_numpy(rng.standard_normal((5, 768)).astype(np.float32)) * runs   # small multipliers
+        cases += [(qtype, w, uneven[:1].contiguous()), (qtype, w, uneven)]
     outs = {}
     for name, lib in libs.items():
         monkeypatch.setattr(kernels, "library", lambda lib=lib: lib)

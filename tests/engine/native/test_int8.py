@@ -63,6 +63,8 @@ def test_int8_mode_computes_the_quantized_product(qtype, rng):
     assert native.int8_type(qtype)
     for m in (1, 2, 3, 4, 5, 9, 19):
         x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+        if m in (1, 9):   # 16-value runs of very different sizes: the K-quants' multipliers from 1 to 128
+            x *= torch.from_numpy(10.0 ** -rng.integers(0, 5, (m, k // 16, 1))).float().expand(m, k // 16, 16).reshape(m, k)
         y = mm(qtype, w, x).double()
         ref = quantized_activations(x, qtype) @ ref_w.T
         scale = x.double().abs() @ ref_w.abs().T          # 0 where a random row's scales are all 0
@@ -140,6 +142,8 @@ def test_interleaved_weights_give_the_row_by_row_bits(qtype, n, rng):
     assert n < 8 or not torch.equal(raw, w.raw)
     for m in (1, 2, 3, 4, 5, 9, 19):
         x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+        if m in (1, 9):   # 16-value runs of very different sizes: the K-quants' multipliers from 1 to 128
+            x *= torch.from_numpy(10.0 ** -rng.integers(0, 5, (m, k // 16, 1))).float().expand(m, k // 16, 16).reshape(m, k)
         x[0, 32:64] = 0.0                                # a zero group
         want = mm(qtype, w, x)
         got = torch.full((m, n), float("nan"))
