@@ -970,21 +970,29 @@ static inline __attribute__((always_inline)) void kq_block_end(
     }
 }
 
-/* y = hsum8(A + B) (Q6_K: hsum8(A)), B = fma(c_g, t_g, B) over the groups g in order, lane g mod 8;
- * weight row j's c at c + j * ldc. */
+/* y = hsum8(A + B) (Q6_K: hsum8(A)), B = fma(c_g, t_g, B) over the groups g in order, lane g mod 8
+ * (additive_lanes' sums; groups is a multiple of 8, K of 256); weight row j's c at c + j * ldc. The
+ * tile's mr * nr chains of fmas run side by side, not one output's after another's. */
 static inline __attribute__((always_inline)) void kq_finish(
         __m256 (*A)[KNR], const float *c, int64_t ldc, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
         const int mr, const int nr, const int MINS) {
+    __m256 B[KMR][KNR];
+    if (MINS) {
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++) B[i][j] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < xq->groups; g += 8) {
+            __m256 cv[KNR];
+            for (int j = 0; j < nr; j++) cv[j] = _mm256_loadu_ps(c + j * ldc + g);
+            for (int i = 0; i < mr; i++) {
+                const __m256 tv = _mm256_loadu_ps(xq->t16 + (m0 + i) * xq->groups + g);
+                for (int j = 0; j < nr; j++) B[i][j] = _mm256_fmadd_ps(cv[j], tv, B[i][j]);
+            }
+        }
+    }
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) {
-            __m256 v = A[i][j];
-            if (MINS) {
-                float b[8];
-                additive_lanes(c + j * ldc, xq->t16 + (m0 + i) * xq->groups, xq->groups, b);
-                v = _mm256_add_ps(v, _mm256_loadu_ps(b));
-            }
             float a[8];
-            _mm256_storeu_ps(a, v);
+            _mm256_storeu_ps(a, MINS ? _mm256_add_ps(A[i][j], B[i][j]) : A[i][j]);
             y[(m0 + i) * ldy + j] = hsum8(a);
         }
 }
