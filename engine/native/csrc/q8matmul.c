@@ -6,9 +6,9 @@
  *   - Q8_0, Q4_0, Q4_1 (below): 8 bits, one float32 scale per 8 values; each 32-value weight group
  *     multiplied 32 products at a time (AVX2's maddubs and madd), one float multiply-add per 8
  *     partial sums;
- *   - Q4_K, Q5_K, Q6_K (the K-quant section further down): 16 bits, one scale per 256 values; a
- *     block's products summed as integers with its integer sub-block scales, one float
- *     multiply-add per block.
+ *   - Q4_K, Q5_K, Q6_K (the K-quant section further down): 8 bits per 16 values, as integer
+ *     multiples of one scale per 256 values; a block's products summed as integers with its
+ *     integer sub-block scales, one float multiply-add per block.
  *
  * What each Q8_0, Q4_0 or Q4_1 output is, exactly (every build computes this, so the scalar, AVX2
  * and AVX-512 builds agree bit for bit):
