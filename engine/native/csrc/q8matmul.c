@@ -1195,23 +1195,22 @@ static int quantize(int qtype, const float *x, int64_t M, int64_t ldx, int64_t K
 #else
         const int split = 0;
 #endif
-        const int pairs = split;   /* Q6_K's; every K-quant's, as the parts of a linear share one form */
-        if (split) {
+        if (split) {       /* pairs: Q6_K's, made for every K-quant, as the parts of a linear share one form */
             xq->q8k = malloc((size_t)(M * K));
             xq->rk = malloc((size_t)(M * (K / QH)) * sizeof(int16_t));
-            if (pairs) xq->pairs = malloc((size_t)(M * (K / 2)) * sizeof(int16_t));
+            xq->pairs = malloc((size_t)(M * (K / 2)) * sizeof(int16_t));
         } else {
             xq->q16 = malloc((size_t)(M * K) * sizeof(int16_t));
         }
         xq->d16 = malloc((size_t)(M * (K / QB)) * sizeof(float));
         xq->t16 = malloc((size_t)(M * (K / G)) * sizeof(float));
-        if ((split ? xq->q8k == NULL || xq->rk == NULL || (pairs && xq->pairs == NULL) : xq->q16 == NULL) ||
+        if ((split ? xq->q8k == NULL || xq->rk == NULL || xq->pairs == NULL : xq->q16 == NULL) ||
             xq->d16 == NULL || xq->t16 == NULL)
             return LUMEN_E_NOMEM;
 #pragma omp parallel for num_threads(nthreads) if (M >= 8)
         for (int64_t m = 0; m < M; m++)
             quantize_row16(x + m * ldx, K, split ? NULL : xq->q16 + m * K, split ? xq->q8k + m * K : NULL,
-                           split ? xq->rk + m * (K / QH) : NULL, pairs ? xq->pairs + m * (K / 2) : NULL,
+                           split ? xq->rk + m * (K / QH) : NULL, split ? xq->pairs + m * (K / 2) : NULL,
                            xq->d16 + m * (K / QB), xq->t16 + m * xq->groups);
         return LUMEN_OK;
     }
