@@ -3,26 +3,29 @@
  * The exact mode (qmatmul.c) widens every weight to float32 and multiplies in float32. This mode
  * does what llama.cpp does on CPUs, quantizing each activation row and multiplying integers, with
  * finer activations than llama.cpp's (32-value Q8_0 and Q8_1 with fp16 scales, 256-value Q8_K):
- *   - Q8_0, Q4_0, Q4_1 (below): 8 bits, one float32 scale per 8 values; each 32-value weight group
+ *   - Q8_0 (below): 8 bits, one float32 scale per 8 values; each 32-value weight group
  *     multiplied 32 products at a time (AVX2's maddubs and madd), one float multiply-add per 8
  *     partial sums;
+ *   - Q4_0, Q4_1 (the group form, further down): 8 bits per 8 values, as integer multiples of one
+ *     scale per 32-value group; a group's products summed as integers, one float multiply-add per
+ *     group;
  *   - Q4_K, Q5_K, Q6_K (the K-quant section further down): 8 bits per 16 values, as integer
  *     multiples of one scale per 256 values; a block's products summed as integers with its
  *     integer sub-block scales, one float multiply-add per block.
  *
- * What each Q8_0, Q4_0 or Q4_1 output is, exactly (every build computes this, so the scalar, AVX2
- * and AVX-512 builds agree bit for bit):
+ * What each Q8_0 output is, exactly (every build computes this, so the scalar, AVX2 and AVX-512
+ * builds agree bit for bit):
  *   - activations in parts of 8 values: dx = amax / 127 (amax = the largest |x| of the 8),
  *     qx = x * (1 / dx) clamped to +-127 and rounded to nearest even; per group of 32 (4 parts,
  *     S_p the sum of part p's qx), t = dx_0 * S_0, then t = fma(dx_p, S_p, t) for p = 1, 2, 3;
- *   - weight group g of row n: quants q (signed, or unsigned with an additive term), a scale a
- *     and an additive term c (value = a * q + c);
+ *   - weight group g of row n: signed quants q and a scale a (value = a * q);
  *   - lane l (0..7) of group g: L = sum of q * qx over values 4l .. 4l + 3 (an exact integer);
  *     A[l] = fma(a * dx_l, (float)L, A[l]) over the groups in order (dx_l: the dx of part l / 2);
- *   - B[g mod 8] = fma(c, t, B[g mod 8]) over the groups in order;
- *   - y = hsum8(A) + hsum8(B), hsum8(v) = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
+ *   - y = hsum8(A), hsum8(v) = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
+ *     (The tiles below also carry an additive term c, 0 for Q8_0: hsum8(A) + hsum8(B) as in the
+ *     group form, from when Q4_0 and Q4_1 used this form too.)
  * Each output depends on its own activation row and weight row only: a row's result is the same
- * alone or in any batch, on any number of threads.
+ * alone or in any batch, on any number of threads. The other forms below say the same of theirs.
  */
 #include <math.h>
 #include <omp.h>
@@ -45,8 +48,10 @@ enum { G = 32, H = 8 };   /* values per weight group, per activation scale (2 la
 enum { QB = 256, QM = 128, QR = 127 * QM };   /* the K-quants: values per activation scale d, largest
                                                  multiplier r, largest |qx| = |r q8| */
 
-/* One quantized activation matrix: rows of K int8 values, each group's dx and t (Q8_0, Q4_0,
- * Q4_1); and rows of K int16 values, each block's dx and each group's t (the K-quants). */
+/* One quantized activation matrix, in the forms its weights' kernels read: rows of K int8 values
+ * with each 8 values' dx and each group's t (Q8_0); rows of K int8 values with each 8 values'
+ * multiplier and each group's d and t (Q4_0, Q4_1); rows of K int16 values, or int8 values with
+ * multipliers, with each block's dx and each group's t (the K-quants). */
 struct xq {
     int8_t *q;
     float *d, *t;
@@ -56,6 +61,9 @@ struct xq {
     int16_t *rk, *pairs;
     float *d16;
     float *t16;
+    int8_t *qg;             /* the group form (Q4_0, Q4_1): q8 in order, each 8 values' r (in both 16-bit halves), */
+    int32_t *rg;            /* each group's d and t */
+    float *dg, *tg;
 };
 
 #ifdef Q8_AVX2
@@ -191,6 +199,60 @@ static void quantize_row16(const float *x, int64_t K, int16_t *q16, int8_t *q8, 
             t[b * (QB / G) + g] = dx * (float)sum;
 #endif
         }
+    }
+}
+
+/* The group form (Q4_0, Q4_1), per group g of 32 values: d[g] = amax / QR, and per part p (8 values)
+ * an integer multiplier r_p = min(QM, ceil((amax_p * (1 / d)) / 127)) (0 for zeros) and 8-bit
+ * quants q8 = x * (1 / (d * r_p)) clamped to +-127 and rounded to nearest even (half_multiplier,
+ * as the K-quants' halves): qx = r_p q8; t[g] = d[g] * (float)(the sum of the group's qx). Stored
+ * as the kernels read it: q8 in order, r (GP of them a group, as 32-bit words holding r in both
+ * 16-bit halves, which AVX2 broadcasts with a load alone), d and t. Never coarser than an 8-bit
+ * scale per group; an 8-value part as fine as its own 8-bit scale would make it, to within 1 / r_p. */
+enum { GP = 4, GV = G / GP };   /* multipliers a group, values a multiplier */
+
+static void quantize_rowg(const float *x, int64_t K, int8_t *q, int32_t *r, float *d, float *t) {
+    for (int64_t g = 0; g < K / G; g++) {
+        const float *xg = x + g * G;
+        float amax_p[GP];
+#ifdef Q8_AVX2
+        __m256 xv[GP];
+        for (int p = 0; p < GP; p++) {            /* a NaN is passed over, as fmaxf does */
+            xv[p] = _mm256_loadu_ps(xg + GV * p);
+            amax_p[p] = hmax8_ps(_mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), xv[p]), _mm256_setzero_ps()));
+        }
+#else
+        for (int p = 0; p < GP; p++) {
+            amax_p[p] = 0.0f;
+            for (int v = 0; v < GV; v++) amax_p[p] = fmaxf(amax_p[p], fabsf(xg[GV * p + v]));
+        }
+#endif
+        float amax = 0.0f;
+        for (int p = 0; p < GP; p++) amax = fmaxf(amax, amax_p[p]);
+        const float dx = amax / (float)QR, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
+        int32_t sum = 0;                          /* |sum| <= 32 * 16256: exact in float */
+        for (int p = 0; p < GP; p++) {
+            float inv_p;
+            const int rp = half_multiplier(amax_p[p], inv, &inv_p, dx);
+            r[g * GP + p] = rp * 0x10001;
+#ifdef Q8_AVX2
+            const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(xv[p], _mm256_set1_ps(inv_p)),
+                                                                             _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
+            const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            _mm_storel_epi64((__m128i *)(q + g * G + GV * p), _mm_packs_epi16(v16, v16));
+            sum += rp * hsum8_epi32(v);
+#else
+            int s = 0;
+            for (int v = 0; v < GV; v++) {
+                const int qv = (int)nearbyintf(fminf(fmaxf(xg[GV * p + v] * inv_p, -127.0f), 127.0f));
+                q[g * G + GV * p + v] = (int8_t)qv;
+                s += qv;
+            }
+            sum += rp * s;
+#endif
+        }
+        d[g] = dx;
+        t[g] = dx * (float)sum;
     }
 }
 
@@ -650,23 +712,54 @@ static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_
 #endif
 
 Q8_TYPE(q8_0, 34, 1)
-Q8_TYPE(q4_0, 18, 0)
-Q8_TYPE(q4_1, 20, 0)
 
-/* ---- Q4_0 and Q4_1 with 8 weight rows interleaved (the _X8 types): the arithmetic above, 8 outputs
- * a register.
+/* ---- Q4_0 and Q4_1: the group form. Activations (quantize_rowg) are 8 bits per 8 values times an
+ * integer multiplier r (1-128) of one scale d per 32-value group, so a weight group's 32 products
+ * add up as integers before one float multiply-add: with 4-bit weights, two maddubs results (8
+ * values, at most 8 * 15 * 127) add in 16 bits, and one madd multiplies them by r. An output costs
+ * llama.cpp's count of integer operations per group (its Q4_0 x Q8_0 kernel) and one fma a group,
+ * where an 8-bit scale per 8 values needed a conversion and an fma per 4 products.
+ *
+ * What each output is (every build computes this, so they agree bit for bit):
+ *   - activations: per group g of 32 values d_g, and per 8 values r_p and q8 (quantize_rowg);
+ *     t_g = d_g * (float)(sum of the group's r_p q8);
+ *   - weight group g of row n: unsigned quants q (0-15), a scale a and an additive term c
+ *     (value = a * q + c: Q4_0 c = -8 a, Q4_1 c = m);
+ *   - I_g = sum over the 4 parts p of r_p * (sum of q * q8 over the part), an exact int32 (at most
+ *     4 * 128 * 8 * 15 * 127 < 2^24, so exact in float too);
+ *   - A = fma(a * d_g, (float)I_g, A) over the groups in order (one chain: a group's integer work
+ *     outlasts an fma's latency);
+ *   - B[g mod 8] = fma(c, t_g, B[g mod 8]) over the groups in order (additive_lanes);
+ *   - y = A + hsum8(B).
+ *
+ * The kernels work on 8 weight rows interleaved (below), so that the 8 lanes of a vector register
+ * are 8 outputs: a weight of at least 8 rows that a linear alone holds is kept that way (the _X8
+ * types); other rows are interleaved 8 at a time into a buffer as they are multiplied. */
+#ifndef Q8_AVX2
+/* I_g in plain C, as defined above (r: the low 16 bits of each word). */
+static inline int32_t group_int(const int8_t *q, const int8_t *x, const int32_t *r) {
+    int32_t I = 0;
+    for (int p = 0; p < GP; p++) {
+        int32_t s = 0;
+        for (int v = GV * p; v < GV * (p + 1); v++) s += q[v] * x[v];
+        I += (int16_t)r[p] * s;
+    }
+    return I;
+}
+#endif
+
+/* ---- The group form's interleaved layout (the _X8 types).
  * lumen_interleave rearranges such a weight in place, 8 rows at a time (the last N mod 8 rows stay
  * as they are): group g of rows 8c .. 8c + 7 becomes 8 TS bytes at 8 TS g from the chunk's start:
  * the 8 rows' fp16 d in row order (Q4_1: then their m), then 4 vectors of 32 bytes, vector v
  * holding bytes 4v .. 4v + 3 of each row's qs in row order. Its low nibbles are each row's values
- * 4v .. 4v + 3 and its high nibbles values 16 + 4v .. 16 + 4v + 3. So one maddubs and madd give
- * lane l of 8 outputs, one conversion and one fma serve 8 outputs where the row by row tiles above
- * spend them on one, and the scales convert 8 at a time (llama.cpp repacks Q4_0 into 8-row blocks
- * for the same reason). Each output's operations are the ones defined at the top of this file, in
- * the same order: the same bits as the row by row kernels, in every build. Q8_0 is not
- * interleaved: its row by row kernels stream it at memory speed already for one row, and this
- * layout's passes measured slower at 1-4 rows (kernel_ab --interleave, Zen 4, AVX2 build, before
- * its removal: 0.83-0.98x at one row, 0.67-0.79x at two, 1.12x at 16). */
+ * 4v .. 4v + 3 and its high nibbles values 16 + 4v .. 16 + 4v + 3. So maddubs gives 8 outputs'
+ * products at once, and the multiply by r, the conversion and the fma of a group serve 8 outputs
+ * (llama.cpp repacks Q4_0 into 8-row blocks for the same reason). Each output's operations are the
+ * ones defined above, in the same order: the same bits as the row by row kernels, in every build.
+ * Q8_0 is not interleaved: its row by row kernels stream it at memory speed already for one row,
+ * and this layout's passes measured slower at 1-4 rows (kernel_ab --interleave, Zen 4, AVX2 build,
+ * before its removal: 0.83-0.98x at one row, 0.67-0.79x at two, 1.12x at 16). */
 enum { XR = 8, X8_ID = 1000 };   /* an _X8 type's id: its GGML type's plus X8_ID */
 /* How far ahead the first activation row's pass prefetches the weights it streams: 3 KB.
  * kernel_ab, Q4_0, one row, the AVX2 build on Zen 4: 1.47x for 2048 x 5632 weights (TinyLlama's
@@ -715,102 +808,200 @@ int lumen_interleave(int qtype, uint8_t *w, int64_t N, int64_t row_bytes, int64_
 }
 
 #ifdef Q8_AVX2
-/* The 8 outputs of activation row m and the chunk of weight rows at ch (type B: Q4_0 or Q4_1), into y[0 .. 7];
- * each group's 8 additive terms c are stored into cs (store: the first row's pass) or read from it. */
-static inline __attribute__((always_inline)) void x8_row(const uint8_t *ch, const struct xq *xq, int64_t m,
-                                                         float *cs, const int store, float *y, const int B) {
+enum { XMR = 4 };   /* activation rows a pass over a chunk */
+
+/* The 8 outputs of activation rows m0 .. m0 + mr and the chunk of weight rows at ch (type B: Q4_0 or
+ * Q4_1), into y (row i at y + i ldy). Each group's quants are unpacked once for the mr rows; per row,
+ * two maddubs results add in 16 bits per 8 values (at most 8 * 15 * 127), one madd multiplies them
+ * by r_p, and one fma adds the group. Each group's 8 additive terms c are stored into cs (store: the
+ * first pass) or read from it. */
+static inline __attribute__((always_inline)) void x8_tile(const uint8_t *ch, const struct xq *xq, int64_t m0,
+                                                          const int mr, float *cs, const int store, float *y,
+                                                          int64_t ldy, const int B) {
     const int TS = B == LUMEN_Q4_0 ? 18 : 20, GB = XR * TS;
-    const int QB = 16 * x8_fields(B);                         /* where the quant vectors start */
-    const int64_t groups = xq->groups;
-    const int8_t *x = xq->q + m * xq->K;
-    const float *dx = xq->d + m * groups * (G / H), *t = xq->t + m * groups;
-    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 A[8], Bs[8];
-    for (int l = 0; l < 8; l++) A[l] = Bs[l] = _mm256_setzero_ps();
+    const int QBYTES = 16 * x8_fields(B);                     /* where the quant vectors start */
+    const int64_t groups = xq->groups, K = xq->K;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 A[XMR];
+    for (int i = 0; i < mr; i++) A[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *grp = ch + g * GB;
-        if (store)
-            for (int o = 0; o < GB; o += 64) _mm_prefetch((const char *)(grp + XPF + o), _MM_HINT_T0);
         const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp));   /* exact, as fp16_to_fp32 */
-        if (store && B == LUMEN_Q4_0) _mm256_storeu_ps(cs + 8 * g, _mm256_mul_ps(_mm256_set1_ps(-8.0f), a));
-        if (store && B == LUMEN_Q4_1) _mm256_storeu_ps(cs + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16))));
-        __m256 s[4];
-        for (int p = 0; p < 4; p++) s[p] = _mm256_mul_ps(a, _mm256_broadcast_ss(dx + g * (G / H) + p));
+        if (store) {
+            for (int o = 0; o < GB; o += 64) _mm_prefetch((const char *)(grp + XPF + o), _MM_HINT_T0);
+            _mm256_storeu_ps(cs + 8 * g, B == LUMEN_Q4_0 ? _mm256_mul_ps(_mm256_set1_ps(-8.0f), a)
+                                                         : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16))));
+        }
+        __m256i wl[4], wh[4];   /* vector v: values 4v .. 4v + 3 (low nibbles) and 16 + 4v .. (high) of 8 rows */
         for (int v = 0; v < 4; v++) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(grp + QB + 32 * v));
-            int32_t xa, xb;
-            memcpy(&xa, x + g * G + 4 * v, 4);
-            memcpy(&xb, x + g * G + 16 + 4 * v, 4);
-            const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
-            const __m256i la = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xa)), ones);
-            const __m256i lb = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb)), ones);
-            A[v] = _mm256_fmadd_ps(s[v / 2], _mm256_cvtepi32_ps(la), A[v]);
-            A[4 + v] = _mm256_fmadd_ps(s[2 + v / 2], _mm256_cvtepi32_ps(lb), A[4 + v]);
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(grp + QBYTES + 32 * v));
+            wl[v] = _mm256_and_si256(w, low);
+            wh[v] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+        }
+        for (int i = 0; i < mr; i++) {
+            const int8_t *x = xq->qg + (m0 + i) * K + g * G;
+            const int32_t *r = xq->rg + ((m0 + i) * groups + g) * GP;
+            __m256i I = _mm256_setzero_si256();
+            for (int h = 0; h < 2; h++) {   /* parts h (values 8h .. 8h + 7) and 2 + h (16 + 8h ..) */
+                int32_t x0, x1, x2, x3;
+                memcpy(&x0, x + 8 * h, 4), memcpy(&x1, x + 8 * h + 4, 4);
+                memcpy(&x2, x + 16 + 8 * h, 4), memcpy(&x3, x + 16 + 8 * h + 4, 4);
+                const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(wl[2 * h], _mm256_set1_epi32(x0)),
+                                                    _mm256_maddubs_epi16(wl[2 * h + 1], _mm256_set1_epi32(x1)));
+                const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(wh[2 * h], _mm256_set1_epi32(x2)),
+                                                    _mm256_maddubs_epi16(wh[2 * h + 1], _mm256_set1_epi32(x3)));
+                I = _mm256_add_epi32(I, _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi32(r[h])),
+                                                         _mm256_madd_epi16(hi, _mm256_set1_epi32(r[2 + h]))));
+            }
+            A[i] = _mm256_fmadd_ps(_mm256_mul_ps(a, _mm256_set1_ps(xq->dg[(m0 + i) * groups + g])),
+                                   _mm256_cvtepi32_ps(I), A[i]);
         }
     }
-    /* y = hsum8(A) + hsum8(B), lane by lane over the 8 outputs, B[g mod 8] = fma(c_g, t_g, ..) */
-    const __m256 ya = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(A[0], A[4]), _mm256_add_ps(A[2], A[6])),
-                                    _mm256_add_ps(_mm256_add_ps(A[1], A[5]), _mm256_add_ps(A[3], A[7])));
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8)
-        for (int l = 0; l < 8; l++) Bs[l] = _mm256_fmadd_ps(_mm256_loadu_ps(cs + 8 * (g + l)), _mm256_set1_ps(t[g + l]), Bs[l]);
-    for (int l = 0; g + l < groups; l++)
-        Bs[l] = _mm256_fmadd_ps(_mm256_loadu_ps(cs + 8 * (g + l)), _mm256_set1_ps(t[g + l]), Bs[l]);
-    const __m256 yb = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(Bs[0], Bs[4]), _mm256_add_ps(Bs[2], Bs[6])),
-                                    _mm256_add_ps(_mm256_add_ps(Bs[1], Bs[5]), _mm256_add_ps(Bs[3], Bs[7])));
-    _mm256_storeu_ps(y, _mm256_add_ps(ya, yb));
+    /* y = A + hsum8(B), lane by lane over the 8 outputs, B[g mod 8] = fma(c_g, t_g, ..) */
+    for (int i = 0; i < mr; i++) {
+        const float *t = xq->tg + (m0 + i) * groups;
+        __m256 Bs[8];
+        for (int l = 0; l < 8; l++) Bs[l] = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 8 <= groups; g += 8)
+            for (int l = 0; l < 8; l++)
+                Bs[l] = _mm256_fmadd_ps(_mm256_loadu_ps(cs + 8 * (g + l)), _mm256_set1_ps(t[g + l]), Bs[l]);
+        for (int l = 0; g + l < groups; l++)
+            Bs[l] = _mm256_fmadd_ps(_mm256_loadu_ps(cs + 8 * (g + l)), _mm256_set1_ps(t[g + l]), Bs[l]);
+        const __m256 yb = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(Bs[0], Bs[4]), _mm256_add_ps(Bs[2], Bs[6])),
+                                        _mm256_add_ps(_mm256_add_ps(Bs[1], Bs[5]), _mm256_add_ps(Bs[3], Bs[7])));
+        _mm256_storeu_ps(y + i * ldy, _mm256_add_ps(A[i], yb));
+    }
 }
 
-/* Output rows [lo, hi) (whole chunks) for M activation rows, one at a time: the weights stream from
- * memory in the first row's pass and come from cache in the others'. At every batch size this was
- * faster than unpacking the weights once for tiles of rows, as the row by row kernels do above 4
- * rows (Q4_0, x8 / row by row on Zen 4, AVX2 build: 1.00x / 1.56x / 1.30x / 1.23x / 1.18x at 5 / 8 /
- * 16 / 64 / 128 rows; AVX-512 build: 1.40x and 1.23x at 16 and 128). */
+/* Output rows [lo, hi) (whole chunks) for M activation rows, XMR at a time: the weights stream from
+ * memory in the first pass and come from cache in the others'. At every batch size this was faster
+ * than unpacking the weights once for tiles of rows, as the row by row kernels did above 4 rows
+ * (Q4_0 in the earlier 8-value form, x8 / row by row on Zen 4, AVX2 build: 1.00x / 1.56x / 1.30x /
+ * 1.23x / 1.18x at 5 / 8 / 16 / 64 / 128 rows; AVX-512 build: 1.40x and 1.23x at 16 and 128). */
 static inline __attribute__((always_inline)) void x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi,
                                                            const int B) {
     float cs[XR * jb->xq->groups];
     for (int64_t n = lo; n < hi; n += XR) {
         const uint8_t *ch = jb->w + n * jb->row_bytes;
-        for (int64_t m = 0; m < M; m++) x8_row(ch, jb->xq, m, cs, m == 0, jb->y + m * jb->ldy + n, B);
+        for (int64_t m0 = 0; m0 < M; m0 += XMR) {
+            float *y = jb->y + m0 * jb->ldy + n;
+            switch (M - m0 < XMR ? M - m0 : XMR) {
+                case 4: x8_tile(ch, jb->xq, m0, 4, cs, m0 == 0, y, jb->ldy, B); break;
+                case 3: x8_tile(ch, jb->xq, m0, 3, cs, m0 == 0, y, jb->ldy, B); break;
+                case 2: x8_tile(ch, jb->xq, m0, 2, cs, m0 == 0, y, jb->ldy, B); break;
+                default: x8_tile(ch, jb->xq, m0, 1, cs, m0 == 0, y, jb->ldy, B); break;
+            }
+        }
     }
 }
-#else
-/* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds): each block put back together
- * and read by the row by row kernels' own functions. */
-#define X8_SCALAR(T, TS, BASE)                                                                       \
-static inline void T##_x8_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {          \
-    const struct xq *xq = jb->xq;                                                                    \
-    float cs[xq->groups];                                                                            \
-    for (int64_t r = lo; r < hi; r++)                                                                \
-        for (int64_t m = 0; m < M; m++) {                                                            \
-            float acc[8] = {0};                                                                      \
-            const int8_t *xr = xq->q + m * xq->K;                                                    \
-            for (int64_t g = 0; g < xq->groups; g++) {                                               \
-                uint8_t blk[TS];                                                                     \
-                int8_t q[G];                                                                         \
-                float a;                                                                             \
-                x8_move((uint8_t *)jb->w + r / XR * XR * jb->row_bytes + g * XR * TS, (int)(r % XR), blk, \
-                        x8_fields(BASE), 0);                                                         \
-                T##_scales(blk, &a, &cs[g]);                                                         \
-                T##_quants(blk, q);                                                                  \
-                group_lanes(acc, a, q, xr + g * G, xq->d + (m * xq->groups + g) * (G / H));          \
-            }                                                                                        \
-            jb->y[m * jb->ldy + r] = hsum8(acc) + additive(cs, xq->t + m * xq->groups, xq->groups);    \
-        }                                                                                            \
+
+/* Rows w .. w + rows - 1 (rows <= 8; type B, the file's layout) interleaved into the chunk at ch, as
+ * lumen_interleave would, the missing rows as zero blocks: per group, an 8 x 4 transpose of 32-bit
+ * words in unpacks. */
+static inline __attribute__((always_inline)) void x8_pack(const uint8_t *w, int64_t row_bytes, const int rows,
+                                                          int64_t groups, uint8_t *ch, const int B) {
+    const int TS = B == LUMEN_Q4_0 ? 18 : 20, F = x8_fields(B);
+    for (int64_t g = 0; g < groups; g++) {
+        uint8_t *grp = ch + g * XR * TS;
+        __m128i q[XR];
+        for (int i = 0; i < XR; i++) {
+            const uint8_t *blk = w + i * row_bytes + g * TS;
+            if (i < rows) {
+                for (int f = 0; f < F; f++) memcpy(grp + 16 * f + 2 * i, blk + 2 * f, 2);
+                q[i] = _mm_loadu_si128((const __m128i *)(blk + 2 * F));
+            } else {
+                for (int f = 0; f < F; f++) memset(grp + 16 * f + 2 * i, 0, 2);
+                q[i] = _mm_setzero_si128();
+            }
+        }
+        __m256i a[4], t[4];
+        for (int i = 0; i < 4; i++) a[i] = _mm256_set_m128i(q[i + 4], q[i]);   /* rows i and i + 4 */
+        t[0] = _mm256_unpacklo_epi32(a[0], a[1]), t[1] = _mm256_unpackhi_epi32(a[0], a[1]);
+        t[2] = _mm256_unpacklo_epi32(a[2], a[3]), t[3] = _mm256_unpackhi_epi32(a[2], a[3]);
+        uint8_t *qv = grp + 16 * F;
+        _mm256_storeu_si256((__m256i *)qv, _mm256_unpacklo_epi64(t[0], t[2]));           /* bytes 0-3 of rows 0-7 */
+        _mm256_storeu_si256((__m256i *)(qv + 32), _mm256_unpackhi_epi64(t[0], t[2]));    /* 4-7 */
+        _mm256_storeu_si256((__m256i *)(qv + 64), _mm256_unpacklo_epi64(t[1], t[3]));    /* 8-11 */
+        _mm256_storeu_si256((__m256i *)(qv + 96), _mm256_unpackhi_epi64(t[1], t[3]));    /* 12-15 */
+    }
 }
-X8_SCALAR(q4_0, 18, LUMEN_Q4_0)
-X8_SCALAR(q4_1, 20, LUMEN_Q4_1)
+
+/* Output rows [lo, hi) of a weight in the file's layout (type B): 8 rows at a time interleaved into a
+ * per-thread buffer (x8_pack, a few operations a group against the tiles' tens per group and
+ * activation row), then the interleaved kernel; the last rows mod 8 padded with zero rows, whose
+ * outputs are dropped. Returns nonzero if the buffer could not be allocated. */
+static inline __attribute__((always_inline)) int file_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi,
+                                                            const int B) {
+    const int TS = B == LUMEN_Q4_0 ? 18 : 20;
+    const int64_t groups = jb->xq->groups;
+    uint8_t *ch = malloc((size_t)(groups * XR * TS));
+    if (ch == NULL) return 1;
+    float cs[XR * groups];
+    for (int64_t n = lo; n < hi; n += XR) {
+        const int rows = hi - n < XR ? (int)(hi - n) : XR;
+        if (rows == XR) x8_pack(jb->w + n * jb->row_bytes, jb->row_bytes, XR, groups, ch, B);
+        else x8_pack(jb->w + n * jb->row_bytes, jb->row_bytes, rows, groups, ch, B);
+        for (int64_t m0 = 0; m0 < M; m0 += XMR) {
+            const int mr = M - m0 < XMR ? (int)(M - m0) : XMR;
+            float part[XMR * XR];
+            float *y = rows == XR ? jb->y + m0 * jb->ldy + n : part;
+            const int64_t ldy = rows == XR ? jb->ldy : XR;
+            switch (mr) {
+                case 4: x8_tile(ch, jb->xq, m0, 4, cs, m0 == 0, y, ldy, B); break;
+                case 3: x8_tile(ch, jb->xq, m0, 3, cs, m0 == 0, y, ldy, B); break;
+                case 2: x8_tile(ch, jb->xq, m0, 2, cs, m0 == 0, y, ldy, B); break;
+                default: x8_tile(ch, jb->xq, m0, 1, cs, m0 == 0, y, ldy, B); break;
+            }
+            if (rows < XR)
+                for (int i = 0; i < mr; i++) memcpy(jb->y + (m0 + i) * jb->ldy + n, part + i * XR, sizeof(float) * rows);
+        }
+    }
+    free(ch);
+    return 0;
+}
+#else
+/* Output rows [lo, hi) of a Q4_0 or Q4_1 weight (base), in the file's layout or interleaved (x8: each
+ * block put back together first), as defined above, in plain C (the x86-64-v2 and aarch64 builds). */
+static void group_scalar_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi, int base, int x8) {
+    const struct xq *xq = jb->xq;
+    const int TS = base == LUMEN_Q4_0 ? 18 : 20;
+    float cs[xq->groups];
+    for (int64_t n = lo; n < hi; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.0f;
+            for (int64_t g = 0; g < xq->groups; g++) {
+                uint8_t tmp[20];
+                const uint8_t *blk = jb->w + n * jb->row_bytes + g * TS;
+                if (x8) {
+                    x8_move((uint8_t *)jb->w + n / XR * XR * jb->row_bytes + g * XR * TS, (int)(n % XR), tmp,
+                            x8_fields(base), 0);
+                    blk = tmp;
+                }
+                int8_t q[G];
+                float a;
+                if (base == LUMEN_Q4_0) q4_0_scales(blk, &a, &cs[g]), q4_0_quants(blk, q);
+                else q4_1_scales(blk, &a, &cs[g]), q4_1_quants(blk, q);
+                const int64_t mg = m * xq->groups + g;
+                acc = fmaf(a * xq->dg[mg], (float)group_int(q, xq->qg + m * xq->K + g * G, xq->rg + mg * GP), acc);
+            }
+            jb->y[m * jb->ldy + n] = acc + additive(cs, xq->tg + m * xq->groups, xq->groups);
+        }
+}
 #endif
 
-/* The row range of an _X8 weight: its kernel. */
-static void x8_any_range(int qtype, const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {
+/* The row range of a Q4_0 or Q4_1 weight, in either layout: its kernel (nonzero: out of memory). */
+static int group_any_range(int qtype, const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {
 #ifdef Q8_AVX2
     if (qtype == LUMEN_Q4_0_X8) x8_range(jb, M, lo, hi, LUMEN_Q4_0);
     if (qtype == LUMEN_Q4_1_X8) x8_range(jb, M, lo, hi, LUMEN_Q4_1);
+    if (qtype == LUMEN_Q4_0) return file_range(jb, M, lo, hi, LUMEN_Q4_0);
+    if (qtype == LUMEN_Q4_1) return file_range(jb, M, lo, hi, LUMEN_Q4_1);
 #else
-    if (qtype == LUMEN_Q4_0_X8) q4_0_x8_range(jb, M, lo, hi);
-    if (qtype == LUMEN_Q4_1_X8) q4_1_x8_range(jb, M, lo, hi);
+    const int x8 = x8_base(qtype) >= 0;
+    group_scalar_range(jb, M, lo, hi, x8 ? x8_base(qtype) : qtype, x8);
 #endif
+    return 0;
 }
 
 /* ---- The K-quants (Q4_K, Q5_K, Q6_K): 8-bit activations with an integer multiplier per 16
@@ -1164,13 +1355,18 @@ KQ_TYPE(q4_k, 144, 1)
 KQ_TYPE(q5_k, 176, 1)
 KQ_TYPE(q6_k, 210, 0)
 
-#define LEGACY_TYPES(X) X(LUMEN_Q8_0, q8_0) X(LUMEN_Q4_0, q4_0) X(LUMEN_Q4_1, q4_1)
+#define LEGACY_TYPES(X) X(LUMEN_Q8_0, q8_0)
 #define K_TYPES(X) X(LUMEN_Q4_K, q4_k) X(LUMEN_Q5_K, q5_k) X(LUMEN_Q6_K, q6_k)
+
+/* Q4_0 and Q4_1, in either layout: the group form. */
+static int group_type(int qtype) {
+    return qtype == LUMEN_Q4_0 || qtype == LUMEN_Q4_1 || x8_base(qtype) >= 0;
+}
 
 int lumen_int8_type(int qtype) {
 #define HAS(id, T) if (qtype == id) return 1;
     LEGACY_TYPES(HAS)
-    if (x8_base(qtype) >= 0) return 1;
+    if (group_type(qtype)) return 1;
     K_TYPES(HAS)
 #undef HAS
     return 0;
@@ -1187,8 +1383,21 @@ static int k_type(int qtype) {
  * (buffers allocated here, xq zeroed before the first call; xq_free releases them). */
 static int quantize(int qtype, const float *x, int64_t M, int64_t ldx, int64_t K, int nthreads, struct xq *xq) {
     const int wide = k_type(qtype);
-    if (wide ? xq->d16 != NULL : xq->q != NULL) return LUMEN_OK;
     xq->K = K, xq->groups = K / G;
+    if (group_type(qtype)) {
+        if (xq->dg != NULL) return LUMEN_OK;
+        xq->qg = malloc((size_t)(M * K));
+        xq->rg = malloc((size_t)(M * (K / GV)) * sizeof(int32_t));
+        xq->dg = malloc((size_t)(M * (K / G)) * sizeof(float));
+        xq->tg = malloc((size_t)(M * (K / G)) * sizeof(float));
+        if (xq->qg == NULL || xq->rg == NULL || xq->dg == NULL || xq->tg == NULL) return LUMEN_E_NOMEM;
+#pragma omp parallel for num_threads(nthreads) if (M >= 8)
+        for (int64_t m = 0; m < M; m++)
+            quantize_rowg(x + m * ldx, K, xq->qg + m * K, xq->rg + m * (K / GV), xq->dg + m * xq->groups,
+                          xq->tg + m * xq->groups);
+        return LUMEN_OK;
+    }
+    if (wide ? xq->d16 != NULL : xq->q != NULL) return LUMEN_OK;
     if (wide) {
 #ifdef Q8_AVX2
         const int split = M <= MR;            /* the form T##_ktile reads; batches read q16 */
@@ -1226,6 +1435,7 @@ static int quantize(int qtype, const float *x, int64_t M, int64_t ldx, int64_t K
 
 static void xq_free(struct xq *xq) {
     free(xq->q), free(xq->d), free(xq->t), free(xq->q16), free(xq->q8k), free(xq->rk), free(xq->pairs), free(xq->d16), free(xq->t16);
+    free(xq->qg), free(xq->rg), free(xq->dg), free(xq->tg);
 }
 
 /* y = xq's M rows times W (an int8 type, rows checked by the caller). */
@@ -1233,8 +1443,8 @@ static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, c
                     float *y, int64_t ldy, int nthreads) {
     const struct q8job jb = {w, row_bytes, N, xq, y, ldy};
 #ifdef Q8_AVX2
-    const int batch = M > MR && x8_base(qtype) < 0;   /* the _X8 types' kernel: every batch size */
-    const int64_t align = x8_base(qtype) >= 0 ? XR : batch ? TR : M <= 2 ? 4 : 2;
+    const int batch = M > MR && !group_type(qtype);    /* the group form's kernels: every batch size */
+    const int64_t align = group_type(qtype) ? XR : batch ? TR : M <= 2 ? 4 : 2;
 #else
     const int batch = 0;
     const int64_t align = x8_base(qtype) >= 0 ? XR : M <= 2 ? 4 : 2;
@@ -1257,7 +1467,7 @@ static int multiply(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, c
 #define KRUN(tid, T) if (qtype == tid) T##_krange(&jb, M, lo, hi < N ? hi : N);
 #endif
             LEGACY_TYPES(RUN)
-            if (x8_base(qtype) >= 0) x8_any_range(qtype, &jb, M, lo, hi < N ? hi : N);
+            if (group_type(qtype)) mine = group_any_range(qtype, &jb, M, lo, hi < N ? hi : N);
             K_TYPES(KRUN)
 #undef RUN
 #undef KRUN

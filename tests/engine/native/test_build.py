@@ -218,19 +218,25 @@ def test_every_build_computes_the_same_int8_products(monkeypatch):
         odd[2, :64], odd[2, 70:74] = 0.0, 1e-40                  # zero groups and subnormals
         odd[3] *= 1e30
         cases.append((qtype, w, odd))
-        runs = torch.from_numpy(10.0 ** -rng.integers(0, 5, (5, 48, 1))).float().expand(5, 48, 16).reshape(5, 768)
+        runs = torch.from_numpy(10.0 ** -rng.integers(0, 5, (5, 96, 1))).float().expand(5, 96, 8).reshape(5, 768)
         uneven = torch.from_numpy(rng.standard_normal((5, 768)).astype(np.float32)) * runs   # small multipliers
         cases += [(qtype, w, uneven[:1].contiguous()), (qtype, w, uneven)]
+    cases = [(int(qtype), w.raw, x, qtype.name) for qtype, w, x in cases]
+    for qtype, w, x, name in list(cases):     # Q4_0, Q4_1 interleaved: 8 rows a register, then 5 rows of the file's
+        if qtype in kernels.X8:
+            raw = w.clone()
+            kernels.interleave(raw, qtype, 768, True)
+            cases.append((kernels.X8[qtype], raw, x, name + " interleaved"))
     outs = {}
     for name, lib in libs.items():
         monkeypatch.setattr(kernels, "library", lambda lib=lib: lib)
         outs[name] = []
-        for qtype, w, x in cases:
+        for qtype, raw, x, _ in cases:
             y = torch.empty(x.shape[0], 13)
-            kernels.qmatmul_into(qtype, w.raw, 768, x, y, mode="int8")
+            kernels.qmatmul_into(qtype, raw, 768, x, y, mode="int8")
             outs[name].append(y)
     first, *others = outs
     for name in others:
-        for (qtype, _, x), a, b in zip(cases, outs[first], outs[name]):
+        for (_, _, x, what), a, b in zip(cases, outs[first], outs[name]):
             same = (a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())
-            assert bool(same.all()), f"{qtype.name}, {x.shape[0]} rows: {first} != {name}"
+            assert bool(same.all()), f"{what}, {x.shape[0]} rows: {first} != {name}"

@@ -1,10 +1,10 @@
 """The int8 matmul mode (q8matmul.c): what it computes, that a row's result does not depend on its
 batch, how far it is from the exact product, and that it refuses what the exact mode refuses.
 
-The mode quantizes each activation row and multiplies integers: for Q8_0, Q4_0 and Q4_1 to 8 bits
-in groups of 8 values (scale amax / 127 in float32), for the K-quants to 8 bits in groups of 16
-times an integer multiplier (1-128) of a scale per block of 256 (amax / (127 * 128)), quants rounded
-to nearest even; tests/engine/weights/test_gguf_loader.py
+The mode quantizes each activation row and multiplies integers: for Q8_0 to 8 bits in groups of
+8 values (scale amax / 127 in float32); for Q4_0 and Q4_1 to 8 bits in groups of 8 times an integer
+multiplier (1-128) of a scale per group of 32 (amax / (127 * 128)); for the K-quants likewise in
+groups of 16 with a scale per block of 256; quants rounded to nearest even; tests/engine/weights/test_gguf_loader.py
 and tests/engine/model/test_smollm2_reference.py check whole models against llama.cpp's error.
 """
 from __future__ import annotations
@@ -24,13 +24,24 @@ if not native.available():
 
 INT8_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
 K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+GROUP_TYPES = (T.Q4_0, T.Q4_1)
 
 
 def quantized_activations(x: torch.Tensor, qtype) -> torch.Tensor:
     """x as the int8 mode sees it for qtype (dequantized, float64): the same float32 steps as
-    quantize_row (8-bit, groups of 8) or quantize_row16 (the K-quants: a scale d per block of 256,
-    an integer multiplier r per 16 values and 8-bit quants, qx = r q)."""
+    quantize_row (Q8_0: 8-bit, groups of 8), quantize_rowg (Q4_0, Q4_1: a scale d per group of 32,
+    an integer multiplier r per 8 values and 8-bit quants, qx = r q) or quantize_row16 (the
+    K-quants: a scale d per block of 256, r per 16 values)."""
     m, k = x.shape
+    if qtype in GROUP_TYPES:     # quantize_rowg: a scale per 32 values, a multiplier per 8
+        g = x.reshape(m, k // 32, 4, 8)
+        amax_p = g.abs().amax(-1, keepdim=True)                   # [m, groups, 4, 1]
+        dx = amax_p.amax(-2, keepdim=True) / torch.tensor(127.0 * 128)
+        inv = torch.where(dx != 0, 1.0 / dx, torch.zeros_like(dx))
+        r = torch.clamp(torch.ceil(amax_p * inv / torch.tensor(127.0)), 0, 128)
+        inv_p = torch.where(r != 0, 1.0 / (dx * r), torch.zeros_like(dx * r))
+        q = torch.round(torch.clamp(g * inv_p, -127.0, 127.0))
+        return (q.double() * r.double() * dx.double()).reshape(m, k)
     if qtype not in K_TYPES:
         g = x.reshape(m, k // 8, 8)
         dx = g.abs().amax(-1, keepdim=True) / torch.tensor(127.0)
@@ -63,8 +74,8 @@ def test_int8_mode_computes_the_quantized_product(qtype, rng):
     assert native.int8_type(qtype)
     for m in (1, 2, 3, 4, 5, 9, 19):
         x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
-        if m in (1, 9):   # 16-value runs of very different sizes: the K-quants' multipliers from 1 to 128
-            x *= torch.from_numpy(10.0 ** -rng.integers(0, 5, (m, k // 16, 1))).float().expand(m, k // 16, 16).reshape(m, k)
+        if m in (1, 9):   # 8-value runs of very different sizes: multipliers from 1 to 128
+            x *= torch.from_numpy(10.0 ** -rng.integers(0, 5, (m, k // 8, 1))).float().expand(m, k // 8, 8).reshape(m, k)
         y = mm(qtype, w, x).double()
         ref = quantized_activations(x, qtype) @ ref_w.T
         scale = x.double().abs() @ ref_w.abs().T          # 0 where a random row's scales are all 0
@@ -142,8 +153,8 @@ def test_interleaved_weights_give_the_row_by_row_bits(qtype, n, rng):
     assert n < 8 or not torch.equal(raw, w.raw)
     for m in (1, 2, 3, 4, 5, 9, 19):
         x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
-        if m in (1, 9):   # 16-value runs of very different sizes: the K-quants' multipliers from 1 to 128
-            x *= torch.from_numpy(10.0 ** -rng.integers(0, 5, (m, k // 16, 1))).float().expand(m, k // 16, 16).reshape(m, k)
+        if m in (1, 9):   # 8-value runs of very different sizes: multipliers from 1 to 128
+            x *= torch.from_numpy(10.0 ** -rng.integers(0, 5, (m, k // 8, 1))).float().expand(m, k // 8, 8).reshape(m, k)
         x[0, 32:64] = 0.0                                # a zero group
         want = mm(qtype, w, x)
         got = torch.full((m, n), float("nan"))
