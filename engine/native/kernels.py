@@ -55,9 +55,9 @@ def block_layout(qtype: int) -> tuple[int, int] | None:
 
 # The matmul modes (qmatmul.h): "exact" widens the weights to float32 and multiplies in float32;
 # "int8" quantizes each activation row and multiplies integers (q8matmul.c), for the types
-# int8_type() names: to 8 bits with a scale per 8 values for Q8_0, Q4_0 and Q4_1, for the K-quants
-# to 8 bits per 16 values times an integer multiplier of a scale per 256 values; other types
-# compute as in "exact".
+# int8_type() names: to 8 bits with a scale per 8 values for Q8_0; for Q4_0 and Q4_1 to 8 bits per
+# 8 values times an integer multiplier of a scale per 32 values; for the K-quants to 8 bits per 16
+# values times an integer multiplier of a scale per 256 values; other types compute as in "exact".
 MATMUL_MODES = ("exact", "int8")
 
 
@@ -100,7 +100,8 @@ def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torc
 
 
 # qmatmul.h's _X8 types: Q4_0 and Q4_1 weights whose rows are interleaved 8 at a time
-# (q8matmul.c), so that the int8 mode's kernels compute 8 outputs a vector register. Not GGML
+# (q8matmul.c), so that the int8 mode's kernels compute 8 outputs a vector register (on weights in
+# the file's layout they interleave 8 rows at a time into a buffer as they go). Not GGML
 # types (the GGML id plus 1000): only the int8 mode reads them, and `interleave` turns them back.
 Q4_0, Q4_1 = 2, 3
 X8 = {Q4_0: 1002, Q4_1: 1003}

@@ -16,14 +16,11 @@
  * What each Q8_0 output is, exactly (every build computes this, so the scalar, AVX2 and AVX-512
  * builds agree bit for bit):
  *   - activations in parts of 8 values: dx = amax / 127 (amax = the largest |x| of the 8),
- *     qx = x * (1 / dx) clamped to +-127 and rounded to nearest even; per group of 32 (4 parts,
- *     S_p the sum of part p's qx), t = dx_0 * S_0, then t = fma(dx_p, S_p, t) for p = 1, 2, 3;
+ *     qx = x * (1 / dx) clamped to +-127 and rounded to nearest even;
  *   - weight group g of row n: signed quants q and a scale a (value = a * q);
  *   - lane l (0..7) of group g: L = sum of q * qx over values 4l .. 4l + 3 (an exact integer);
  *     A[l] = fma(a * dx_l, (float)L, A[l]) over the groups in order (dx_l: the dx of part l / 2);
  *   - y = hsum8(A), hsum8(v) = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
- *     (The tiles below also carry an additive term c, 0 for Q8_0: hsum8(A) + hsum8(B) as in the
- *     group form, from when Q4_0 and Q4_1 used this form too.)
  * Each output depends on its own activation row and weight row only: a row's result is the same
  * alone or in any batch, on any number of threads. The other forms below say the same of theirs.
  */
@@ -49,12 +46,12 @@ enum { QB = 256, QM = 128, QR = 127 * QM };   /* the K-quants: values per activa
                                                  multiplier r, largest |qx| = |r q8| */
 
 /* One quantized activation matrix, in the forms its weights' kernels read: rows of K int8 values
- * with each 8 values' dx and each group's t (Q8_0); rows of K int8 values with each 8 values'
+ * with each 8 values' dx (Q8_0); rows of K int8 values with each 8 values'
  * multiplier and each group's d and t (Q4_0, Q4_1); rows of K int16 values, or int8 values with
  * multipliers, with each block's dx and each group's t (the K-quants). */
 struct xq {
     int8_t *q;
-    float *d, *t;
+    float *d;
     int64_t K, groups;
     int16_t *q16;           /* batches (AVX2): each group's value pairs 0, 2, .., 14 then 1, 3, .., 15 */
     int8_t *q8k;            /* 1-4 rows (AVX2): q8 in order, each 16 values' r, the pair sums */
@@ -83,8 +80,8 @@ static inline __attribute__((always_inline)) int hsum8_epi32(__m256i v) {
 }
 #endif
 
-/* d: one scale per H values, t: one per group of G: sum over its parts of dx * S, in order (fma). */
-static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *t) {
+/* Q8_0's form: d, one scale per H values. */
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *d) {
     for (int64_t h = 0; h < K / H; h++) {
         const float *xh = x + h * H;
 #ifdef Q8_AVX2
@@ -99,21 +96,13 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *
         const __m256i v = _mm256_cvtps_epi32(c);
         const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         _mm_storel_epi64((__m128i *)(q + h * H), _mm_packs_epi16(v16, v16));
-        const int sum = hsum8_epi32(v);
 #else
         float amax = 0.0f;
         for (int j = 0; j < H; j++) amax = fmaxf(amax, fabsf(xh[j]));
         const float dx = amax / 127.0f, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < H; j++) {
-            const int v = (int)nearbyintf(fminf(fmaxf(xh[j] * inv, -127.0f), 127.0f));
-            q[h * H + j] = (int8_t)v;
-            sum += v;
-        }
+        for (int j = 0; j < H; j++) q[h * H + j] = (int8_t)(int)nearbyintf(fminf(fmaxf(xh[j] * inv, -127.0f), 127.0f));
 #endif
         d[h] = dx;
-        if (h % (G / H)) t[h / (G / H)] = fmaf(dx, (float)sum, t[h / (G / H)]);
-        else t[h / (G / H)] = dx * (float)sum;
     }
 }
 
@@ -207,8 +196,9 @@ static void quantize_row16(const float *x, int64_t K, int16_t *q16, int8_t *q8, 
  * quants q8 = x * (1 / (d * r_p)) clamped to +-127 and rounded to nearest even (half_multiplier,
  * as the K-quants' halves): qx = r_p q8; t[g] = d[g] * (float)(the sum of the group's qx). Stored
  * as the kernels read it: q8 in order, r (GP of them a group, as 32-bit words holding r in both
- * 16-bit halves, which AVX2 broadcasts with a load alone), d and t. Never coarser than an 8-bit
- * scale per group; an 8-value part as fine as its own 8-bit scale would make it, to within 1 / r_p. */
+ * 16-bit halves, which AVX2 broadcasts with a load alone), d and t. A part's step d r_p is at most
+ * an 8-bit scale of its own (amax_p / 127) plus d = amax / 16256: never coarser than one 8-bit
+ * scale per group, and close to one per 8 values (Q8_0's form) wherever r_p is large. */
 enum { GP = 4, GV = G / GP };   /* multipliers a group, values a multiplier */
 
 static void quantize_rowg(const float *x, int64_t K, int8_t *q, int32_t *r, float *d, float *t) {
@@ -261,14 +251,12 @@ static inline float hsum8(const float *a) {
 }
 
 /* ---- Weight groups, per type: scales (shared by every build) and quants (scalar and AVX2). ----
- * Q8_0, Q4_0, Q4_1 (a group a block): T_scales(block, &a, &c) and T_quants(block, q[32]); the K-quants:
+ * Q8_0 (a group a block): T_scale(block) and T_quants(block, q[32]); Q4_0, Q4_1: T_scales(block, &a, &c)
+ * and T_quants; the K-quants:
  * T_quants(block, s, q[32]) for group s of the block. */
 
 /* Q8_0: d fp16 | qs[32]: signed, a = d. */
-static inline __attribute__((always_inline)) void q8_0_scales(const uint8_t *b, float *a, float *c) {
-    *a = fp16_to_fp32(b);
-    *c = 0.0f;
-}
+static inline __attribute__((always_inline)) float q8_0_scale(const uint8_t *b) { return fp16_to_fp32(b); }
 static inline void q8_0_quants(const uint8_t *b, int8_t *q) { memcpy(q, b + 2, 32); }
 
 /* Q4_0: d fp16 | qs[16]: unsigned q, a = d, c = -8 d (value d q - 8 d = d (q - 8), exactly). */
@@ -370,52 +358,47 @@ static inline __attribute__((always_inline)) float additive(const float *c, cons
 }
 
 #ifdef Q8_AVX2
-/* One group g for mr x nr outputs: nr weight groups' quants wq and scales sc, times
+/* One group g for mr x nr outputs: nr weight groups' signed quants wq and scales sc, times
  * activation rows m0 .. m0 + mr of xq. */
 static inline __attribute__((always_inline)) void group_products(
         __m256 (*acc)[NR], const __m256i *wq, const __m256 *sc, const struct xq *xq, int64_t m0, int64_t g,
-        const int mr, const int nr, const int SIGNED) {
+        const int mr, const int nr) {
     const __m256i ones = _mm256_set1_epi16(1), pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
     __m256i wa[NR];
-    for (int j = 0; j < nr; j++)
-        if (SIGNED) wa[j] = _mm256_sign_epi8(wq[j], wq[j]);
+    for (int j = 0; j < nr; j++) wa[j] = _mm256_sign_epi8(wq[j], wq[j]);
     for (int i = 0; i < mr; i++) {
         const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q + (m0 + i) * xq->K + g * G));
         const __m256 dx = _mm256_permutevar8x32_ps(
             _mm256_castps128_ps256(_mm_loadu_ps(xq->d + ((m0 + i) * xq->groups + g) * (G / H))), pairs);
         for (int j = 0; j < nr; j++) {
-            /* signed: |q| (-128 as 128) times qx with q's sign, the same products */
-            const __m256i p = SIGNED ? _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wq[j]))
-                                     : _mm256_maddubs_epi16(wq[j], xv);
+            /* |q| (-128 as 128) times qx with q's sign, the same products */
+            const __m256i p = _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wq[j]));
             const __m256 l = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
             acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(sc[j], dx), l, acc[i][j]);
         }
     }
 }
 
-/* y = hsum8(A) + hsum8(B) for mr x nr outputs; weight row j's additive terms at c + j * ldc. */
-static inline __attribute__((always_inline)) void finish(
-        __m256 (*acc)[NR], const float *c, int64_t ldc, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
-        const int mr, const int nr, const int SIGNED) {
+/* y = hsum8(A) for mr x nr outputs. */
+static inline __attribute__((always_inline)) void finish(__m256 (*acc)[NR], int64_t m0, float *y, int64_t ldy,
+                                                         const int mr, const int nr) {
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) {
             float a[8];
             _mm256_storeu_ps(a, acc[i][j]);
-            y[(m0 + i) * ldy + j] = hsum8(a) + (SIGNED ? 0.0f : additive(c + j * ldc, xq->t + (m0 + i) * xq->groups,
-                                                                         xq->groups));
+            y[(m0 + i) * ldy + j] = hsum8(a);
         }
 }
 #endif
 
 /* mr x nr outputs: activation rows m0 .. m0 + mr of xq, weight rows w .. w + nr rows. T's blocks
- * are one group of 32 values in TS bytes; SIGNED: its quants are signed and c is 0. */
+ * are one group of 32 signed values in TS bytes. */
 #ifdef Q8_AVX2
-#define Q8_TILE(T, TS, SIGNED)                                                                       \
+#define Q8_TILE(T, TS)                                                                               \
 static inline __attribute__((always_inline)) void T##_tile(                                          \
         const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y, int64_t ldy, \
         const int mr, const int nr) {                                                                \
     __m256 acc[MR][NR];                                                                              \
-    float cs[SIGNED ? 1 : NR][SIGNED ? 1 : xq->groups];                                              \
     for (int i = 0; i < mr; i++)                                                                     \
         for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();                                \
     for (int64_t g = 0; g < xq->groups; g++) {                                                       \
@@ -427,15 +410,12 @@ static inline __attribute__((always_inline)) void T##_tile(                     
         __m256 sc[NR];                                                                               \
         for (int j = 0; j < nr; j++) {                                                               \
             const uint8_t *blk = w + j * row_bytes + g * TS;                                         \
-            float a, c;                                                                              \
-            T##_scales(blk, &a, &c);                                                                 \
-            sc[j] = _mm256_set1_ps(a);                                                               \
-            if (!SIGNED) cs[j][g] = c;                                                               \
+            sc[j] = _mm256_set1_ps(T##_scale(blk));                                                  \
             wq[j] = T##_quants8(blk);                                                                \
         }                                                                                            \
-        group_products(acc, wq, sc, xq, m0, g, mr, nr, SIGNED);                                      \
+        group_products(acc, wq, sc, xq, m0, g, mr, nr);                                              \
     }                                                                                                \
-    finish(acc, &cs[0][0], SIGNED ? 0 : xq->groups, xq, m0, y, ldy, mr, nr, SIGNED);                 \
+    finish(acc, m0, y, ldy, mr, nr);                                                                 \
 }
 #else
 /* One group's products into an output's 8 lanes, as defined at the top (plain C). */
@@ -448,11 +428,10 @@ static inline void group_lanes(float acc[8], float a, const int8_t *q, const int
 }
 
 /* The same arithmetic in plain C (the x86-64-v2 and aarch64 builds). */
-#define Q8_TILE(T, TS, SIGNED)                                                                      \
+#define Q8_TILE(T, TS)                                                                               \
 static inline __attribute__((always_inline)) void T##_tile(                                          \
         const uint8_t *w, int64_t row_bytes, const struct xq *xq, int64_t m0, float *y, int64_t ldy,     \
         const int mr, const int nr) {                                                                \
-    float cs[xq->groups];                                                                            \
     for (int j = 0; j < nr; j++)                                                                     \
         for (int i = 0; i < mr; i++) {                                                               \
             float acc[8] = {0};                                                                      \
@@ -460,13 +439,10 @@ static inline __attribute__((always_inline)) void T##_tile(                     
             for (int64_t g = 0; g < xq->groups; g++) {                                               \
                 const uint8_t *blk = w + j * row_bytes + g * TS;                                     \
                 int8_t q[G];                                                                         \
-                float a;                                                                             \
-                T##_scales(blk, &a, &cs[g]);                                                         \
                 T##_quants(blk, q);                                                                  \
-                group_lanes(acc, a, q, xr + g * G, xq->d + ((m0 + i) * xq->groups + g) * (G / H));   \
+                group_lanes(acc, T##_scale(blk), q, xr + g * G, xq->d + ((m0 + i) * xq->groups + g) * (G / H)); \
             }                                                                                        \
-            y[(m0 + i) * ldy + j] = hsum8(acc) + (SIGNED ? 0.0f : additive(cs, xq->t + (m0 + i) * xq->groups, \
-                                                                          xq->groups));              \
+            y[(m0 + i) * ldy + j] = hsum8(acc);                                                      \
         }                                                                                            \
 }
 #endif
@@ -506,14 +482,14 @@ static void NAME(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {   
     }                                                                                                \
 }
 
-#define Q8_TYPE(T, TS, SIGNED)                                                                       \
-Q8_TILE(T, TS, SIGNED)                                                                               \
-Q8_UNPACKED(T, TS, SIGNED)                                                                           \
+#define Q8_TYPE(T, TS)                                                                               \
+Q8_TILE(T, TS)                                                                                       \
+Q8_UNPACKED(T, TS)                                                                                   \
 TILE_RANGE(T##_range, T##_tile, 2)
 
 #ifdef Q8_AVX2
-/* Batches of more than MR rows: TR weight rows are unpacked once (their quants, scales and
- * additive terms) into a per-thread buffer, which every group of MR activation rows then reads,
+/* Batches of more than MR rows: TR weight rows are unpacked once (their quants and scales) into a
+ * per-thread buffer, which every group of MR activation rows then reads,
  * instead of unpacking each weight group again for every group of activation rows. The same
  * values enter the same operations as in T##_tile, so the same bits. */
 enum { TR = 16 };
@@ -532,12 +508,11 @@ enum { NP = 4 };         /* pairs of weight rows per tile: MR x NP accumulators 
 struct wpairs {
     int8_t *q;           /* [TR / 2][groups][64] */
     float *s;            /* [TR / 2][groups][2]: a of each row */
-    float *c;            /* [TR][groups] */
 };
 
 static inline __attribute__((always_inline)) void pair_tile(
         const struct wpairs *wp, int64_t p0, int64_t rows, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
-        const int mr, const int np, const int SIGNED) {
+        const int mr, const int np) {
     const int64_t groups = xq->groups;
     const __m512i ones = _mm512_set1_epi16(1);
     /* lanes: the row's dx_0 dx_0 dx_1 dx_1 dx_2 dx_2 dx_3 dx_3, twice; a x 8 of each row */
@@ -555,10 +530,8 @@ static inline __attribute__((always_inline)) void pair_tile(
             wq[j] = _mm512_loadu_si512((const void *)(wp->q + at * 64));
             sc[j] = _mm512_permutexvar_ps(spread_s, _mm512_castps128_ps512(
                 _mm_castpd_ps(_mm_load_sd((const double *)(wp->s + at * 2)))));
-            if (SIGNED) {
-                neg[j] = _mm512_movepi8_mask(wq[j]);
-                wq[j] = _mm512_abs_epi8(wq[j]);
-            }
+            neg[j] = _mm512_movepi8_mask(wq[j]);
+            wq[j] = _mm512_abs_epi8(wq[j]);
         }
         for (int i = 0; i < mr; i++) {
             const int8_t *xi = xq->q + (m0 + i) * xq->K + g * G;
@@ -566,7 +539,7 @@ static inline __attribute__((always_inline)) void pair_tile(
             const __m512 dx = _mm512_permutexvar_ps(spread_d, _mm512_castps128_ps512(
                 _mm_loadu_ps(xq->d + ((m0 + i) * groups + g) * (G / H))));
             for (int j = 0; j < np; j++) {
-                const __m512i xs = SIGNED ? _mm512_mask_sub_epi8(xv, neg[j], _mm512_setzero_si512(), xv) : xv;
+                const __m512i xs = _mm512_mask_sub_epi8(xv, neg[j], _mm512_setzero_si512(), xv);
                 const __m512 l = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(wq[j], xs), ones));
                 acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(sc[j], dx), l, acc[i][j]);
             }
@@ -578,29 +551,26 @@ static inline __attribute__((always_inline)) void pair_tile(
             _mm512_storeu_ps(a, acc[i][j]);
             for (int h = 0; h < 2; h++) {
                 const int64_t r = 2 * (p0 + j) + h;
-                if (r < rows)
-                    y[(m0 + i) * ldy + r] = hsum8(a + 8 * h) +
-                        (SIGNED ? 0.0f : additive(wp->c + r * groups, xq->t + (m0 + i) * groups, groups));
+                if (r < rows) y[(m0 + i) * ldy + r] = hsum8(a + 8 * h);
             }
         }
 }
 
-#define PAIR_CASE(S, MRv, NPv) \
-    case MRv * 8 + NPv: pair_tile(&wp, p, rows, jb->xq, m0, yn, jb->ldy, MRv, NPv, S); break;
-#define Q8_UNPACKED(T, TS, SIGNED)                                                                   \
+#define PAIR_CASE(MRv, NPv) \
+    case MRv * 8 + NPv: pair_tile(&wp, p, rows, jb->xq, m0, yn, jb->ldy, MRv, NPv); break;
+#define Q8_UNPACKED(T, TS)                                                                           \
 static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const struct xq *xq,       \
                        struct wpairs *wp) {                                                          \
     const int64_t groups = xq->groups;                                                               \
     for (int64_t r = 0; r < (rows + 1) / 2 * 2; r++)                                                 \
         for (int64_t g = 0; g < groups; g++) {                                                       \
             const int64_t at = (r / 2) * groups + g, h = r % 2;                                      \
-            float a = 0.0f, c = 0.0f;                                                                \
+            float a = 0.0f;                                                                          \
             __m256i q = _mm256_setzero_si256();                                                      \
             if (r < rows) {                                                                          \
                 const uint8_t *blk = w + r * row_bytes + g * TS;                                     \
-                T##_scales(blk, &a, &c);                                                             \
+                a = T##_scale(blk);                                                                  \
                 q = T##_quants8(blk);                                                                \
-                wp->c[r * groups + g] = c;                                                           \
             }                                                                                        \
             _mm256_storeu_si256((__m256i *)(wp->q + at * 64 + h * 32), q);                           \
             wp->s[at * 2 + h] = a;                                                                   \
@@ -608,10 +578,9 @@ static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const 
 }                                                                                                    \
 static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {              \
     const int64_t groups = jb->xq->groups;                                                           \
-    struct wpairs wp = {malloc((size_t)(TR * groups * G)), malloc((size_t)(TR * groups) * sizeof(float)),     \
-                        malloc((size_t)(TR * groups) * sizeof(float))};                              \
-    if (wp.q == NULL || wp.s == NULL || wp.c == NULL) {                                              \
-        free(wp.q), free(wp.s), free(wp.c);                                                          \
+    struct wpairs wp = {malloc((size_t)(TR * groups * G)), malloc((size_t)(TR * groups) * sizeof(float))};     \
+    if (wp.q == NULL || wp.s == NULL) {                                                              \
+        free(wp.q), free(wp.s);                                                                      \
         return -1;                                                                                   \
     }                                                                                                \
     for (int64_t n0 = lo; n0 < hi; n0 += TR) {                                                       \
@@ -623,29 +592,28 @@ static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_
             for (int64_t p = 0; p < pairs; p += NP) {                                                \
                 const int np = pairs - p < NP ? (int)(pairs - p) : NP;                               \
                 switch (mr * 8 + np) {                                                               \
-                    PAIR_CASE(SIGNED, 4, 4) PAIR_CASE(SIGNED, 4, 3) PAIR_CASE(SIGNED, 4, 2)              \
-                    PAIR_CASE(SIGNED, 4, 1) PAIR_CASE(SIGNED, 3, 4) PAIR_CASE(SIGNED, 3, 3)              \
-                    PAIR_CASE(SIGNED, 3, 2) PAIR_CASE(SIGNED, 3, 1) PAIR_CASE(SIGNED, 2, 4)              \
-                    PAIR_CASE(SIGNED, 2, 3) PAIR_CASE(SIGNED, 2, 2) PAIR_CASE(SIGNED, 2, 1)              \
-                    PAIR_CASE(SIGNED, 1, 4) PAIR_CASE(SIGNED, 1, 3) PAIR_CASE(SIGNED, 1, 2)              \
-                    default: pair_tile(&wp, p, rows, jb->xq, m0, yn, jb->ldy, 1, 1, SIGNED); break;  \
+                    PAIR_CASE(4, 4) PAIR_CASE(4, 3) PAIR_CASE(4, 2) PAIR_CASE(4, 1)                      \
+                    PAIR_CASE(3, 4) PAIR_CASE(3, 3) PAIR_CASE(3, 2) PAIR_CASE(3, 1)                      \
+                    PAIR_CASE(2, 4) PAIR_CASE(2, 3) PAIR_CASE(2, 2) PAIR_CASE(2, 1)                      \
+                    PAIR_CASE(1, 4) PAIR_CASE(1, 3) PAIR_CASE(1, 2)                                      \
+                    default: pair_tile(&wp, p, rows, jb->xq, m0, yn, jb->ldy, 1, 1); break;          \
                 }                                                                                    \
             }                                                                                        \
         }                                                                                            \
     }                                                                                                \
-    free(wp.q), free(wp.s), free(wp.c);                                                              \
+    free(wp.q), free(wp.s);                                                                          \
     return 0;                                                                                        \
 }
 #elif defined(Q8_AVX2)
 
 struct wtile {
     int8_t *q;              /* [TR][K] */
-    float *a, *c;           /* [TR][groups] */
+    float *a;               /* [TR][groups] */
 };
 
 static inline __attribute__((always_inline)) void unpacked_tile(
         const struct wtile *wt, int64_t j0, const struct xq *xq, int64_t m0, float *y, int64_t ldy,
-        const int mr, const int nr, const int SIGNED) {
+        const int mr, const int nr) {
     __m256 acc[MR][NR];
     const int64_t groups = xq->groups;
     for (int i = 0; i < mr; i++)
@@ -658,28 +626,27 @@ static inline __attribute__((always_inline)) void unpacked_tile(
             sc[j] = _mm256_set1_ps(wt->a[r]);
             wq[j] = _mm256_loadu_si256((const __m256i *)(wt->q + (j0 + j) * xq->K + g * G));
         }
-        group_products(acc, wq, sc, xq, m0, g, mr, nr, SIGNED);
+        group_products(acc, wq, sc, xq, m0, g, mr, nr);
     }
-    finish(acc, wt->c + j0 * groups, groups, xq, m0, y, ldy, mr, nr, SIGNED);
+    finish(acc, m0, y, ldy, mr, nr);
 }
 
-#define Q8_UNPACKED(T, TS, SIGNED)                                                                   \
+#define Q8_UNPACKED(T, TS)                                                                           \
 static void T##_unpack(const uint8_t *w, int64_t row_bytes, int64_t rows, const struct xq *xq,       \
                        struct wtile *wt) {                                                           \
     for (int64_t r = 0; r < rows; r++)                                                               \
         for (int64_t g = 0; g < xq->groups; g++) {                                                   \
             const uint8_t *blk = w + r * row_bytes + g * TS;                                         \
             const int64_t at = r * xq->groups + g;                                                   \
-            T##_scales(blk, &wt->a[at], &wt->c[at]);                                                 \
+            wt->a[at] = T##_scale(blk);                                                              \
             _mm256_storeu_si256((__m256i *)(wt->q + r * xq->K + g * G), T##_quants8(blk));           \
         }                                                                                            \
 }                                                                                                    \
 static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi) {              \
     const int64_t K = jb->xq->K, groups = jb->xq->groups;                                            \
-    struct wtile wt = {malloc((size_t)(TR * K)), malloc((size_t)(TR * groups) * sizeof(float)),      \
-                       malloc((size_t)(TR * groups) * sizeof(float))};                               \
-    if (wt.q == NULL || wt.a == NULL || wt.c == NULL) {                                              \
-        free(wt.q), free(wt.a), free(wt.c);                                                          \
+    struct wtile wt = {malloc((size_t)(TR * K)), malloc((size_t)(TR * groups) * sizeof(float))};     \
+    if (wt.q == NULL || wt.a == NULL) {                                                              \
+        free(wt.q), free(wt.a);                                                                      \
         return -1;                                                                                   \
     }                                                                                                \
     for (int64_t n0 = lo; n0 < hi; n0 += TR) {                                                       \
@@ -691,27 +658,27 @@ static int T##_batch_range(const struct q8job *jb, int64_t M, int64_t lo, int64_
                 const int nr = rows - j >= 2 ? 2 : 1;                                                \
                 float *yj = jb->y + n0 + j;                                                          \
                 switch (mr * 8 + nr) {                                                               \
-                    case 4 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 2, SIGNED); break; \
-                    case 3 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 2, SIGNED); break; \
-                    case 2 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 2, SIGNED); break; \
-                    case 1 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 2, SIGNED); break; \
-                    case 4 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 1, SIGNED); break; \
-                    case 3 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 1, SIGNED); break; \
-                    case 2 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 1, SIGNED); break; \
-                    default: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 1, SIGNED); break; \
+                    case 4 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 2); break;         \
+                    case 3 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 2); break;         \
+                    case 2 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 2); break;         \
+                    case 1 * 8 + 2: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 2); break;         \
+                    case 4 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 4, 1); break;         \
+                    case 3 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 3, 1); break;         \
+                    case 2 * 8 + 1: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 2, 1); break;         \
+                    default: unpacked_tile(&wt, j, jb->xq, m0, yj, jb->ldy, 1, 1); break;         \
                 }                                                                                    \
                 j += nr;                                                                             \
             }                                                                                        \
         }                                                                                            \
     }                                                                                                \
-    free(wt.q), free(wt.a), free(wt.c);                                                              \
+    free(wt.q), free(wt.a);                                                                          \
     return 0;                                                                                        \
 }
 #else
-#define Q8_UNPACKED(T, TS, SIGNED)
+#define Q8_UNPACKED(T, TS)
 #endif
 
-Q8_TYPE(q8_0, 34, 1)
+Q8_TYPE(q8_0, 34)
 
 /* ---- Q4_0 and Q4_1: the group form. Activations (quantize_rowg) are 8 bits per 8 values times an
  * integer multiplier r (1-128) of one scale d per 32-value group, so a weight group's 32 products
@@ -1425,16 +1392,15 @@ static int quantize(int qtype, const float *x, int64_t M, int64_t ldx, int64_t K
     }
     xq->q = malloc((size_t)(M * K));
     xq->d = malloc((size_t)(M * K / H) * sizeof(float));
-    xq->t = malloc((size_t)(M * K / G) * sizeof(float));
-    if (xq->q == NULL || xq->d == NULL || xq->t == NULL) return LUMEN_E_NOMEM;
+    if (xq->q == NULL || xq->d == NULL) return LUMEN_E_NOMEM;
 #pragma omp parallel for num_threads(nthreads) if (M >= 8)
     for (int64_t m = 0; m < M; m++)
-        quantize_row(x + m * ldx, K, xq->q + m * K, xq->d + m * (K / H), xq->t + m * xq->groups);
+        quantize_row(x + m * ldx, K, xq->q + m * K, xq->d + m * (K / H));
     return LUMEN_OK;
 }
 
 static void xq_free(struct xq *xq) {
-    free(xq->q), free(xq->d), free(xq->t), free(xq->q16), free(xq->q8k), free(xq->rk), free(xq->pairs), free(xq->d16), free(xq->t16);
+    free(xq->q), free(xq->d), free(xq->q16), free(xq->q8k), free(xq->rk), free(xq->pairs), free(xq->d16), free(xq->t16);
     free(xq->qg), free(xq->rg), free(xq->dg), free(xq->tg);
 }
 

@@ -141,10 +141,11 @@ def test_int8_mode_refuses_what_the_exact_mode_refuses():
 
 @pytest.mark.parametrize("n", [37, 8, 16, 5, 64])
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1], ids=lambda t: t.name)
-def test_interleaved_weights_give_the_row_by_row_bits(qtype, n, rng):
-    """The _X8 layouts (8 rows interleaved, 8 outputs a register) compute each output with the row
-    by row kernels' operations: the same bits at every batch size, with the last n mod 8 rows left
-    as rows of their type; and turning a weight back restores every byte."""
+def test_interleaved_weights_give_the_file_layouts_bits(qtype, n, rng):
+    """The _X8 layouts (8 rows interleaved, 8 outputs a register) compute each output as the
+    file's layout does (whose kernels interleave 8 rows at a time into a buffer, the last n mod 8
+    padded): the same bits at every batch size, with the last n mod 8 rows left as rows of their
+    type; and turning a weight back restores every byte."""
     k = 320                                              # 10 groups: not a multiple of 8 groups
     w = random_weight(qtype, rng, n, k)
     raw = w.raw.clone()
