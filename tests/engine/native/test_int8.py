@@ -33,28 +33,28 @@ def quantized_activations(x: torch.Tensor, qtype) -> torch.Tensor:
     an integer multiplier r per 8 values and 8-bit quants, qx = r q) or quantize_row16 (the
     K-quants: a scale d per block of 256, r per 16 values)."""
     m, k = x.shape
-    if qtype in GROUP_TYPES:     # quantize_rowg: a scale per 32 values, a multiplier per 8
-        g = x.reshape(m, k // 32, 4, 8)
-        amax_p = g.abs().amax(-1, keepdim=True)                   # [m, groups, 4, 1]
-        dx = amax_p.amax(-2, keepdim=True) / torch.tensor(127.0 * 128)
-        inv = torch.where(dx != 0, 1.0 / dx, torch.zeros_like(dx))
-        r = torch.clamp(torch.ceil(amax_p * inv / torch.tensor(127.0)), 0, 128)
-        inv_p = torch.where(r != 0, 1.0 / (dx * r), torch.zeros_like(dx * r))
-        q = torch.round(torch.clamp(g * inv_p, -127.0, 127.0))
-        return (q.double() * r.double() * dx.double()).reshape(m, k)
-    if qtype not in K_TYPES:
-        g = x.reshape(m, k // 8, 8)
-        dx = g.abs().amax(-1, keepdim=True) / torch.tensor(127.0)
-        inv = torch.where(dx != 0, 1.0 / dx, torch.zeros_like(dx))
-        q = torch.round(torch.clamp(g * inv, -127.0, 127.0))     # round: to nearest even, as nearbyintf
-        return (q.double() * dx.double()).reshape(m, k)
-    g = x.reshape(m, k // 256, 16, 16)
-    amax_h = g.abs().amax(-1, keepdim=True)                       # [m, blocks, 16, 1]
-    dx = amax_h.amax(-2, keepdim=True) / torch.tensor(127.0 * 128)
+    if qtype in GROUP_TYPES:
+        return with_multipliers(x, 32, 8)
+    if qtype in K_TYPES:
+        return with_multipliers(x, 256, 16)
+    g = x.reshape(m, k // 8, 8)
+    dx = g.abs().amax(-1, keepdim=True) / torch.tensor(127.0)
     inv = torch.where(dx != 0, 1.0 / dx, torch.zeros_like(dx))
-    r = torch.clamp(torch.ceil(amax_h * inv / torch.tensor(127.0)), 0, 128)
-    inv_h = torch.where(r != 0, 1.0 / (dx * r), torch.zeros_like(dx * r))
-    q = torch.round(torch.clamp(g * inv_h, -127.0, 127.0))
+    q = torch.round(torch.clamp(g * inv, -127.0, 127.0))     # round: to nearest even, as nearbyintf
+    return (q.double() * dx.double()).reshape(m, k)
+
+
+def with_multipliers(x: torch.Tensor, block: int, part: int) -> torch.Tensor:
+    """A scale d = amax / (127 * 128) per `block` values, an integer multiplier r (0-128) per `part`
+    values and 8-bit quants, dequantized: q r d."""
+    m, k = x.shape
+    g = x.reshape(m, k // block, block // part, part)
+    amax_p = g.abs().amax(-1, keepdim=True)                       # [m, blocks, parts, 1]
+    dx = amax_p.amax(-2, keepdim=True) / torch.tensor(127.0 * 128)
+    inv = torch.where(dx != 0, 1.0 / dx, torch.zeros_like(dx))
+    r = torch.clamp(torch.ceil(amax_p * inv / torch.tensor(127.0)), 0, 128)
+    inv_p = torch.where(r != 0, 1.0 / (dx * r), torch.zeros_like(dx * r))
+    q = torch.round(torch.clamp(g * inv_p, -127.0, 127.0))
     return (q.double() * r.double() * dx.double()).reshape(m, k)
 
 
