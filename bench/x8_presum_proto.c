@@ -4,7 +4,9 @@
  * form that adds two maddubs results in 16 bits (at most 4 * 15 * 127), multiplies them by an
  * integer multiplier per 8 values (madd) and does one float fma per 32-value group. It measures
  * the speed of that arithmetic, on random data; first each kernel's 8 outputs for one row are
- * checked against a float64 sum of the same terms (each form's own definition).
+ * checked against a float64 sum of the same terms (each form's own definition). Built since as the
+ * int8 mode's group form of Q4_0 and Q4_1 (q8matmul.c); its "current" kernel here is slower than
+ * Lumen's own, so its ratios overstate the gain (BENCHMARKS.md, "The group form").
  *
  *     gcc -O2 -march=x86-64-v3 -mtune=generic -fopenmp -o /tmp/x8_presum bench/x8_presum_proto.c
  *     /tmp/x8_presum 1; /tmp/x8_presum 16; /tmp/x8_presum 128      # activation rows */
