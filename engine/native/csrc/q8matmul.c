@@ -78,29 +78,41 @@ static inline __attribute__((always_inline)) int hsum8_epi32(__m256i v) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     return _mm_cvtsi128_si32(s);
 }
+/* The largest |x| of 8 lanes (a NaN is passed over, as fmaxf does). */
+static inline __attribute__((always_inline)) float amax8_ps(__m256 xv) {
+    return hmax8_ps(_mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), xv), _mm256_setzero_ps()));
+}
+/* quantize1 on 8 lanes (a NaN is clamped to -127, as fmaxf gives; cvtps rounds to nearest even, as
+ * nearbyintf): the same values, as int32 lanes. */
+static inline __attribute__((always_inline)) __m256i quantize8(__m256 xv, float inv) {
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(xv, _mm256_set1_ps(inv)), _mm256_set1_ps(-127.0f)),
+                                            _mm256_set1_ps(127.0f)));
+}
+/* 8 int32 lanes of at most 127 in magnitude, stored as 8 bytes. */
+static inline __attribute__((always_inline)) void store8_epi8(__m256i v, int8_t *q) {
+    const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64((__m128i *)q, _mm_packs_epi16(v16, v16));
+}
 #endif
+
+/* x * inv clamped to +-127 and rounded to nearest even: an 8-bit quant. */
+static inline int quantize1(float x, float inv) { return (int)nearbyintf(fminf(fmaxf(x * inv, -127.0f), 127.0f)); }
 
 /* Q8_0's form: d, one scale per H values. */
 static void quantize_row(const float *x, int64_t K, int8_t *q, float *d) {
     for (int64_t h = 0; h < K / H; h++) {
         const float *xh = x + h * H;
 #ifdef Q8_AVX2
-        /* The same operations on 8 lanes (a NaN is passed over by the max and clamped to -127, as
-         * fmaxf does; cvtps rounds to nearest even, as nearbyintf): the same bits. nearbyintf was a
-         * libm call a value, most of a small matmul's fixed cost. */
+        /* The same operations on 8 lanes: the same bits. nearbyintf was a libm call a value, most of
+         * a small matmul's fixed cost. */
         const __m256 xv = _mm256_loadu_ps(xh);
-        const float amax = hmax8_ps(_mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), xv), _mm256_setzero_ps()));
-        const float dx = amax / 127.0f, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
-        const __m256 c = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(xv, _mm256_set1_ps(inv)), _mm256_set1_ps(-127.0f)),
-                                       _mm256_set1_ps(127.0f));
-        const __m256i v = _mm256_cvtps_epi32(c);
-        const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        _mm_storel_epi64((__m128i *)(q + h * H), _mm_packs_epi16(v16, v16));
+        const float dx = amax8_ps(xv) / 127.0f, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
+        store8_epi8(quantize8(xv, inv), q + h * H);
 #else
         float amax = 0.0f;
         for (int j = 0; j < H; j++) amax = fmaxf(amax, fabsf(xh[j]));
         const float dx = amax / 127.0f, inv = dx != 0.0f ? 1.0f / dx : 0.0f;
-        for (int j = 0; j < H; j++) q[h * H + j] = (int8_t)(int)nearbyintf(fminf(fmaxf(xh[j] * inv, -127.0f), 127.0f));
+        for (int j = 0; j < H; j++) q[h * H + j] = (int8_t)quantize1(xh[j], inv);
 #endif
         d[h] = dx;
     }
@@ -153,9 +165,7 @@ static void quantize_row16(const float *x, int64_t K, int16_t *q16, int8_t *q8, 
             const int r1 = half_multiplier(amax_h[2 * g + 1], inv, &inv1, dx);
 #ifdef Q8_AVX2
             __m256i v[4];
-            for (int c = 0; c < 4; c++)
-                v[c] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + 8 * c),
-                    _mm256_set1_ps(c < 2 ? inv0 : inv1)), _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
+            for (int c = 0; c < 4; c++) v[c] = quantize8(_mm256_loadu_ps(xg + 8 * c), c < 2 ? inv0 : inv1);
             const __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xD8);   /* values 0-15 */
             const __m256i c = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[2], v[3]), 0xD8);   /* 16-31 */
             const __m256i qa = _mm256_mullo_epi16(a, _mm256_set1_epi16((short)r0));
@@ -181,7 +191,7 @@ static void quantize_row16(const float *x, int64_t K, int16_t *q16, int8_t *q8, 
             (void)q8, (void)rk, (void)pairs;
             int32_t sum = 0;
             for (int v = 0; v < G; v++) {
-                const int qv = (int)nearbyintf(fminf(fmaxf(xg[v] * (v < QH ? inv0 : inv1), -127.0f), 127.0f));
+                const int qv = quantize1(xg[v], v < QH ? inv0 : inv1);
                 q16[at + v] = (int16_t)((v < QH ? r0 : r1) * qv);
                 sum += q16[at + v];
             }
@@ -207,9 +217,9 @@ static void quantize_rowg(const float *x, int64_t K, int8_t *q, int32_t *r, floa
         float amax_p[GP];
 #ifdef Q8_AVX2
         __m256 xv[GP];
-        for (int p = 0; p < GP; p++) {            /* a NaN is passed over, as fmaxf does */
+        for (int p = 0; p < GP; p++) {
             xv[p] = _mm256_loadu_ps(xg + GV * p);
-            amax_p[p] = hmax8_ps(_mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), xv[p]), _mm256_setzero_ps()));
+            amax_p[p] = amax8_ps(xv[p]);
         }
 #else
         for (int p = 0; p < GP; p++) {
@@ -226,15 +236,13 @@ static void quantize_rowg(const float *x, int64_t K, int8_t *q, int32_t *r, floa
             const int rp = half_multiplier(amax_p[p], inv, &inv_p, dx);
             r[g * GP + p] = rp * 0x10001;
 #ifdef Q8_AVX2
-            const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(xv[p], _mm256_set1_ps(inv_p)),
-                                                                             _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
-            const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            _mm_storel_epi64((__m128i *)(q + g * G + GV * p), _mm_packs_epi16(v16, v16));
+            const __m256i v = quantize8(xv[p], inv_p);
+            store8_epi8(v, q + g * G + GV * p);
             sum += rp * hsum8_epi32(v);
 #else
             int s = 0;
             for (int v = 0; v < GV; v++) {
-                const int qv = (int)nearbyintf(fminf(fmaxf(xg[GV * p + v] * inv_p, -127.0f), 127.0f));
+                const int qv = quantize1(xg[GV * p + v], inv_p);
                 q[g * G + GV * p + v] = (int8_t)qv;
                 s += qv;
             }
@@ -740,6 +748,8 @@ static int x8_base(int qtype) {
 }
 /* The fp16 fields that start a block (d; Q4_1: d, m); the 16 qs bytes follow them. */
 static inline int x8_fields(int base) { return base == LUMEN_Q4_1 ? 2 : 1; }
+/* A block's bytes: those fields, then 16 bytes of quants. */
+static inline int x8_block_bytes(int base) { return 2 * x8_fields(base) + 16; }
 
 static inline void copy_to(int to_x8, uint8_t *x8, uint8_t *blk, size_t n) {
     if (to_x8) memcpy(x8, blk, n);
@@ -785,7 +795,7 @@ enum { XMR = 4 };   /* activation rows a pass over a chunk */
 static inline __attribute__((always_inline)) void x8_tile(const uint8_t *ch, const struct xq *xq, int64_t m0,
                                                           const int mr, float *cs, const int store, float *y,
                                                           int64_t ldy, const int B) {
-    const int TS = B == LUMEN_Q4_0 ? 18 : 20, GB = XR * TS;
+    const int TS = x8_block_bytes(B), GB = XR * TS;
     const int QBYTES = 16 * x8_fields(B);                     /* where the quant vectors start */
     const int64_t groups = xq->groups, K = xq->K;
     const __m256i low = _mm256_set1_epi8(0x0F);
@@ -841,6 +851,17 @@ static inline __attribute__((always_inline)) void x8_tile(const uint8_t *ch, con
     }
 }
 
+/* x8_tile for activation rows m0 .. min(M, m0 + XMR), with mr a constant in each call. */
+static inline __attribute__((always_inline)) void x8_tiles(const uint8_t *ch, const struct xq *xq, int64_t m0,
+                                                           int64_t M, float *cs, float *y, int64_t ldy, const int B) {
+    switch (M - m0 < XMR ? M - m0 : XMR) {
+        case 4: x8_tile(ch, xq, m0, 4, cs, m0 == 0, y, ldy, B); break;
+        case 3: x8_tile(ch, xq, m0, 3, cs, m0 == 0, y, ldy, B); break;
+        case 2: x8_tile(ch, xq, m0, 2, cs, m0 == 0, y, ldy, B); break;
+        default: x8_tile(ch, xq, m0, 1, cs, m0 == 0, y, ldy, B); break;
+    }
+}
+
 /* Output rows [lo, hi) (whole chunks) for M activation rows, XMR at a time: the weights stream from
  * memory in the first pass and come from cache in the others'. At every batch size this was faster
  * than unpacking the weights once for tiles of rows, as the row by row kernels did above 4 rows
@@ -851,15 +872,7 @@ static inline __attribute__((always_inline)) void x8_range(const struct q8job *j
     float cs[XR * jb->xq->groups];
     for (int64_t n = lo; n < hi; n += XR) {
         const uint8_t *ch = jb->w + n * jb->row_bytes;
-        for (int64_t m0 = 0; m0 < M; m0 += XMR) {
-            float *y = jb->y + m0 * jb->ldy + n;
-            switch (M - m0 < XMR ? M - m0 : XMR) {
-                case 4: x8_tile(ch, jb->xq, m0, 4, cs, m0 == 0, y, jb->ldy, B); break;
-                case 3: x8_tile(ch, jb->xq, m0, 3, cs, m0 == 0, y, jb->ldy, B); break;
-                case 2: x8_tile(ch, jb->xq, m0, 2, cs, m0 == 0, y, jb->ldy, B); break;
-                default: x8_tile(ch, jb->xq, m0, 1, cs, m0 == 0, y, jb->ldy, B); break;
-            }
-        }
+        for (int64_t m0 = 0; m0 < M; m0 += XMR) x8_tiles(ch, jb->xq, m0, M, cs, jb->y + m0 * jb->ldy + n, jb->ldy, B);
     }
 }
 
@@ -868,7 +881,7 @@ static inline __attribute__((always_inline)) void x8_range(const struct q8job *j
  * words in unpacks. */
 static inline __attribute__((always_inline)) void x8_pack(const uint8_t *w, int64_t row_bytes, const int rows,
                                                           int64_t groups, uint8_t *ch, const int B) {
-    const int TS = B == LUMEN_Q4_0 ? 18 : 20, F = x8_fields(B);
+    const int TS = x8_block_bytes(B), F = x8_fields(B);
     for (int64_t g = 0; g < groups; g++) {
         uint8_t *grp = ch + g * XR * TS;
         __m128i q[XR];
@@ -900,28 +913,25 @@ static inline __attribute__((always_inline)) void x8_pack(const uint8_t *w, int6
  * outputs are dropped. Returns nonzero if the buffer could not be allocated. */
 static inline __attribute__((always_inline)) int file_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi,
                                                             const int B) {
-    const int TS = B == LUMEN_Q4_0 ? 18 : 20;
+    const int TS = x8_block_bytes(B);
     const int64_t groups = jb->xq->groups;
     uint8_t *ch = malloc((size_t)(groups * XR * TS));
     if (ch == NULL) return 1;
     float cs[XR * groups];
     for (int64_t n = lo; n < hi; n += XR) {
         const int rows = hi - n < XR ? (int)(hi - n) : XR;
+        /* rows a constant in the full chunks' call, so that their pack has no per-row test */
         if (rows == XR) x8_pack(jb->w + n * jb->row_bytes, jb->row_bytes, XR, groups, ch, B);
         else x8_pack(jb->w + n * jb->row_bytes, jb->row_bytes, rows, groups, ch, B);
         for (int64_t m0 = 0; m0 < M; m0 += XMR) {
-            const int mr = M - m0 < XMR ? (int)(M - m0) : XMR;
-            float part[XMR * XR];
-            float *y = rows == XR ? jb->y + m0 * jb->ldy + n : part;
-            const int64_t ldy = rows == XR ? jb->ldy : XR;
-            switch (mr) {
-                case 4: x8_tile(ch, jb->xq, m0, 4, cs, m0 == 0, y, ldy, B); break;
-                case 3: x8_tile(ch, jb->xq, m0, 3, cs, m0 == 0, y, ldy, B); break;
-                case 2: x8_tile(ch, jb->xq, m0, 2, cs, m0 == 0, y, ldy, B); break;
-                default: x8_tile(ch, jb->xq, m0, 1, cs, m0 == 0, y, ldy, B); break;
+            if (rows == XR) {
+                x8_tiles(ch, jb->xq, m0, M, cs, jb->y + m0 * jb->ldy + n, jb->ldy, B);
+                continue;
             }
-            if (rows < XR)
-                for (int i = 0; i < mr; i++) memcpy(jb->y + (m0 + i) * jb->ldy + n, part + i * XR, sizeof(float) * rows);
+            float part[XMR * XR];
+            x8_tiles(ch, jb->xq, m0, M, cs, part, XR, B);
+            for (int64_t i = m0; i < M && i < m0 + XMR; i++)
+                memcpy(jb->y + i * jb->ldy + n, part + (i - m0) * XR, sizeof(float) * rows);
         }
     }
     free(ch);
@@ -932,7 +942,7 @@ static inline __attribute__((always_inline)) int file_range(const struct q8job *
  * block put back together first), as defined above, in plain C (the x86-64-v2 and aarch64 builds). */
 static void group_scalar_range(const struct q8job *jb, int64_t M, int64_t lo, int64_t hi, int base, int x8) {
     const struct xq *xq = jb->xq;
-    const int TS = base == LUMEN_Q4_0 ? 18 : 20;
+    const int TS = x8_block_bytes(base);
     float cs[xq->groups];
     for (int64_t n = lo; n < hi; n++)
         for (int64_t m = 0; m < M; m++) {
