@@ -13,7 +13,7 @@ Lumen, in this process with `LUMEN_NATIVE_VARIANT=--variant` (the kernel build a
 level gets): one greedy request with a 128-token prompt, a distinct one each run (prefill tokens/s = 128 / time to first
 token; decode tokens/s over --decode tokens, median of --repeats), then --streams requests of 128
 + 32 tokens together (aggregate decode tokens/s over the steps where all of them decode), in
-each matmul mode of --modes (exact, int8: EngineConfig.matmul_mode), each against the same
+each matmul mode of --modes (exact, int8, auto: EngineConfig.matmul_mode), each against the same
 llama.cpp figures.
 
 Files: the TinyLlama-shaped synthetic model (bench/make_tinyllama.py's shape, Llama 2 vocabulary)
@@ -39,7 +39,7 @@ p.add_argument("--decode", type=int, default=64)
 p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--streams", type=int, default=16)
 p.add_argument("--stream-tokens", type=int, default=32)
-p.add_argument("--modes", nargs="+", default=["exact", "int8"], choices=["exact", "int8", "int8-file-layout"],
+p.add_argument("--modes", nargs="+", default=["exact", "int8"], choices=["exact", "int8", "auto", "int8-file-layout"],
                help="int8-file-layout: the int8 mode with Q4_0 and Q4_1 weights kept in the file's layout (the "
                     "row by row kernels, as before the interleaved layout): an A/B of that layout in one run")
 ARGS = p.parse_args()

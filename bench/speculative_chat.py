@@ -20,7 +20,7 @@ verified draft; tokens / target forward = tokens emitted in decode steps per req
 admitted nothing); wall = the whole run, prefill included; same output = every request's tokens
 equal plain decoding's. At 8 streams the server default applies (no speculation in steps with
 more than SpeculativeConfig.max_batch = 4 decoding requests); `--forced` adds rows with it on
-at every batch size. The matmul mode is the one the server picks (auto_matmul_mode).
+at every batch size. The matmul mode is the server's default (auto).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from lumen.engine.core.request import GenerationRequest
 from lumen.engine.core.scheduler import SchedulerConfig
 from lumen.engine.model.llama import Chunk, build_batch
 from lumen.engine.native import library
-from lumen.engine.native.kernels import auto_matmul_mode
+from lumen.engine.native.kernels import describe_auto
 from lumen.engine.sampling.sampler import SamplingParams
 from lumen.engine.speculative import SpecMethod, SpeculativeConfig, SpeculativeParams
 from lumen.engine.speculative.ngram import find_ngram_match
@@ -243,11 +243,11 @@ def main() -> None:
     if methods[0][0] is not SpecMethod.NONE:
         p.error("--methods must start with none (the baseline)")
     torch.set_num_threads(args.threads)
-    args.matmul_mode = auto_matmul_mode()
+    args.matmul_mode = "auto"
     model = load_model(args.model)
     prompts = chat_prompts(model, args.prompts)
     info = machine()
-    print(f"{info['cpu']} ({info['isa']}); {info['kernels']}; matmul mode {args.matmul_mode} (auto); {args.threads} threads")
+    print(f"{info['cpu']} ({info['isa']}); {info['kernels']}; matmul mode auto ({describe_auto()}); {args.threads} threads")
     print(f"{len(prompts)} prompts, {statistics.mean(len(ids) for _, ids in prompts):.0f} tokens on average; "
           f"load before: {info['load']}")
     warm = Run(model, Case(SpecMethod.NONE, 1, 4), 2, prompts[:2], argparse.Namespace(**{**vars(args), "tokens": 8}))

@@ -113,8 +113,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--matmul-mode", choices=["auto", "exact", "int8"], default="auto",
                    help="how the C kernels multiply quantized weights: exact (float32 on the exactly decoded "
                         "weights; greedy output equals a float64 reference), int8 (8-bit activations and "
-                        "integer dot products, as llama.cpp; logits at least as close to exact as llama.cpp's) or auto (the faster of "
-                        "the two on this CPU's kernel build, as measured: int8 on AVX2, exact on AVX-512)")
+                        "integer dot products, as llama.cpp; logits at least as close to exact as llama.cpp's) or auto (per weight "
+                        "type, the faster of the two on this CPU's kernel build, as measured: int8 on AVX2; on "
+                        "AVX-512 int8 for Q4_0 and Q4_1, exact for the rest)")
     p.add_argument("--max-running", type=int, default=16, help="requests computed together in one engine step")
     p.add_argument("--max-tokens-per-step", type=int, default=512,
                    help="token budget of one engine step (decodes plus prefill chunks)")

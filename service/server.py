@@ -183,13 +183,12 @@ def _log_once(level: int, line: str) -> None:
 
 
 def resolve_matmul_mode(mode: str) -> str:
-    """The matmul mode the engines use for --matmul-mode (auto: the faster one for this CPU's
-    kernel build), logged once."""
-    from lumen.engine.native.kernels import auto_matmul_mode
-    chosen = auto_matmul_mode() if mode == "auto" else mode
-    line = f"matmul mode: {chosen}" + (" (auto: the faster mode for this kernel build)" if mode == "auto" else "")
-    _log_once(logging.INFO, line)
-    return chosen
+    """The matmul mode the engines use for --matmul-mode, logged once (auto: what it takes per
+    weight type on this CPU's kernel build)."""
+    from lumen.engine.native.kernels import describe_auto
+    _log_once(logging.INFO, f"matmul mode: {mode}" + (f" ({describe_auto()}: the faster per weight type on this "
+                                                      "kernel build, as measured)" if mode == "auto" else ""))
+    return mode
 
 
 async def run_server(config: ServerConfig, telemetry: Telemetry, loaded: list[LoadedModel],

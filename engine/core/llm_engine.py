@@ -48,8 +48,9 @@ class EngineConfig:
     # At most one engine step per interval becomes an `engine_step` span (0: every step).
     step_span_interval_s: float = 0.1
     # How the C kernels multiply (lumen.engine.native.kernels.MATMUL_MODES): "exact" (float32 on
-    # the exactly decoded weights) or "int8" (8-bit activations, integer dot products:
-    # faster on AVX2, less precise). Applied to the model's weights (and a draft model's) when the engine starts.
+    # the exactly decoded weights), "int8" (8-bit activations, integer dot products: faster on
+    # AVX2, less precise) or "auto" (per weight type, the faster of the two on the kernel build).
+    # Applied to the model's weights (and a draft model's) when the engine starts.
     matmul_mode: str = "exact"
     # Where the model computes (lumen.engine.model.placement); None: the CPU with the C kernels,
     # in the loaded weights' dtype.

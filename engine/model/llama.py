@@ -60,17 +60,20 @@ class LlamaWeights:
     dtype: torch.dtype    # activations' dtype (and the KV cache's)
 
     def set_matmul_mode(self, mode: str) -> None:
-        """The C kernels' matmul mode for every matmul they compute: "exact" or "int8"
-        (lumen.engine.native.kernels.MATMUL_MODES). Other linears are unaffected."""
+        """The C kernels' matmul mode for every matmul they compute: "exact", "int8" or "auto"
+        (lumen.engine.native.kernels.MATMUL_MODES; auto: a linear's parts in the int8 mode where
+        every one's type is faster so, native.auto_int8). Other linears are unaffected."""
         if mode not in native.MATMUL_MODES:
             raise ValueError(f"unknown matmul mode {mode!r}: use one of {', '.join(native.MATMUL_MODES)}")
         linears = [getattr(layer, name) for layer in self.layers for name in ("wqkv", "wo", "w_gate_up", "w_down")]
         for linear in linears + [self.output]:
-            for part in linear.parts if isinstance(linear, ConcatLinear) else [linear]:
-                if isinstance(part, NativeQuantLinear):
-                    part.int8 = mode == "int8"
-                    # the layers' weights are theirs alone; the output may be the embedding's (tied)
-                    part.interleave = linear is not self.output
+            parts = [p for p in (linear.parts if isinstance(linear, ConcatLinear) else [linear])
+                     if isinstance(p, NativeQuantLinear)]
+            int8 = mode == "int8" or (mode == "auto" and all(native.auto_int8(p.weight.qtype) for p in parts))
+            for part in parts:
+                part.int8 = int8
+                # the layers' weights are theirs alone; the output may be the embedding's (tied)
+                part.interleave = linear is not self.output
 
 
 @dataclass(slots=True)

@@ -58,19 +58,42 @@ def block_layout(qtype: int) -> tuple[int, int] | None:
 # int8_type() names: to 8 bits with a scale per 8 values for Q8_0; for Q4_0 and Q4_1 to 8 bits per
 # 8 values times an integer multiplier of a scale per 32 values; for the K-quants to 8 bits per 16
 # values times an integer multiplier of a scale per 256 values; other types compute as in "exact".
-MATMUL_MODES = ("exact", "int8")
+# "auto" takes one of the two for each weight: the one this kernel build runs faster for its type
+# (auto_int8). A linear's mode never depends on the batch, so a row's result does not either.
+MATMUL_MODES = ("exact", "int8", "auto")
+
+Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K = 8, 2, 3, 12, 13, 14
+INT8_NAMES = {Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+# The types whose int8 kernels the AVX-512 build runs faster than its 16-lane float paths, in
+# prefill, decode and 16 streams alike (BENCHMARKS.md, "auto per weight type"); its float paths
+# stay faster for the other types' batches. The AVX2 build's int8 kernels are the faster for every
+# type; the scalar build's float path is.
+AVX512_INT8 = (Q4_0, Q4_1)
 
 
-def auto_matmul_mode() -> str:
-    """The faster mode for this CPU's kernel build, by measurement (BENCHMARKS.md, issue 15's int8
-    sections): "int8" for the AVX2 build, whose float path does 8 multiply-adds an instruction where
-    the integer path does 32; "exact" for the AVX-512 build (its 16-lane float paths are 1.1-1.9x
-    the int8 kernels at 4-128 rows, even with their 512-bit batch kernels, and 0.9-1.5x at one row)
-    and the scalar one."""
+def auto_int8(qtype: int) -> bool:
+    """Whether the "auto" matmul mode multiplies a weight of `qtype` (a GGML type or an _X8 layout)
+    in the int8 mode on this kernel build. A type without integer kernels computes the same in
+    either mode: True, so that it does not keep a linear it shares with others out of the int8 mode."""
+    base = X8_BASE.get(qtype, qtype)
     try:
-        return "int8" if vector_isa() == "AVX2" else "exact"
+        if not int8_type(base):
+            return True
+        isa = vector_isa()
     except NativeUnavailable:
-        return "exact"
+        return False
+    return isa == "AVX2" or (isa == "AVX-512" and base in AVX512_INT8)
+
+
+def describe_auto() -> str:
+    """What the "auto" matmul mode takes on this kernel build, for the server's log."""
+    int8 = [name for t, name in INT8_NAMES.items() if auto_int8(t)]
+    exact = [name for name in INT8_NAMES.values() if name not in int8]
+    if not exact:
+        return "int8 for every type with integer kernels (" + ", ".join(int8) + ")"
+    if not int8:
+        return "exact for every type"
+    return f"int8 for {', '.join(int8)}; exact for {', '.join(exact)} and the other types"
 
 
 def int8_type(qtype: int) -> bool:
@@ -96,14 +119,14 @@ def qmatmul_into(qtype: int, raw: torch.Tensor, k: int, x: torch.Tensor, y: torc
         raise ValueError(f"unknown matmul mode {mode!r}: use one of {', '.join(MATMUL_MODES)}")
     if m == 0 or n == 0:
         return
-    qmatmul_checked_weight(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y, mode == "int8")
+    qmatmul_checked_weight(int(qtype), raw.data_ptr(), row_bytes, n, k, x, y,
+                           mode == "int8" or (mode == "auto" and auto_int8(int(qtype))))
 
 
 # qmatmul.h's _X8 types: Q4_0 and Q4_1 weights whose rows are interleaved 8 at a time
 # (q8matmul.c), so that the int8 mode's kernels compute 8 outputs a vector register (on weights in
 # the file's layout they interleave 8 rows at a time into a buffer as they go). Not GGML
 # types (the GGML id plus 1000): only the int8 mode reads them, and `interleave` turns them back.
-Q4_0, Q4_1 = 2, 3
 X8 = {Q4_0: 1002, Q4_1: 1003}
 X8_BASE = {v: k for k, v in X8.items()}
 

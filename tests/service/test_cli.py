@@ -132,11 +132,14 @@ def test_serve_logs_the_kernel_build_it_runs(monkeypatch, caplog):
     assert "AVX2 vector paths" in record.getMessage()
 
 
-@pytest.mark.parametrize("variant,level,mode", [("x86-64-v3", 3, "int8"), ("x86-64-v4", 4, "exact"),
-                                                ("x86-64-v2", 2, "exact")])
-def test_auto_matmul_mode_is_the_faster_one_for_the_build(monkeypatch, caplog, variant, level, mode):
-    """--matmul-mode auto (the default): int8 where the AVX2 build runs, exact on AVX-512 and scalar
-    builds (BENCHMARKS.md); logged once. An explicit mode is kept as given."""
+@pytest.mark.parametrize("variant,takes", [
+    ("x86-64-v3", "int8 for every type with integer kernels (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)"),
+    ("x86-64-v4", "int8 for Q4_0, Q4_1; exact for Q8_0, Q4_K, Q5_K, Q6_K and the other types"),
+    ("x86-64-v2", "exact for every type")])
+def test_auto_matmul_mode_is_logged_with_what_it_takes_per_type(monkeypatch, caplog, variant, takes):
+    """--matmul-mode auto (the default) stays auto: the engines take int8 or exact per weight type
+    (kernels.auto_int8, BENCHMARKS.md), and the log says which on this build, once. An explicit
+    mode is kept as given."""
     from lumen.engine.native import build, library
     if not any(v.name == variant for v in library.runnable()) or not build.installed_path(
             build.variant(variant).module).exists():
@@ -146,13 +149,14 @@ def test_auto_matmul_mode_is_the_faster_one_for_the_build(monkeypatch, caplog, v
     monkeypatch.setattr(server, "_LOGGED", set())
     try:
         with caplog.at_level("INFO", logger="lumen.service.server"):
-            assert server.resolve_matmul_mode("auto") == mode
-            assert server.resolve_matmul_mode("auto") == mode
+            assert server.resolve_matmul_mode("auto") == "auto"
+            assert server.resolve_matmul_mode("auto") == "auto"
             assert server.resolve_matmul_mode("exact") == "exact"
     finally:
         library.library.cache_clear()
     lines = [r.getMessage() for r in caplog.records if r.name == "lumen.service.server"]
-    assert lines == [f"matmul mode: {mode} (auto: the faster mode for this kernel build)", "matmul mode: exact"]
+    assert lines == [f"matmul mode: auto ({takes}: the faster per weight type on this kernel build, as measured)",
+                     "matmul mode: exact"]
 
 
 def test_an_unknown_matmul_mode_is_a_usage_error(capsys):
