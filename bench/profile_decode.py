@@ -2,7 +2,7 @@
 layers, the output matmul, the rest of the forward (embedding, final norm, Python) and the engine
 around it (scheduler, sampler).
 
-    .venv/bin/python bench/profile_decode.py [--model PATH] [--mode exact|int8] [--variant x86-64-v3]
+    .venv/bin/python bench/profile_decode.py [--model PATH] [--mode exact|int8|auto] [--variant x86-64-v3]
                                              [--tokens 128] [--threads 2] [--streams 1]
 
 Default model: SmolLM2-135M-Instruct Q4_1 from ../shared/data/models (30 layers of width 576 and a
@@ -22,7 +22,7 @@ from common import SHARED  # noqa: E402  (sets sys.path)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    p.add_argument("--mode", choices=("exact", "int8"), default="exact")
+    p.add_argument("--mode", choices=("exact", "int8", "auto"), default="exact")
     p.add_argument("--variant", default=None, help="the C kernel build (default: the one this CPU gets)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
