@@ -182,3 +182,36 @@ def test_an_interleaved_weight_is_refused_outside_the_int8_mode(rng):
     for qtype, row_bytes, k in ((T.Q4_K, 144, 256), (T.Q8_0, 34, 32)):
         with pytest.raises(NativeInputError, match=f"GGML type {int(qtype)} has no interleaved layout"):
             native.interleave(torch.zeros(16, row_bytes, dtype=torch.uint8), qtype, k, True)
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX-512", None])
+def test_auto_mode_puts_a_linear_in_the_int8_mode_only_if_each_of_its_types_is_faster_so(monkeypatch, rng, isa):
+    """kernels.auto_int8 per type (the vector ISA of the kernel build stood in for), and
+    LlamaWeights.set_matmul_mode per linear: a fused linear of Q4_0 and Q6_K parts is int8 only
+    where Q6_K's int8 kernels are the faster too (AVX2); a type without integer kernels (F16) holds
+    nothing back. The output linear follows its own type."""
+    from types import SimpleNamespace
+
+    from lumen.engine.model.linear import ConcatLinear, NativeQuantLinear
+    from lumen.engine.model.llama import LlamaWeights
+    monkeypatch.setattr(native, "vector_isa", lambda: isa)
+    assert [native.auto_int8(t) for t in (T.Q4_0, T.Q4_1, native.X8[T.Q4_0], T.Q8_0, T.Q6_K, T.F16)] == \
+        [isa is not None] * 3 + [isa == "AVX2"] * 2 + [True]
+
+    def linear(*types):
+        parts = [NativeQuantLinear(random_weight(t, rng, 8, 256)) for t in types]
+        return ConcatLinear(parts) if len(parts) > 1 else parts[0]
+
+    layer = SimpleNamespace(wqkv=linear(T.Q4_0, T.Q4_0, T.Q6_K), wo=linear(T.Q4_0), w_gate_up=linear(T.Q4_0, T.F16),
+                            w_down=linear(T.Q6_K))
+    weights = SimpleNamespace(layers=[layer], output=linear(T.Q4_1))
+    LlamaWeights.set_matmul_mode(weights, "auto")
+
+    def flags(linear) -> set[bool]:
+        return {p.int8 for p in (linear.parts if isinstance(linear, ConcatLinear) else [linear])}
+
+    assert [flags(getattr(layer, n)) for n in ("wqkv", "wo", "w_gate_up", "w_down")] == \
+        [{isa == "AVX2"}, {isa is not None}, {isa is not None}, {isa == "AVX2"}]
+    assert flags(weights.output) == {isa is not None}
+    LlamaWeights.set_matmul_mode(weights, "exact")
+    assert flags(layer.wqkv) == flags(weights.output) == {False}
