@@ -315,12 +315,6 @@ static inline void q6_k_quants(const uint8_t *b, int s, int8_t *q) {
 static inline __attribute__((always_inline)) __m256i q8_0_quants8(const uint8_t *b) {
     return _mm256_loadu_si256((const __m256i *)(b + 2));
 }
-static inline __attribute__((always_inline)) __m256i q4_0_quants8(const uint8_t *b) {
-    return nibbles32_avx2(b + 2);
-}
-static inline __attribute__((always_inline)) __m256i q4_1_quants8(const uint8_t *b) {
-    return nibbles32_avx2(b + 4);
-}
 static inline __attribute__((always_inline)) __m256i q4_k_quants8(const uint8_t *b, int s) {
     const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * (s / 2)));
     return _mm256_and_si256((s & 1) ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
