@@ -62,13 +62,13 @@ def block_layout(qtype: int) -> tuple[int, int] | None:
 # (auto_int8). A linear's mode never depends on the batch, so a row's result does not either.
 MATMUL_MODES = ("exact", "int8", "auto")
 
-Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K = 8, 2, 3, 12, 13, 14
-INT8_NAMES = {Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+Q4_0, Q4_1 = 2, 3
+INT8_NAMES = {8: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}   # the GGML ids
 # The types whose int8 kernels the AVX-512 build runs faster than its 16-lane float paths, in
 # prefill, decode and 16 streams alike on Xeon-ICX and EPYC-Zen4 but for Q4_0 prefill on the
 # latter, 0.96x (BENCHMARKS.md, "auto per weight type"); its float paths stay faster for the other
-# types' batches. The AVX2 build's int8 kernels are the faster for every
-# type; the scalar build's float path is.
+# types' batches. The AVX2 build's int8 kernels are the faster for every type; the scalar build's
+# float path is.
 AVX512_INT8 = (Q4_0, Q4_1)
 
 
